@@ -1,0 +1,1 @@
+"""TaD-Eval service layer: settings, results DB, job planning, Celery workers and the `tad` CLI."""

@@ -1,0 +1,1 @@
+"""The `tad` command line."""

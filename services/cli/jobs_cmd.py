@@ -1,0 +1,8 @@
+"""Placeholder until this command group lands."""
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `tad` app."""

