@@ -1,0 +1,71 @@
+"""Service settings: one pydantic-settings class read from `TAD_*` environment variables.
+
+Credentials (database URL with password, broker URL, submit token) come only from the environment (or an
+`.env` file named by `TAD_ENV_FILE`); nothing here is ever written to the database or logs.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from tad_core.paths import cache_dir
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{cache_dir() / 'tad.db'}"
+
+
+class Settings(BaseSettings):
+    """Everything the services (CLI, workers, dashboard) need to know about their deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="TAD_", env_file=os.environ.get("TAD_ENV_FILE"), extra="ignore")
+
+    database_url: str = Field(default_factory=_default_database_url)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # Celery queue the shards go to (one per deployment; tests use their own).
+    queue: str = "tad"
+    # Directories adapters / fine-tuned models / base model directories must live under (os.pathsep or comma
+    # separated). Empty = the current working directory and the TaD cache only.
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    submit_token: SecretStr | None = None
+    shard_size: int = Field(default=24, ge=1, le=1024)
+    # A shard started this many times without finishing is marked failed (a poisoned shard must not loop).
+    max_redeliveries: int = Field(default=3, ge=1, le=50)
+    # Seconds Redis waits for an ack before redelivering an unacked task; must exceed the longest shard.
+    visibility_timeout: int = Field(default=3600, ge=10)
+    # Worker heartbeat period (seconds) written to worker_heartbeats.
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    # Dataset limits enforced on submission.
+    max_dataset_rows: int = Field(default=100_000, ge=1)
+    max_sample_chars: int = Field(default=32_768, ge=1)
+    max_dataset_bytes: int = Field(default=200_000_000, ge=1)
+    device: str = "cpu"
+    allow_pickle: bool = False
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v: object) -> object:
+        if isinstance(v, str):
+            parts = [p for chunk in v.split(os.pathsep) for p in chunk.split(",")]
+            return [Path(p.strip()).expanduser() for p in parts if p.strip()]
+        return v
+
+    def allowed_roots(self) -> list[Path]:
+        """Resolved model roots; the defaults when none are configured."""
+        roots = self.model_roots or [Path.cwd(), cache_dir()]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (cached; tests build `Settings(...)` directly instead)."""
+    return Settings()
