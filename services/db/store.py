@@ -501,13 +501,18 @@ def shard_progress(session: Session, shard_id: int, samples_done: int) -> None:
     session.execute(update(Shard).where(Shard.id == shard_id).values(samples_done=samples_done))
 
 
-def release_shard(session: Session, shard_id: int, error: str) -> ShardInfo:
-    """An attempt failed with `error`: back to queued for a retry (claim_shard enforces the attempt cap)."""
+def release_shard(session: Session, shard_id: int, error: str, refund_attempt: bool = False) -> ShardInfo:
+    """An attempt failed with `error`: back to queued for a retry (claim_shard enforces the attempt cap).
+
+    `refund_attempt` un-counts the attempt when the failure was not the shard's fault (database connection lost).
+    """
     shard = session.scalar(_locked(session, select(Shard).where(Shard.id == shard_id)))
     if shard is None:
         raise NotFound(f"shard {shard_id} does not exist")
     if shard.status == "running":
         shard.status, shard.error = "queued", error
+        if refund_attempt and shard.attempts > 0:
+            shard.attempts -= 1
     session.flush()
     return _shard_info(shard)
 
@@ -682,19 +687,11 @@ def _paired_counts(session: Session, run_a: int, run_b: int) -> tuple[int, int, 
 
 def mcnemar_p(fixed: int, broken: int) -> float:
     """Exact two-sided McNemar p-value from the discordant counts (binomial test, p = 0.5)."""
-    try:
-        from tad_core.metrics import mcnemar
-    except ImportError:
-        mcnemar = None
-    if mcnemar is not None:
-        a = [True] * fixed + [False] * broken
-        return float(mcnemar(a, [not x for x in a]).p_value)
-    n = fixed + broken
-    if n == 0:
+    if fixed + broken == 0:
         return 1.0
-    k = min(fixed, broken)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    from scipy.stats import binomtest
+
+    return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 
 def _kv_aggregates(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Any]]) -> None:

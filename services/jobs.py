@@ -1,0 +1,554 @@
+"""Job planning and the shard function: the code shared by `tad submit`, `tad run` and the Celery workers.
+
+- `plan_job` validates a whole request (strategies, parameters, paths, adapter, dataset) BEFORE storing anything,
+  then registers the dataset / adapter if new (by content hash / weight hash), and creates the job, its runs (one
+  per strategy spec) and its shards.
+- `run_shard(job_id, start, stop)` is THE unit of work. The Celery task and embedded mode both call it: it claims
+  the shard (attempt counted in the DB), loads the model pair through a per-process cache, reads the samples from
+  the DB, evaluates batch by batch and upserts each batch's rows at once (results stream), stops at a batch
+  boundary when the job is cancelled, then marks the shard done, refreshes the run aggregates and finishes the
+  job when it was the last shard.
+
+Test-only fault hook (documented, double-gated): when the process has `TAD_ENABLE_TEST_FAULTS=1` AND a sample's
+`metadata` has `"tad_test_raise": "<message>"`, evaluating that sample raises RuntimeError(message). Submitted
+data alone can never trigger it; the fault-tolerance tests use it to make a poisoned shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from services.db import store
+from services.db.session import session_scope
+from services.security import SecurityError, check_submit_token, resolve_under_roots
+from services.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"  # bump when a change alters results, so reuse by run hash never mixes code versions
+
+
+class SubmissionError(ValueError):
+    """A submission is invalid; `errors` lists every problem found (nothing was stored)."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class ShardRetry(RuntimeError):
+    """An attempt of a shard failed and the shard may be retried (the attempt cap is not reached)."""
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """Everything `tad submit` / `tad run` accept, as data."""
+
+    dataset: str
+    strategies: Sequence[str] = ("ft",)
+    base: str = "smollm2-135m-instruct"
+    adapter: str | None = None  # adapter directory, or name:version / name of a registered adapter
+    finetuned: str | None = None  # fully fine-tuned model directory
+    adapter_name: str | None = None  # name to register a new adapter directory under (default: directory name)
+    split: str = "val"
+    limit: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # EvalConfig fields (batch_size, max_new_tokens, ...)
+    submitted_by: str = ""
+    token: str | None = None
+    shard_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    job: store.JobInfo
+    runs: list[store.RunInfo]
+    shards: list[tuple[int, int]]
+    dataset: store.DatasetInfo
+    dataset_created: bool
+    adapter: store.AdapterInfo | None
+    adapter_created: bool
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    job_id: int
+    start: int
+    stop: int
+    action: str  # ran | done | failed | cancelled (what happened on this delivery)
+    samples: int = 0
+    job_status: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class _ModelSide:
+    base_name: str
+    base_path: str
+    base_fingerprint: str
+    adapter_dir: Path | None = None
+    adapter_ref: tuple[str, int | None] | None = None  # registered name:version
+    adapter_method: str = ""
+    adapter_sha256: str = ""
+    adapter_manifest: dict[str, Any] = field(default_factory=dict)
+    finetuned_dir: Path | None = None
+    finetuned_fingerprint: str = ""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Identity of a model directory without hashing gigabytes: config bytes + weight file names and sizes."""
+    h = hashlib.sha256()
+    for name in ("config.json", "tad_source.json"):
+        if (path / name).is_file():
+            h.update((path / name).read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _parse_adapter_ref(text: str) -> tuple[str, int | None] | None:
+    """`name:version` or `name:latest` -> (name, version); None when `text` looks like a path."""
+    if "/" in text or text.startswith((".", "~")) or Path(text).expanduser().exists():
+        return None
+    name, sep, ver = text.partition(":")
+    if not sep:
+        return None
+    if ver == "latest":
+        return name, None
+    if not ver.isdigit():
+        raise SubmissionError([f"--adapter {text!r}: version must be an integer or 'latest'"])
+    return name, int(ver)
+
+
+def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> _ModelSide | None:
+    from tad_core.models import KNOWN_MODELS
+
+    if req.adapter and req.finetuned:
+        errors.append("pass either --adapter or --finetuned, not both")
+        return None
+    try:
+        if req.base in KNOWN_MODELS:
+            base_path, fp = req.base, hashlib.sha256(KNOWN_MODELS[req.base].requirement.encode()).hexdigest()
+        else:
+            path = resolve_under_roots(req.base, settings, "base model")
+            if not (path / "config.json").is_file():
+                errors.append(f"base model {req.base!r}: not a registered name ({', '.join(KNOWN_MODELS)}) "
+                              "nor a model directory with config.json")
+                return None
+            base_path, fp = str(path), _dir_fingerprint(path)
+    except SecurityError as e:
+        errors.append(str(e))
+        return None
+    side = _ModelSide(base_name=req.base, base_path=base_path, base_fingerprint=fp)
+    if req.adapter:
+        ref = _parse_adapter_ref(req.adapter)
+        if ref is not None:
+            return _ModelSide(**{**side.__dict__, "adapter_ref": ref})
+        try:
+            adir = resolve_under_roots(req.adapter, settings, "adapter")
+        except SecurityError as e:
+            errors.append(str(e))
+            return None
+        if not (adir / "adapter_config.json").is_file():
+            errors.append(f"adapter {req.adapter!r}: not a PEFT adapter directory (no adapter_config.json)")
+            return None
+        weights = adir / "adapter_model.safetensors"
+        if not weights.is_file():
+            if (adir / "adapter_model.bin").is_file() and not settings.allow_pickle:
+                errors.append(f"adapter {req.adapter!r} stores pickled weights (adapter_model.bin); convert it to "
+                              "safetensors (pickle can run code on load; TAD_ALLOW_PICKLE=1 overrides)")
+                return None
+            weights = adir / "adapter_model.bin"
+            if not weights.is_file():
+                errors.append(f"adapter {req.adapter!r} has no adapter_model.safetensors")
+                return None
+        try:
+            cfg = json.loads((adir / "adapter_config.json").read_text())
+        except (OSError, ValueError) as e:
+            errors.append(f"adapter {req.adapter!r}: unreadable adapter_config.json ({e})")
+            return None
+        manifest: dict[str, Any] = {}
+        for name in ("tad_manifest.json", "manifest.json"):
+            if (adir / name).is_file():
+                try:
+                    manifest = json.loads((adir / name).read_text())
+                except ValueError:
+                    manifest = {}
+                break
+        return _ModelSide(**{**side.__dict__, "adapter_dir": adir, "adapter_sha256": _sha256_file(weights),
+                             "adapter_method": str(cfg.get("peft_type", "unknown")).lower(),
+                             "adapter_manifest": manifest})
+    if req.finetuned:
+        try:
+            fdir = resolve_under_roots(req.finetuned, settings, "fine-tuned model")
+        except SecurityError as e:
+            errors.append(str(e))
+            return None
+        if not (fdir / "config.json").is_file():
+            errors.append(f"fine-tuned model {req.finetuned!r}: not a model directory (no config.json)")
+            return None
+        return _ModelSide(**{**side.__dict__, "finetuned_dir": fdir, "finetuned_fingerprint": _dir_fingerprint(fdir)})
+    return side
+
+
+def _check_strategies(args: Sequence[str], errors: list[str]) -> list[Any]:
+    from tad_core.strategies import parse_strategy_arg
+
+    specs: dict[str, Any] = {}
+    for arg in args:
+        try:
+            for spec in parse_strategy_arg(arg):
+                specs.setdefault(spec.key, spec)
+        except ValueError as e:
+            errors.append(f"--strategy {arg!r}: {e}")
+    if not args:
+        errors.append("give at least one --strategy")
+    if specs and "ft" not in {s.name for s in specs.values()}:
+        # every other strategy is compared with the fine-tuned model (fixed/broken, McNemar): always include it
+        (ft,) = parse_strategy_arg("ft")
+        specs = {ft.key: ft, **specs}
+    return list(specs.values())
+
+
+def _check_config(values: dict[str, Any], errors: list[str]) -> Any:
+    from tad_core.evaluate import EvalConfig
+
+    try:
+        return EvalConfig(**{k: v for k, v in values.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        errors.append(f"generation config: {e}")
+        return None
+
+
+@dataclass(frozen=True)
+class _DatasetData:
+    name: str
+    split: str
+    content_hash: str
+    task_type: str
+    source: str
+    samples: list[dict[str, Any]]
+
+
+def _check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) -> _DatasetData | None:
+    from tad_core.datasets import REGISTRY, DatasetLimits, DatasetValidationError, load_dataset, validate_jsonl
+
+    if req.limit is not None and req.limit < 1:
+        errors.append(f"--limit must be a positive integer, got {req.limit}")
+        return None
+    try:
+        if req.dataset in REGISTRY:
+            ds = load_dataset(req.dataset, split=req.split)
+            name, content_hash, task_type, source, samples = ds.name, ds.content_hash, ds.task_type, ds.source, ds.samples
+            if len(samples) > settings.max_dataset_rows:
+                errors.append(f"dataset {req.dataset!r} has {len(samples)} rows, over TAD_MAX_DATASET_ROWS="
+                              f"{settings.max_dataset_rows}")
+                return None
+        else:
+            path = Path(req.dataset).expanduser()
+            if path.suffix != ".jsonl" or not path.is_file():
+                errors.append(f"dataset {req.dataset!r}: not a registered dataset ({', '.join(REGISTRY)}) "
+                              "nor an existing .jsonl file")
+                return None
+            limits = DatasetLimits(max_bytes=settings.max_dataset_bytes, max_rows=settings.max_dataset_rows,
+                                   max_field_chars=settings.max_sample_chars)
+            samples = validate_jsonl(path, limits)
+            data = path.read_bytes()
+            name, content_hash = path.stem, hashlib.sha256(data).hexdigest()
+            kinds = {s.kind for s in samples}
+            task_type = "mixed" if len(kinds) > 1 else ("gen" if kinds == {"gen"} else "mc")
+            source = str(path.resolve())
+    except DatasetValidationError as e:
+        errors.extend(f"dataset {req.dataset!r}: {msg}" for msg in e.errors)
+        return None
+    except (ValueError, OSError) as e:
+        errors.append(f"dataset {req.dataset!r}: {e}")
+        return None
+    return _DatasetData(name, req.split, content_hash, task_type, source, [s.to_dict() for s in samples])
+
+
+def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `size` samples covering 0..n."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def run_hash(*, base_fingerprint: str, adapter_sha256: str, finetuned_fingerprint: str, content_hash: str,
+             split: str, n_samples: int, spec_key: str, config: dict[str, Any]) -> str:
+    """Identity of a run's results: identical requests (same models, data slice, strategy, config, code) reuse it."""
+    ident = {"base": base_fingerprint, "adapter": adapter_sha256, "finetuned": finetuned_fingerprint,
+             "dataset": content_hash, "split": split, "n": n_samples, "strategy": spec_key, "config": config,
+             "code": CODE_VERSION}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob:
+    """Validate `req` completely, then store dataset/adapter (if new), the job, its runs and shards.
+
+    Raises SubmissionError (listing every problem) or SecurityError before anything is written.
+    """
+    settings = settings or get_settings()
+    check_submit_token(settings, req.token)
+    errors: list[str] = []
+    specs = _check_strategies(req.strategies, errors)
+    config = _check_config(dict(req.config), errors)
+    side = _check_models(req, settings, errors)
+    data = _check_dataset(req, settings, errors) if not errors else None
+    size = req.shard_size or settings.shard_size
+    if size < 1:
+        errors.append(f"shard size must be positive, got {size}")
+    if errors or data is None or side is None or config is None:
+        raise SubmissionError(errors or ["invalid submission"])
+    n = len(data.samples) if req.limit is None else min(req.limit, len(data.samples))
+    config_json = config.to_json()
+
+    with session_scope(settings) as s:
+        adapter: store.AdapterInfo | None = None
+        adapter_created = False
+        if side.adapter_ref is not None:
+            adapter = store.find_adapter(s, *side.adapter_ref)
+            if adapter is None:
+                name, ver = side.adapter_ref
+                raise SubmissionError([f"adapter {name}:{ver if ver is not None else 'latest'} is not registered"
+                                       " (tad adapters list)"])
+            if adapter.base_model != req.base:
+                raise SubmissionError([f"adapter {adapter.label} belongs to base model {adapter.base_model!r}, "
+                                       f"not {req.base!r}"])
+            resolve_under_roots(adapter.path, settings, "adapter")
+        base = store.get_or_create_base_model(s, req.base, side.base_path, side.base_fingerprint)
+        if side.adapter_dir is not None:
+            adapter, adapter_created = store.register_adapter(
+                s, name=req.adapter_name or side.adapter_dir.name, path=str(side.adapter_dir),
+                method=side.adapter_method, sha256=side.adapter_sha256, base_model_id=base.id,
+                manifest=side.adapter_manifest)
+        dataset, dataset_created = store.register_dataset(
+            s, name=data.name, split=data.split, content_hash=data.content_hash, task_type=data.task_type,
+            source=data.source, samples=data.samples)
+        adapter_sha = adapter.sha256 if adapter else ""
+        runs = [store.RunSpec(sp.name, dict(sp.params), sp.key, run_hash(
+            base_fingerprint=side.base_fingerprint, adapter_sha256=adapter_sha,
+            finetuned_fingerprint=side.finetuned_fingerprint, content_hash=data.content_hash, split=data.split,
+            n_samples=n, spec_key=sp.key, config=config_json)) for sp in specs]
+        spec = {
+            "base": req.base,
+            "adapter": adapter.path if adapter else None,
+            "adapter_label": adapter.label if adapter else None,
+            "finetuned": str(side.finetuned_dir) if side.finetuned_dir else None,
+            "strategies": [sp.to_json() for sp in specs],
+            "config": config_json,
+            "dataset": data.name,
+            "split": data.split,
+            "limit": req.limit,
+        }
+        ranges = shard_ranges(n, size)
+        job = store.create_job(s, spec=spec, submitted_by=req.submitted_by, base_model_id=base.id,
+                               adapter_id=adapter.id if adapter else None, dataset_id=dataset.id, n_samples=n,
+                               runs=runs, shard_ranges=ranges)
+        return PlannedJob(job, store.job_runs(s, job.id), ranges, dataset, dataset_created, adapter, adapter_created)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shard function
+
+
+_pair_lock = threading.Lock()
+_pair_cache: dict[tuple[Any, ...], Any] = {}
+
+
+def get_pair(spec: dict[str, Any], settings: Settings) -> Any:
+    """The job's model pair, loaded once per process (one pair kept: a worker serves one model at a time)."""
+    from tad_core.models import load_pair
+
+    key = (spec["base"], spec.get("adapter"), spec.get("finetuned"), settings.device)
+    with _pair_lock:
+        pair = _pair_cache.get(key)
+        if pair is None:
+            _pair_cache.clear()
+            pair = load_pair(spec["base"], adapter=spec.get("adapter"), finetuned=spec.get("finetuned"),
+                             allow_pickle=settings.allow_pickle, device=settings.device)
+            _pair_cache[key] = pair
+        return pair
+
+
+def clear_pair_cache() -> None:
+    with _pair_lock:
+        _pair_cache.clear()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _test_fault(samples: Sequence[Any]) -> None:
+    if os.environ.get("TAD_ENABLE_TEST_FAULTS") != "1":
+        return
+    for sample in samples:
+        msg = sample.metadata.get("tad_test_raise") if isinstance(sample.metadata, dict) else None
+        if msg:
+            raise RuntimeError(f"test fault on sample {sample.id}: {msg}")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):  # NaN / inf (an excluded choice) are not JSON
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        return _json_safe(value.item())
+    return value
+
+
+def result_rows(results: Sequence[Any], first_index: int, run_ids: dict[str, int]) -> list[dict[str, Any]]:
+    """Engine SampleResults (one per sample, in order from `first_index`) -> sample_results rows, one per run."""
+    rows = []
+    for offset, res in enumerate(results):
+        for key, run_id in run_ids.items():
+            o = res.outcomes.get(key)
+            if o is None:
+                continue
+            kv_src = getattr(o, "kv", None) or res.kv
+            kv = _json_safe(dict(kv_src)) if kv_src else None
+            rows.append({
+                "run_id": run_id, "sample_index": first_index + offset, "sample_id": str(res.sample_id),
+                "output": o.output, "extracted": o.extracted, "pred": o.pred, "pred_norm": o.pred_norm,
+                "scores": _json_safe(list(o.scores)) if o.scores is not None else None,
+                "correct": o.correct, "correct_norm": o.correct_norm, "flip_rate": _json_safe(o.flip_rate),
+                "vs_ft": o.vs_ft, "latency_s": float(o.latency_s or 0.0), "tokens": int(o.tokens or 0), "kv": kv,
+            })
+    return rows
+
+
+def _transient(exc: BaseException) -> bool:
+    """Database connection trouble (dropped backend, restart): not the shard's fault."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = None, *,
+              progress: Callable[[int], None] | None = None) -> ShardOutcome:
+    """Evaluate samples [start, stop) of job `job_id` for all its runs, streaming rows to the DB per batch.
+
+    Returns what happened. Raises ShardRetry when this attempt failed and the shard may be retried; a shard whose
+    attempts reach `settings.max_redeliveries` is marked failed instead (the rest of the job goes on).
+    `progress(n)` is called with the number of samples finished after each batch.
+    """
+    settings = settings or get_settings()
+    me = worker_name()
+    with session_scope(settings) as s:
+        claim = store.claim_shard(s, job_id, start, me, settings.max_redeliveries)
+        if claim.action != "run":
+            return ShardOutcome(job_id, start, stop, claim.action, job_status=store.get_job(s, job_id).status)
+        job = store.get_job(s, job_id)
+        runs = store.job_runs(s, job_id)
+        raw = store.load_samples(s, job.dataset_id, start, stop)
+        store.heartbeat(s, me, os.getpid(), job_id, claim.shard.id)
+    shard_id = claim.shard.id
+    try:
+        done = _evaluate_shard(job, runs, raw, start, shard_id, settings, progress)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the shard, then retried or failed
+        return _attempt_failed(job_id, start, stop, shard_id, claim.shard.attempts, exc, settings)
+    with session_scope(settings) as s:
+        if done < len(raw):
+            info = store.finish_shard(s, shard_id, "cancelled")
+            return ShardOutcome(job_id, start, stop, "cancelled", done, info.status)
+        store.refresh_aggregates(s, [r.id for r in runs])
+        info = store.finish_shard(s, shard_id, "done")
+        store.heartbeat(s, me, os.getpid())
+    return ShardOutcome(job_id, start, stop, "ran", done, info.status)
+
+
+def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dict[str, Any]], start: int,
+                    shard_id: int, settings: Settings, progress: Callable[[int], None] | None) -> int:
+    from tad_core.evaluate import EvalConfig, evaluate_batch
+    from tad_core.samples import Sample
+    from tad_core.strategies import StrategySpec
+
+    spec = job.spec
+    pair = get_pair(spec, settings)
+    specs = [StrategySpec.from_json(d) for d in spec["strategies"]]
+    config = EvalConfig.from_json(spec["config"])
+    run_ids = {r.key: r.id for r in runs}
+    samples = [Sample.from_dict(d) for d in raw]
+    bs = max(1, int(getattr(config, "batch_size", 8) or 8))
+    done = 0
+    for i in range(0, len(samples), bs):
+        if i > 0:
+            with session_scope(settings) as s:
+                if store.cancel_requested(s, job.id):
+                    return done
+        batch = samples[i:i + bs]
+        _test_fault(batch)
+        results = evaluate_batch(pair, batch, specs, config)
+        rows = result_rows(results, start + i, run_ids)
+        with session_scope(settings) as s:
+            store.upsert_sample_results(s, rows)
+            done += len(batch)
+            store.shard_progress(s, shard_id, done)
+        if progress is not None:
+            progress(len(batch))
+    return done
+
+
+def _attempt_failed(job_id: int, start: int, stop: int, shard_id: int, attempts: int, exc: BaseException,
+                    settings: Settings) -> ShardOutcome:
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    transient = _transient(exc)
+    log.warning("shard %s [%d,%d) attempt %d failed: %s", job_id, start, stop, attempts, error)
+    with session_scope(settings) as s:
+        if attempts >= settings.max_redeliveries and not transient:
+            info = store.finish_shard(s, shard_id, "failed", f"failed after {attempts} attempts; last error: {error}")
+            return ShardOutcome(job_id, start, stop, "failed", 0, info.status)
+        store.release_shard(s, shard_id, error, refund_attempt=transient)
+    raise ShardRetry(error) from exc
+
+
+def run_job_embedded(job_id: int, settings: Settings | None = None, *,
+                     progress: Callable[[int], None] | None = None) -> store.JobInfo:
+    """Execute every open shard of a job in this process, through `run_shard` (the workers' code path)."""
+    settings = settings or get_settings()
+    with session_scope(settings) as s:
+        shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status in ("queued", "running")]
+    for start, stop in shards:
+        while True:
+            try:
+                run_shard(job_id, start, stop, settings, progress=progress)
+                break
+            except ShardRetry:
+                continue
+    with session_scope(settings) as s:
+        return store.get_job(s, job_id)
+
+
+def enqueue_job(job_id: int, settings: Settings | None = None) -> int:
+    """Send one Celery task per open shard of the job; returns how many were sent."""
+    from services.celery_app import make_celery
+
+    settings = settings or get_settings()
+    app = make_celery(settings)
+    with session_scope(settings) as s:
+        shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status == "queued"]
+    with app.producer_or_acquire() as producer:
+        for start, stop in shards:
+            app.send_task("tad.run_shard", args=[job_id, start, stop], queue=settings.queue, producer=producer)
+    return len(shards)
