@@ -1,8 +1,387 @@
-"""Placeholder until this command group lands."""
+"""Service commands: submit / run / jobs / status / cancel / results / worker / db / dashboard.
+
+User errors (bad strategy, bad dataset line, path outside the model roots, unknown job) print one clear message
+and exit with code 2, without a traceback; an out-of-date database says to run `tad db upgrade`.
+"""
 from __future__ import annotations
 
+import csv
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+EXIT_USAGE = 2
+
+StrategyOpt = Annotated[list[str], typer.Option("--strategy", "-s", help="strategy spec, repeatable: ft, base, "
+                                                "tad:alpha=0.5,1,2 (comma lists sweep), contrastive:beta=0.1")]
+BaseOpt = Annotated[str, typer.Option("--base", help="registered base model name, model directory or .gguf")]
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter DIR, or NAME:VERSION / "
+                                                   "NAME:latest of a registered adapter")]
+AdapterNameOpt = Annotated[Optional[str], typer.Option("--adapter-name", help="register a new adapter DIR under "
+                                                       "this name (default: the directory name)")]
+FinetunedOpt = Annotated[Optional[str], typer.Option("--finetuned", help="fully fine-tuned model DIR")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME or FILE.jsonl")]
+SplitOpt = Annotated[str, typer.Option("--split", help="dataset split")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="first N samples only")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="samples per forward batch")]
+TokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="generation length (generation tasks)")]
+TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+ShardOpt = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="samples per shard (default "
+                                                 "TAD_SHARD_SIZE)")]
+TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="TAD_TOKEN", help="submit token, when the "
+                                                 "deployment sets TAD_SUBMIT_TOKEN")]
+UserOpt = Annotated[str, typer.Option("--user", envvar="USER", help="recorded as the submitter")]
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into one message and exit code 2 (1 for an out-of-date schema)."""
+    from services.db.schema import SchemaOutOfDate
+    from services.db.store import NotFound
+    from services.jobs import SubmissionError
+    from services.security import SecurityError
+
+    try:
+        yield
+    except SubmissionError as e:
+        typer.secho("error: submission rejected, nothing was stored:", err=True, fg=typer.colors.RED)
+        for line in e.errors:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except (SecurityError, NotFound) as e:
+        _fail(str(e))
+    except SchemaOutOfDate as e:
+        _fail(str(e), 1)
+
+
+def _settings():  # noqa: ANN202
+    from services.settings import get_settings
+
+    return get_settings()
+
+
+def _check_schema(settings: Any, migrate_embedded: bool = False) -> None:
+    from services.db.schema import ensure_schema_current, upgrade_if_embedded
+    from services.db.session import get_engine
+
+    if migrate_embedded:
+        upgrade_if_embedded(settings.database_url)
+    ensure_schema_current(get_engine(settings))
+
+
+def _request(dataset: str, strategy: list[str], base: str, adapter: str | None, adapter_name: str | None,
+             finetuned: str | None, split: str, limit: int | None, batch_size: int, max_new_tokens: int,
+             temperature: float, seed: int, shard_size: int | None, token: str | None, user: str) -> Any:
+    from services.jobs import SubmitRequest
+
+    return SubmitRequest(dataset=dataset, strategies=list(strategy), base=base, adapter=adapter,
+                         adapter_name=adapter_name, finetuned=finetuned, split=split, limit=limit,
+                         config={"batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                                 "temperature": temperature, "seed": seed},
+                         submitted_by=user or "", token=token, shard_size=shard_size)
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _pm(v: float | None, se: float | None) -> str:
+    return "-" if v is None else f"{v:.4f} ± {se:.4f}" if se is not None else f"{v:.4f}"
+
+
+def _print_leaderboard(rows: list[Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("run", "strategy", "acc ± stderr", "acc_norm ± stderr", "n", "fixed/broken vs ft", "McNemar p vs ft"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in rows:
+        vs = f"{r.fixed}/{r.broken}" if r.fixed is not None else "-"
+        table.add_row(str(r.run_id), r.key, _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr), str(r.n),
+                      vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}")
+    Console(width=160).print(table)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _job_payload(settings: Any, job_id: int, with_samples: bool) -> dict[str, Any]:
+    from services.db import store
+    from services.db.session import session_scope
+
+    with session_scope(settings) as s:
+        job = store.get_job(s, job_id)
+        board = store.leaderboard(s, job_ids=[job_id])
+        out: dict[str, Any] = {"job": asdict(job), "leaderboard": [asdict(r) for r in board]}
+        if with_samples:
+            out["samples"] = {r.key: store.sample_rows(s, r.run_id) for r in board}
+    return out
+
+
+def _progress_bar(total: int, desc: str):  # noqa: ANN202
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `tad` app."""
+
+    @app.command()
+    def submit(dataset: DatasetOpt, strategy: StrategyOpt = ["ft"], base: BaseOpt = "smollm2-135m-instruct",
+               adapter: AdapterOpt = None, adapter_name: AdapterNameOpt = None, finetuned: FinetunedOpt = None,
+               split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
+               max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0,
+               shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "") -> None:
+        """Validate and queue an evaluation job for the workers; prints the job id."""
+        from services.db import store
+        from services.db.session import session_scope
+        from services.jobs import enqueue_job, plan_job
+
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings)
+            plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
+                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user), settings)
+        try:
+            sent = enqueue_job(plan.job.id, settings)
+        except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
+            with session_scope(settings) as s:
+                store.mark_job_failed(s, plan.job.id, f"could not queue the shards: {e}")
+            _fail(f"job {plan.job.id} stored but the broker is unreachable ({e}); job marked failed", 1)
+        typer.echo(f"job {plan.job.id}: {plan.job.n_samples} samples x {len(plan.runs)} strategies, "
+                   f"{sent} shards queued", err=True)
+        typer.echo(plan.job.id)
+
+    @app.command()
+    def run(dataset: DatasetOpt, strategy: StrategyOpt = ["ft"], base: BaseOpt = "smollm2-135m-instruct",
+            adapter: AdapterOpt = None, adapter_name: AdapterNameOpt = None, finetuned: FinetunedOpt = None,
+            split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
+            max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0,
+            shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "",
+            as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
+        """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
+        from tad_core.models import ModelLoadError
+
+        from services.jobs import plan_job, run_job_embedded
+
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings, migrate_embedded=True)
+            plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
+                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user), settings)
+        try:
+            with _progress_bar(plan.job.n_samples, f"job {plan.job.id}") as bar:
+                info = run_job_embedded(plan.job.id, settings, progress=bar.update)
+        except ModelLoadError as e:
+            from services.db import store
+            from services.db.session import session_scope
+
+            with session_scope(settings) as s:
+                store.mark_job_failed(s, plan.job.id, str(e))
+            _fail(str(e))
+        if as_json:
+            typer.echo(json.dumps(_job_payload(settings, plan.job.id, with_samples=True), default=_json_default))
+        else:
+            _print_results(settings, plan.job.id)
+        if info.status not in ("done",):
+            typer.secho(f"job {info.id} ended {info.status}: {info.error or ''}", err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(1)
+
+    @app.command()
+    def jobs(limit: Annotated[int, typer.Option(min=1)] = 20, status: Annotated[Optional[str], typer.Option()] = None,
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """List recent jobs."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from services.db import store
+        from services.db.session import session_scope
+
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings, migrate_embedded=True)
+        with session_scope(settings) as s:
+            rows = store.list_jobs(s, limit=limit, status=status)
+        if as_json:
+            typer.echo(json.dumps([asdict(j) for j in rows], default=_json_default))
+            return
+        table = Table()
+        for col in ("job", "status", "progress", "shards", "dataset", "model", "strategies", "by", "created"):
+            table.add_column(col)
+        for j in rows:
+            model = j.spec.get("adapter_label") or j.spec.get("finetuned") or j.spec.get("base")
+            table.add_row(str(j.id), j.status, f"{j.samples_done}/{j.n_samples}",
+                          f"{j.shards_done}/{j.n_shards}" + (f" ({j.shards_failed} failed)" if j.shards_failed else ""),
+                          f"{j.spec.get('dataset')}:{j.spec.get('split')}", str(model),
+                          str(len(j.spec.get("strategies", []))), j.submitted_by, j.created_at.strftime("%Y-%m-%d %H:%M"))
+        Console(width=160).print(table)
+
+    @app.command()
+    def status(job_id: int, watch: Annotated[bool, typer.Option("--watch", help="progress bar until it ends")] = False,
+               interval: Annotated[float, typer.Option(min=0.1)] = 1.0) -> None:
+        """Show a job's status (with --watch: a live progress bar until the job ends)."""
+        from services.db import store
+        from services.db.session import session_scope
+
+        settings = _settings()
+
+        def get() -> Any:
+            with session_scope(settings) as s:
+                return store.get_job(s, job_id)
+
+        with _user_errors():
+            _check_schema(settings, migrate_embedded=True)
+            job = get()
+        if watch and not job.finished:
+            with _progress_bar(job.n_samples, f"job {job_id}") as bar:
+                while True:
+                    bar.n = job.samples_done
+                    bar.set_postfix_str(job.status)
+                    bar.refresh()
+                    if job.finished:
+                        break
+                    time.sleep(interval)
+                    job = get()
+        typer.echo(f"job {job.id}: {job.status}, {job.samples_done}/{job.n_samples} samples, shards "
+                   f"{job.shards_done}/{job.n_shards} done, {job.shards_failed} failed")
+        if job.error:
+            typer.echo(f"error: {job.error}")
+
+    @app.command()
+    def cancel(job_id: int) -> None:
+        """Cancel a job: queued shards stop now, running ones at their next batch boundary."""
+        from services.db import store
+        from services.db.session import session_scope
+
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings, migrate_embedded=True)
+            with session_scope(settings) as s:
+                job = store.request_cancel(s, job_id)
+        typer.echo(f"job {job.id}: {job.status}" + (" (running shards stop at their next batch)"
+                                                     if job.status == "running" else ""))
+
+    @app.command()
+    def results(job_id: int, as_csv: Annotated[bool, typer.Option("--csv", help="per-sample rows as CSV")] = False,
+                as_json: Annotated[bool, typer.Option("--json", help="leaderboard + per-sample rows as JSON")] = False,
+                output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to a file")] = None) -> None:
+        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON."""
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings, migrate_embedded=True)
+            if as_csv and as_json:
+                _fail("pass --csv or --json, not both")
+            if not (as_csv or as_json):
+                _print_results(settings, job_id)
+                return
+            payload = _job_payload(settings, job_id, with_samples=True)
+        out = open(output, "w", newline="") if output else sys.stdout
+        try:
+            if as_json:
+                out.write(json.dumps(payload, default=_json_default) + "\n")
+            else:
+                writer = csv.writer(out)
+                cols = ["strategy", "run_id", "sample_index", "sample_id", "pred", "pred_norm", "correct",
+                        "correct_norm", "vs_ft", "extracted", "output", "tokens", "latency_s", "scores", "kv"]
+                writer.writerow(cols)
+                for key, rows in payload["samples"].items():
+                    for r in rows:
+                        writer.writerow([key] + [json.dumps(r[c]) if c in ("scores", "kv") else r[c]
+                                                 for c in cols[1:]])
+        finally:
+            if output:
+                out.close()
+
+    @app.command()
+    def worker(concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="worker processes "
+                                                        "(one model copy each)")] = 1,
+               queue: Annotated[Optional[str], typer.Option(help="queue (default TAD_QUEUE)")] = None,
+               name: Annotated[Optional[str], typer.Option(help="node name (default tad-<pid>@<host>)")] = None,
+               loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+        """Start a Celery worker (prefork pool) that runs shards from the broker."""
+        import os
+
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings)
+        from services.tasks import app as celery_app
+
+        celery_app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(concurrency),
+                                "-Q", queue or settings.queue, "--loglevel", loglevel,
+                                "-n", name or f"tad-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
+
+    db_app = typer.Typer(help="Database schema (Alembic).", no_args_is_help=True)
+    app.add_typer(db_app, name="db")
+
+    @db_app.command("upgrade")
+    def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+        """Migrate the database (TAD_DATABASE_URL) to the newest schema."""
+        from services.db.schema import current_revision, upgrade
+        from services.db.session import make_engine
+
+        settings = _settings()
+        upgrade(settings.database_url, revision)
+        engine = make_engine(settings.database_url)
+        typer.echo(f"database at revision {current_revision(engine)}")
+        engine.dispose()
+
+    @db_app.command("current")
+    def db_current() -> None:
+        """Print the database's revision and the revision this code expects."""
+        from services.db.schema import current_revision, head_revision
+        from services.db.session import make_engine
+
+        settings = _settings()
+        engine = make_engine(settings.database_url)
+        have, want = current_revision(engine), head_revision()
+        engine.dispose()
+        typer.echo(f"database: {have or '<empty>'}\ncode expects: {want}")
+        if have != want:
+            typer.echo("run `tad db upgrade`")
+            raise typer.Exit(1)
+
+    @app.command()
+    def dashboard(port: Annotated[int, typer.Option(min=1, max=65535)] = 8501,
+                  address: Annotated[str, typer.Option()] = "127.0.0.1") -> None:
+        """Start the Streamlit dashboard (reads the same database)."""
+        app_path = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+        if not app_path.is_file():
+            _fail(f"dashboard app not found at {app_path}", 1)
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
+               "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false"]
+        raise typer.Exit(subprocess.call(cmd))
+
+
+def _print_results(settings: Any, job_id: int) -> None:
+    from services.db import store
+    from services.db.session import session_scope
+
+    with session_scope(settings) as s:
+        job = store.get_job(s, job_id)
+        rows = store.leaderboard(s, job_ids=[job_id])
+    model = job.spec.get("adapter_label") or job.spec.get("finetuned") or job.spec.get("base")
+    _print_leaderboard(rows, f"job {job.id} ({job.status}): {model} on {job.spec.get('dataset')}:"
+                             f"{job.spec.get('split')}, {job.samples_done}/{job.n_samples} samples")
+
