@@ -188,16 +188,24 @@ def _check_adapter_fits(model: PreTrainedModel, adapter_dir: Path, weights: Path
 
 
 def _supports_mixed_batch(peft_model: Any) -> bool:
-    """Probe the mixed-adapter batch path once (LoRA and friends support it; prompt learning does not)."""
+    """Probe the mixed-adapter batch path once: it must run AND route each row to the right weights.
+
+    Some adapter types accept `adapter_names` but ignore it (IA3 in current peft), so the probe compares a mixed
+    batch with separate adapter-on / adapter-off passes instead of trusting the absence of an error.
+    """
     if peft_model.peft_config["default"].is_prompt_learning:
         return False
+    device = next(peft_model.parameters()).device
+    ids = torch.arange(3, 11, device=device).view(1, 8).repeat(2, 1)
     try:
-        ids = torch.zeros((2, 2), dtype=torch.long, device=next(peft_model.parameters()).device)
         with torch.no_grad():
-            peft_model(input_ids=ids, adapter_names=["__base__", "default"])
-        return True
+            mixed = peft_model(input_ids=ids, adapter_names=["__base__", "default"]).logits.float()
+            ft = peft_model(input_ids=ids[:1]).logits.float()
+            with peft_model.disable_adapter():
+                base = peft_model(input_ids=ids[:1]).logits.float()
     except (ValueError, TypeError, NotImplementedError, RuntimeError):
         return False
+    return bool(torch.allclose(mixed[0], base[0], atol=1e-4) and torch.allclose(mixed[1], ft[0], atol=1e-4))
 
 
 def load_pair(

@@ -1,0 +1,151 @@
+"""The paired engine: base and fine-tuned next-token logits for a batch of sequences from one forward.
+
+Each sequence may need the fine-tuned side, the base side or both. How they are obtained depends on the pair:
+- `mixed` (LoRA and other adapters that support mixed batches): ONE forward over the fine-tuned rows and the base
+  rows together, routed with PEFT's `adapter_names`; one KV cache holds every row.
+- `two_pass` (prefix tuning): the fine-tuned rows run with the learned prefix as the start of their cache, the base
+  rows through the bare base model; two caches.
+- `two_models` (full fine-tuning): the two models, two caches.
+- `base_only`: no fine-tuned side; both sides are the base model's logits.
+The caller owns the token bookkeeping (attention mask over the whole sequence so far, position ids); the runner
+adds what its path needs (the prefix's virtual tokens) and keeps the caches.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from tad_core.models import PairedModel
+
+
+class PairedRunner:
+    """Stateful forwards (with KV caches) for N sequences of one batch."""
+
+    def __init__(self, pair: PairedModel, need_ft: Sequence[bool], need_base: Sequence[bool],
+                 output_hidden_states: bool = False) -> None:
+        self.pair = pair
+        self.n = len(need_ft)
+        if pair.path == "base_only":  # the only model is the base: compute it once, serve it as both sides
+            need_ft = [a or b for a, b in zip(need_ft, need_base)]
+            need_base = [False] * self.n
+        self.ft_rows = [i for i, x in enumerate(need_ft) if x]
+        self.base_rows = [i for i, x in enumerate(need_base) if x]
+        self.output_hidden_states = output_hidden_states
+        self.hidden: tuple[torch.Tensor, ...] | None = None  # fine-tuned side's hidden states of the last call
+        self._caches: dict[str, DynamicCache] = {}
+        self._nvt = 0
+        if pair.path == "two_pass" and pair.model.peft_config["default"].is_prompt_learning:
+            cfg = pair.model.peft_config["default"]
+            if cfg.peft_type.value != "PREFIX_TUNING":
+                raise NotImplementedError(f"paired decoding with a {cfg.peft_type.value} adapter is not supported "
+                                          "(supported: weight adapters such as LoRA or IA3, prefix tuning, "
+                                          "full fine-tuning)")
+            self._nvt = int(cfg.num_virtual_tokens)
+
+    # ---- model calls per path -------------------------------------------------------------------------------
+    def _call(self, model: Any, cache_key: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+              keep: int, **kw: Any) -> Any:
+        cache = self._caches.get(cache_key)
+        if cache is None:
+            cache = self._caches[cache_key] = kw.pop("initial_cache", None) or DynamicCache()
+        else:
+            kw.pop("initial_cache", None)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                     logits_to_keep=keep, **kw)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Feed new tokens of all N sequences; return (z_b, z_f), each [N, T_kept, V] (rows not needed are 0)."""
+        pair, ft, base = self.pair, self.ft_rows, self.base_rows
+        hs = self.output_hidden_states
+        z_f = z_b = None
+        if pair.path == "mixed" and ft and base:
+            rows = ft + base
+            names = ["default"] * len(ft) + ["__base__"] * len(base)
+            out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
+                             logits_to_keep, adapter_names=names, output_hidden_states=hs)
+            logits = out.logits
+            z_f = self._scatter(logits[: len(ft)], ft)
+            z_b = self._scatter(logits[len(ft):], base)
+            if hs:
+                self.hidden = tuple(h[: len(ft)] for h in out.hidden_states)
+            return z_b, z_f
+        if ft:
+            model, extra = self._ft_model()
+            mask = attention_mask[ft]
+            pos = position_ids[ft]
+            if self._nvt:
+                mask = torch.cat([mask.new_ones(len(ft), self._nvt), mask], dim=1)
+                pos = pos + self._nvt
+            out = self._call(model, "ft", input_ids[ft], mask, pos, logits_to_keep, output_hidden_states=hs, **extra)
+            z_f = self._scatter(out.logits, ft)
+            if hs:
+                self.hidden = out.hidden_states
+        if base:
+            out = self._base_call(input_ids[base], attention_mask[base], position_ids[base], logits_to_keep)
+            z_b = self._scatter(out.logits, base)
+        if pair.path == "base_only":
+            z_b = z_f
+        return z_b, z_f
+
+    def _ft_model(self) -> tuple[Any, dict[str, Any]]:
+        pair = self.pair
+        if self._nvt:
+            extra: dict[str, Any] = {}
+            if "ft" not in self._caches:
+                prompt = pair.model.get_prompt(len(self.ft_rows))
+                extra["initial_cache"] = prompt if isinstance(prompt, DynamicCache) else DynamicCache.from_legacy_cache(prompt)
+            return pair.model.get_base_model(), extra
+        return pair.model, {}
+
+    def _base_call(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, keep: int) -> Any:
+        pair = self.pair
+        if pair.path == "two_models":
+            return self._call(pair.base_model, "base", ids, mask, pos, keep)
+        if self._nvt:
+            return self._call(pair.model.get_base_model(), "base", ids, mask, pos, keep)
+        with pair.model.disable_adapter():  # weight adapter: base rows with the adapter switched off
+            return self._call(pair.model, "base", ids, mask, pos, keep)
+
+    def _scatter(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if len(rows) == self.n:
+            return logits
+        full = logits.new_zeros((self.n,) + tuple(logits.shape[1:]))
+        full[rows] = logits
+        return full
+
+    def select(self, seq_index: Sequence[int]) -> None:
+        """Re-shape the batch: new sequence j continues old sequence `seq_index[j]` (repeats allowed)."""
+        seq_index = list(seq_index)
+        ft_pos = {s: i for i, s in enumerate(self.ft_rows)}
+        base_pos = {s: i for i, s in enumerate(self.base_rows)}
+        new_ft = [j for j, s in enumerate(seq_index) if s in ft_pos]
+        new_base = [j for j, s in enumerate(seq_index) if s in base_pos]
+        ft_idx = [ft_pos[seq_index[j]] for j in new_ft]
+        base_idx = [base_pos[seq_index[j]] for j in new_base]
+        for key, cache in self._caches.items():
+            if key == "all":
+                idx = ft_idx + [len(self.ft_rows) + i for i in base_idx]
+            else:
+                idx = ft_idx if key == "ft" else base_idx
+            cache.batch_select_indices(torch.tensor(idx, dtype=torch.long))
+        self.ft_rows, self.base_rows, self.n = new_ft, new_base, len(seq_index)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (input_ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers' generate computes them for left-padded batches."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

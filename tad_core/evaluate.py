@@ -1,0 +1,252 @@
+"""The researcher-facing API: evaluate strategies on samples, generate text, aggregate with statistics.
+
+`evaluate_batch` is the pure compute step the service calls per batch (no DB, no I/O); `evaluate` loops over
+batches with a progress bar and returns an `EvalReport` with accuracy ± stderr and McNemar tests against `ft`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable, Sequence
+
+from tad_core.generation import GenConfig, answers_match, extract_answer, generate_texts
+from tad_core.metrics import Estimate, McNemarResult, accuracy, fixed_or_broken, mc_predictions, mcnemar
+from tad_core.models import PairedModel
+from tad_core.samples import Sample
+from tad_core.scoring import score_mc
+from tad_core.strategies import StrategySpec, build, canonical
+
+FT = StrategySpec("ft", {})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that shapes an evaluation besides the model, data and strategies (one frozen object)."""
+
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    kv_topk: int = 5
+    delimiter: str = " "
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        self.gen_config()  # validates the generation fields
+
+    def gen_config(self) -> GenConfig:
+        return GenConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop, self.kv_topk)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "EvalConfig":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config field(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "stop" in data:
+            data["stop"] = tuple(data["stop"])
+        return cls(**data)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+@dataclass
+class StrategyOutcome:
+    """One strategy on one sample. MC: per-choice scores and predictions; generation: output and extraction."""
+
+    scores: list[float] | None = None
+    pred: int | None = None
+    pred_norm: int | None = None
+    correct: bool | None = None
+    correct_norm: bool | None = None
+    output: str | None = None
+    extracted: str | None = None
+    tokens: int = 0
+    flip_rate: float | None = None
+    vs_ft: str | None = None
+    latency_s: float = 0.0
+    kv: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.scores is not None:  # -inf (a choice the strategy excludes) is not valid JSON: store null
+            d["scores"] = [_finite(s) for s in self.scores]
+        return d
+
+
+@dataclass
+class SampleResult:
+    sample_id: str
+    kv: dict[str, Any]
+    outcomes: dict[str, StrategyOutcome]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sample_id": self.sample_id, "kv": self.kv,
+                "outcomes": {k: o.to_json() for k, o in self.outcomes.items()}}
+
+
+def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence[StrategySpec],
+                   config: EvalConfig = EvalConfig()) -> list[SampleResult]:
+    """Run every strategy on one batch of samples: MC samples by scoring, generation samples by decoding."""
+    specs = [canonical(s) for s in specs]
+    strategies = [build(s) for s in specs]
+    keys = [s.key for s in specs]
+    results: dict[str, SampleResult] = {}
+    mc = [s for s in samples if s.kind == "mc"]
+    gen = [s for s in samples if s.kind == "gen"]
+    if mc:
+        t0 = time.perf_counter()
+        extra = [] if FT.key in keys else [build(FT)]  # ft is free from the same forward: needed for vs_ft
+        scored = score_mc(pair, mc, strategies + extra, config.kv_topk, config.delimiter)
+        per = (time.perf_counter() - t0) / len(mc)
+        for sample, sc in zip(mc, scored):
+            ft_pred, _ = mc_predictions(sc.scores[FT.key], sc.cont_chars)
+            ft_ok = None if sample.answer is None else ft_pred == sample.answer
+            outcomes = {}
+            for key in keys:
+                pred, pred_norm = mc_predictions(sc.scores[key], sc.cont_chars)
+                ok = None if sample.answer is None else pred == sample.answer
+                ok_norm = None if sample.answer is None else pred_norm == sample.answer
+                outcomes[key] = StrategyOutcome(
+                    scores=sc.scores[key], pred=pred, pred_norm=pred_norm, correct=ok, correct_norm=ok_norm,
+                    tokens=0, flip_rate=sc.flip_rate.get(key), vs_ft=fixed_or_broken(ft_ok, ok), latency_s=per,
+                    kv=sc.kv)
+            results[sample.id] = SampleResult(sample.id, sc.kv, outcomes)
+    if gen:
+        t0 = time.perf_counter()
+        cfg = config.gen_config()
+        if any(s.answer_pattern is None and not s.choices for s in gen) and not cfg.stop:
+            cfg = GenConfig(**{**asdict(cfg), "stop": ("\n\nQuestion:", "\nQuestion:")})
+        outs = generate_texts(pair, [s.prompt for s in gen], strategies, cfg)
+        per = (time.perf_counter() - t0) / len(gen)
+        for sample, row in zip(gen, outs):
+            outcomes = {}
+            for key, g in zip(keys, row):
+                extracted = extract_answer(g.text, sample)
+                outcomes[key] = StrategyOutcome(output=g.text, extracted=extracted,
+                                                correct=answers_match(extracted, sample.reference or ""),
+                                                tokens=len(g.token_ids), flip_rate=g.flip_rate, latency_s=per,
+                                                kv=g.kv)
+            if FT.key in outcomes:
+                for o in outcomes.values():
+                    o.vs_ft = fixed_or_broken(outcomes[FT.key].correct, o.correct)
+            results[sample.id] = SampleResult(sample.id, {}, outcomes)
+    return [results[s.id] for s in samples]
+
+
+@dataclass
+class StrategyReport:
+    key: str
+    acc: Estimate
+    acc_norm: Estimate | None
+    vs_ft: McNemarResult | None
+
+
+@dataclass
+class EvalReport:
+    """Per-sample results and per-strategy aggregates of one evaluation."""
+
+    specs: list[StrategySpec]
+    results: list[SampleResult]
+    pair_path: str
+
+    def correct(self, key: str, norm: bool = False) -> list[bool]:
+        attr = "correct_norm" if norm else "correct"
+        return [bool(getattr(r.outcomes[key], attr)) for r in self.results]
+
+    def summary(self) -> list[StrategyReport]:
+        rows = []
+        keys = [s.key for s in self.specs]
+        has_norm = bool(self.results) and self.results[0].outcomes[keys[0]].correct_norm is not None
+        for key in keys:
+            acc = accuracy(self.correct(key))
+            acc_norm = accuracy(self.correct(key, norm=True)) if has_norm else None
+            vs = mcnemar(self.correct(FT.key), self.correct(key)) if FT.key in keys and key != FT.key else None
+            rows.append(StrategyReport(key, acc, acc_norm, vs))
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pair_path": self.pair_path,
+            "summary": [{"strategy": r.key, "acc": r.acc.to_json(),
+                         "acc_norm": r.acc_norm.to_json() if r.acc_norm else None,
+                         "vs_ft": r.vs_ft.to_json() if r.vs_ft else None} for r in self.summary()],
+            "results": [r.to_json() for r in self.results],
+        }
+
+    def table(self) -> str:
+        """A plain-text leaderboard (rich)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{len(self.results)} samples, pair path: {self.pair_path}")
+        for col in ("strategy", "acc ± stderr", "acc_norm ± stderr", "n", "vs ft: fixed/broken", "McNemar p"):
+            t.add_column(col)
+        for r in self.summary():
+            t.add_row(r.key, f"{r.acc.value:.4f} ± {r.acc.stderr:.4f}",
+                      f"{r.acc_norm.value:.4f} ± {r.acc_norm.stderr:.4f}" if r.acc_norm else "-", str(r.acc.n),
+                      f"{r.vs_ft.fixed}/{r.vs_ft.broken}" if r.vs_ft else "-",
+                      f"{r.vs_ft.p_value:.4g}" if r.vs_ft else "-")
+        console = Console(width=140, record=True)
+        with console.capture() as cap:
+            console.print(t)
+        return cap.get()
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+def evaluate(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[StrategySpec | str],
+             config: EvalConfig = EvalConfig(), progress: bool = True,
+             on_batch: Callable[[list[SampleResult]], None] | None = None) -> EvalReport:
+    """Evaluate strategies (specs or CLI strings like `"tad:alpha=0.5,1"`) on samples, batch by batch."""
+    from tqdm.auto import tqdm
+
+    from tad_core.strategies import parse_strategy_arg
+
+    specs: list[StrategySpec] = []
+    for s in strategies:
+        for spec in (parse_strategy_arg(s) if isinstance(s, str) else [canonical(s)]):
+            if spec not in specs:
+                specs.append(spec)
+    out: list[SampleResult] = []
+    with tqdm(total=len(samples), desc="evaluating", unit="sample", disable=not progress) as bar:
+        for batch in batched(samples, config.batch_size):
+            res = evaluate_batch(pair, batch, specs, config)
+            out.extend(res)
+            if on_batch:
+                on_batch(res)
+            bar.update(len(batch))
+    return EvalReport(specs, out, pair.path)
+
+
+def generate(pair: PairedModel, prompts: Sequence[str], strategy: StrategySpec | str = "tad",
+             config: EvalConfig = EvalConfig()) -> list[str]:
+    """Generate one completion per prompt with one strategy (greedy unless `config.temperature > 0`)."""
+    from tad_core.strategies import parse_strategy_arg
+
+    spec = parse_strategy_arg(strategy)[0] if isinstance(strategy, str) else canonical(strategy)
+    outs: list[str] = []
+    for batch in batched(prompts, config.batch_size):
+        outs.extend(row[0].text for row in generate_texts(pair, batch, [build(spec)], config.gen_config()))
+    return outs
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, allow_nan=False)

@@ -1,0 +1,195 @@
+"""Generation with any strategy: greedy or sampled decoding from the strategy's scores, paired engine underneath.
+
+Sequences are (prompt, strategy) pairs decoded together in one batch: every strategy gets its own sequences (they
+diverge as soon as the strategies choose different tokens), and each forward computes only the sides the
+sequence's strategy needs (fine-tuned rows, base rows, or both in one mixed batch).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from tad_core import kvstats
+from tad_core.engine import PairedRunner, left_pad, positions_from_mask
+from tad_core.models import PairedModel
+from tad_core.samples import Sample
+from tad_core.strategies import Step, Strategy
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    kv_topk: int = 3
+    kv_steps: bool = True  # keep per-step knowledge-vector stats (for the dashboard's token view)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class Generated:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    flip_rate: float | None = None
+    kv: dict[str, Any] = field(default_factory=dict)
+
+
+def _eos_ids(pair: PairedModel) -> set[int]:
+    ids: set[int] = set()
+    for src in (pair.tokenizer.eos_token_id, getattr(pair.model.generation_config, "eos_token_id", None)
+                if hasattr(pair.model, "generation_config") else None):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def _pick(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch.Tensor:
+    if cfg.temperature == 0:
+        return scores.argmax(-1)
+    s = scores / cfg.temperature
+    if cfg.top_p < 1.0:
+        sorted_s, order = torch.sort(s, descending=True, dim=-1)
+        probs = torch.softmax(sorted_s, -1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p (at least one)
+        sorted_s = sorted_s.masked_fill(drop, float("-inf"))
+        s = torch.full_like(s, float("-inf")).scatter(-1, order, sorted_s)
+    probs = torch.softmax(s, -1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequence[Strategy],
+                   cfg: GenConfig = GenConfig(), kv_for_all: bool = False) -> list[list[Generated]]:
+    """Decode every prompt with every strategy; returns `out[prompt][strategy]`."""
+    tok = pair.tokenizer
+    n_p, n_s = len(prompts), len(strategies)
+    seqs = [(pi, si) for si in range(n_s) for pi in range(n_p)]  # strategy-major
+    need_ft = [("ft" in strategies[si].needs) or kv_for_all for _, si in seqs]
+    need_base = [("base" in strategies[si].needs) or kv_for_all for _, si in seqs]
+    if pair.path == "base_only":
+        need_ft = need_base = [True] * len(seqs)
+    paired = [a and b for a, b in zip(need_ft, need_base)]
+    runner = PairedRunner(pair, need_ft, need_base)
+    enc = [tok(p)["input_ids"] for p in prompts]
+    ids, mask = left_pad([enc[pi] for pi, _ in seqs], tok.pad_token_id)
+    pos = positions_from_mask(mask)
+    eos = _eos_ids(pair)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(seqs)
+    out_ids: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    done = torch.zeros(n, dtype=torch.bool)
+    flips: list[list[float]] = [[] for _ in range(n)]
+    steps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    stats_acc: list[list[dict[str, float]]] = [[] for _ in range(n)]
+    groups = [(strategies[si], [j for j, (_, s) in enumerate(seqs) if s == si]) for si in range(n_s)]
+    with torch.no_grad():
+        z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
+        for _t in range(cfg.max_new_tokens):
+            nxt = torch.full((n,), tok.pad_token_id, dtype=torch.long)
+            for strat, rows in groups:
+                live = [r for r in rows if not done[r]]
+                if not live:
+                    continue
+                step = Step(None if z_b is None else z_b[live, -1], None if z_f is None else z_f[live, -1])
+                s = strat.scores_from(step)
+                picked = _pick(s, cfg, gen)
+                nxt[live] = picked
+                pair_rows = [k for k, r in enumerate(live) if paired[r]]
+                if pair_rows:
+                    sub = Step(step.z_b[pair_rows], step.z_f[pair_rows])
+                    st = kvstats.step_stats(sub)
+                    fl = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).float()
+                    for k, r in enumerate(live[k2] for k2 in pair_rows):
+                        flips[r].append(float(fl[k]))
+                        stats_acc[r].append({name: float(v[k]) for name, v in st.items()})
+                        if cfg.kv_steps:
+                            entry = {"token": int(picked[pair_rows[k]]), "flip": bool(fl[k]),
+                                     **{name: round(float(v[k]), 5) for name, v in st.items()}}
+                            entry.update(kvstats.top_tokens(sub.kv[k], cfg.kv_topk, lambda i: tok.decode([i])))
+                            steps[r].append(entry)
+            for r in range(n):
+                if done[r]:
+                    continue
+                t = int(nxt[r])
+                if t in eos:
+                    done[r] = True
+                    finish[r] = "eos"
+                    continue
+                out_ids[r].append(t)
+                if cfg.stop:
+                    text = tok.decode(out_ids[r], skip_special_tokens=True)
+                    if any(st in text for st in cfg.stop):
+                        done[r] = True
+                        finish[r] = "stop"
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            z_b, z_f = runner.forward(nxt[:, None], mask, pos, logits_to_keep=1)
+    results: list[list[Generated]] = [[None] * n_s for _ in range(n_p)]  # type: ignore[list-item]
+    for j, (pi, si) in enumerate(seqs):
+        text = tok.decode(out_ids[j], skip_special_tokens=True)
+        if finish[j] == "stop":
+            cut = min(text.index(st) for st in cfg.stop if st in text)
+            text = text[:cut]
+        kv: dict[str, Any] = {}
+        if stats_acc[j]:
+            kv = {f"{name}_mean": sum(d[name] for d in stats_acc[j]) / len(stats_acc[j])
+                  for name in kvstats.STEP_STATS}
+            kv.update({f"{name}_max": max(d[name] for d in stats_acc[j]) for name in kvstats.STEP_STATS})
+            kv["steps"] = len(stats_acc[j])
+            if cfg.kv_steps:
+                kv["per_step"] = steps[j]
+        flip = sum(flips[j]) / len(flips[j]) if flips[j] else None
+        results[pi][si] = Generated(text, out_ids[j], finish[j], flip, kv)
+    return results
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_LETTER = re.compile(r"(?:answer is|answer:)?\s*\(?([A-Z])\)?(?:[.):\s]|$)", re.IGNORECASE)
+
+
+def extract_answer(text: str, sample: Sample) -> str | None:
+    """The answer in a generated text: the sample's `answer_pattern`, a choice letter / choice text when the
+    sample lists choices, else the last number (math)."""
+    if sample.answer_pattern:
+        m = re.search(sample.answer_pattern, text)
+        if not m:
+            return None
+        return (m.group(1) if m.groups() else m.group(0)).strip()
+    choices = list(sample.choices) or list(sample.metadata.get("choices", []))
+    if choices:
+        m = _LETTER.match(text.strip())
+        if m and ord(m.group(1).upper()) - 65 < len(choices):
+            return choices[ord(m.group(1).upper()) - 65]
+        lowered = text.lower()
+        hits = [(lowered.find(c.lower()), c) for c in choices if c.lower() in lowered]
+        return min(hits)[1] if hits else None
+    nums = _NUMBER.findall(text)
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def answers_match(extracted: str | None, reference: str) -> bool:
+    if extracted is None:
+        return False
+    a, b = extracted.strip(), reference.strip()
+    try:
+        return math.isclose(float(a.replace(",", "")), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return a.lower() == b.lower()

@@ -1,0 +1,127 @@
+"""Metrics and statistics over per-sample outcomes: pure functions, no model, no DB.
+
+Standard errors are closed form for means (sample std / sqrt(n), as lm-evaluation-harness reports); confidence
+intervals come from the bootstrap; paired comparisons of two strategies or runs on the same samples use the
+exact McNemar test for 0/1 outcomes (scipy's binomial test on the discordant pairs) and the paired bootstrap for
+continuous ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    stderr: float
+    n: int
+    ci_low: float
+    ci_high: float
+
+    def to_json(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _std_err(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return (float("nan"), float("nan"))
+    if len(x) == 1 or np.all(x == x[0]):
+        return (float(x[0]), float(x[0]))
+    res = stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=n_boot, method="percentile",
+                          random_state=np.random.default_rng(seed), vectorized=True)
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+def mean_estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return Estimate(float("nan"), float("nan"), 0, float("nan"), float("nan"))
+    lo, hi = bootstrap_ci(x, level)
+    return Estimate(float(x.mean()), _std_err(x), len(x), lo, hi)
+
+
+def accuracy(correct: Sequence[bool]) -> Estimate:
+    """Accuracy (or exact match) with its closed-form standard error and a bootstrap CI."""
+    return mean_estimate([1.0 if c else 0.0 for c in correct])
+
+
+def argmax_lowest(scores: Sequence[float]) -> int:
+    """Index of the largest score, ties to the lowest index (lm-evaluation-harness convention)."""
+    best, best_i = -math.inf, 0
+    for i, s in enumerate(scores):
+        if s > best:
+            best, best_i = s, i
+    return best_i
+
+
+def mc_predictions(scores: Sequence[float], cont_chars: Sequence[int]) -> tuple[int, int]:
+    """(`acc` prediction, `acc_norm` prediction): argmax of summed log-prob, and of it per continuation char."""
+    norm = [s / max(n, 1) for s, n in zip(scores, cont_chars)]
+    return argmax_lowest(scores), argmax_lowest(norm)
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    both_right: int
+    fixed: int  # wrong under the reference (a), right under the candidate (b)
+    broken: int  # right under a, wrong under b
+    both_wrong: int
+    p_value: float
+    diff: float  # acc(b) - acc(a)
+    diff_ci_low: float
+    diff_ci_high: float
+
+    def to_json(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], level: float = 0.95) -> McNemarResult:
+    """Exact McNemar test of b against a on the same samples, with a paired-bootstrap CI of acc(b) - acc(a)."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired test needs the same samples: {len(a_correct)} vs {len(b_correct)} outcomes")
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    both_right = int((a & b).sum())
+    fixed = int((~a & b).sum())
+    broken = int((a & ~b).sum())
+    both_wrong = int((~a & ~b).sum())
+    discordant = fixed + broken
+    p = 1.0 if discordant == 0 else float(stats.binomtest(fixed, discordant, 0.5).pvalue)
+    d = b.astype(float) - a.astype(float)
+    lo, hi = bootstrap_ci(d, level) if len(d) else (float("nan"), float("nan"))
+    return McNemarResult(both_right, fixed, broken, both_wrong, p, float(d.mean()) if len(d) else float("nan"), lo, hi)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 5000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap of mean(b - a): the difference, its CI, and a two-sided p-value (shift method)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired test needs the same samples: {len(a)} vs {len(b)} values")
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(axis=1)
+    observed = float(d.mean())
+    centered = means - observed
+    p = float((np.abs(centered) >= abs(observed)).mean()) if observed != 0 else 1.0
+    alpha = (1 - level) / 2
+    return {"diff": observed, "ci_low": float(np.quantile(means, alpha)), "ci_high": float(np.quantile(means, 1 - alpha)),
+            "p_value": p, "n": int(len(d))}
+
+
+def fixed_or_broken(ft_correct: bool | None, correct: bool | None) -> str | None:
+    """Whether a strategy fixed (ft wrong, it right) or broke (ft right, it wrong) a sample relative to `ft`."""
+    if ft_correct is None or correct is None or ft_correct == correct:
+        return None
+    return "fixed" if correct else "broken"

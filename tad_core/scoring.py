@@ -1,0 +1,136 @@
+"""Multiple-choice scoring: every strategy's log-likelihood of every choice from ONE paired forward per batch.
+
+Each strategy is a function of the same `(z_b, z_f)`, so the model runs once and the strategies (and every value
+of a swept parameter) only re-score the continuation positions. Contexts are encoded once and their KV cache is
+shared by all the choices that follow them (lm-evaluation-harness tokenisation: a trailing space of the context
+moves to the continuation, the continuation's tokens are those of `context + continuation` after the context's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from tad_core import kvstats
+from tad_core.engine import PairedRunner, left_pad, positions_from_mask
+from tad_core.models import PairedModel
+from tad_core.samples import Sample
+from tad_core.strategies import Step, Strategy
+
+
+@dataclass
+class MCScores:
+    """One sample's results: summed log-prob per choice for each strategy key, and knowledge-vector stats."""
+
+    scores: dict[str, list[float]]
+    cont_chars: list[int]
+    flip_rate: dict[str, float]
+    kv: dict[str, Any] = field(default_factory=dict)
+
+
+def _encode(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    ctx = tok(context)["input_ids"]
+    whole = tok(context + continuation)["input_ids"]
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx):]
+    return ctx, tok(continuation, add_special_tokens=False)["input_ids"]
+
+
+def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[Strategy],
+             kv_topk: int = 5, delimiter: str = " ") -> list[MCScores]:
+    """Score every choice of every sample under every strategy (teacher forcing, one paired forward)."""
+    tok = pair.tokenizer
+    need_base = any("base" in s.needs for s in strategies) or pair.path == "base_only"
+    need_ft = any("ft" in s.needs for s in strategies)
+    with_kv = need_base and need_ft
+    # units: (sample index, context tokens, [(choice index, continuation tokens, continuation chars)])
+    units: list[tuple[int, list[int], list[tuple[int, list[int], int]]]] = []
+    for si, sample in enumerate(samples):
+        by_ctx: dict[str, list[tuple[int, str]]] = {}
+        for ci, (ctx, cont) in enumerate(sample.contexts_and_continuations(delimiter)):
+            by_ctx.setdefault(ctx, []).append((ci, cont))
+        for ctx, conts in by_ctx.items():
+            encoded = [(ci, *_encode(tok, ctx, cont), len(cont)) for ci, cont in conts]
+            ctx_ids = encoded[0][1]
+            units.append((si, ctx_ids, [(ci, cont_ids, n) for ci, _, cont_ids, n in encoded]))
+    n_units = len(units)
+    runner = PairedRunner(pair, [need_ft] * n_units, [need_base] * n_units)
+    ids, mask = left_pad([u[1] for u in units], tok.pad_token_id)
+    with torch.no_grad():
+        zb_last, zf_last = runner.forward(ids, mask, positions_from_mask(mask), logits_to_keep=1)
+    # continuation rows: one per (unit, choice)
+    rows = [(ui, ci, cont, n) for ui, u in enumerate(units) for ci, cont, n in u[2]]
+    longest = max(len(r[2]) for r in rows)
+    zb_cont = zf_cont = None
+    if longest > 1:
+        width = longest - 1
+        c_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        c_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (_, _, cont, _) in enumerate(rows):
+            body = cont[:-1]
+            if body:
+                c_ids[r, : len(body)] = torch.tensor(body)
+                c_mask[r, : len(body)] = 1
+        unit_idx = [r[0] for r in rows]
+        runner.select(unit_idx)
+        ctx_len = mask.sum(-1)[unit_idx]
+        full_mask = torch.cat([mask[unit_idx], c_mask], dim=1)
+        pos = ctx_len[:, None] + torch.arange(width)[None, :]
+        with torch.no_grad():
+            zb_cont, zf_cont = runner.forward(c_ids, full_mask, pos, logits_to_keep=0)
+    # flatten every scored position: (row, target token)
+    src_unit, src_row, src_t, targets, owner = [], [], [], [], []
+    for r, (ui, _, cont, _) in enumerate(rows):
+        for t, target in enumerate(cont):
+            src_unit.append(ui)
+            src_row.append(r)
+            src_t.append(t)
+            targets.append(target)
+            owner.append(r)
+
+    def gather(last: torch.Tensor | None, cont_logits: torch.Tensor | None) -> torch.Tensor | None:
+        if last is None:
+            return None
+        out = torch.empty((len(targets), last.shape[-1]), dtype=torch.float32)
+        first = [i for i, t in enumerate(src_t) if t == 0]
+        rest = [i for i, t in enumerate(src_t) if t > 0]
+        out[first] = last[[src_unit[i] for i in first], -1].float()
+        if rest:
+            out[rest] = cont_logits[[src_row[i] for i in rest], [src_t[i] - 1 for i in rest]].float()
+        return out
+
+    step = Step(gather(zb_last, zb_cont), gather(zf_last, zf_cont))
+    target_t = torch.tensor(targets, dtype=torch.long)
+    owner_t = torch.tensor(owner, dtype=torch.long)
+    n_rows = len(rows)
+    per_row: dict[str, torch.Tensor] = {}
+    argmax_ft = step.lp_f.argmax(-1) if need_ft else None
+    flips: dict[str, torch.Tensor] = {}
+    for strat in strategies:
+        s = strat.scores_from(step)
+        lp = torch.log_softmax(s, dim=-1).gather(-1, target_t[:, None]).squeeze(-1)
+        per_row[strat.spec.key] = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, owner_t, lp.double())
+        if argmax_ft is not None:
+            flips[strat.spec.key] = (s.argmax(-1) != argmax_ft).float()
+    stats = kvstats.step_stats(step) if with_kv else None
+    results: list[MCScores] = []
+    for si, sample in enumerate(samples):
+        k = sample.n_choices
+        row_ids = [r for r, row in enumerate(rows) if units[row[0]][0] == si]
+        order = sorted(row_ids, key=lambda r: rows[r][1])
+        pos_idx = [i for i, o in enumerate(owner) if o in set(row_ids)]
+        scores = {key: [float(v[r]) for r in order] for key, v in per_row.items()}
+        cont_chars = [rows[r][3] for r in order]
+        assert len(cont_chars) == k
+        flip_rate = {key: float(f[pos_idx].mean()) for key, f in flips.items()}
+        kv: dict[str, Any] = {}
+        if stats is not None:
+            kv = kvstats.aggregate(stats, pos_idx)
+            kv.update(kvstats.top_tokens(step.kv[pos_idx].sum(0), kv_topk, lambda i: tok.decode([i])))
+        results.append(MCScores(scores, cont_chars, flip_rate, kv))
+    return results
