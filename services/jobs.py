@@ -9,9 +9,11 @@
   boundary when the job is cancelled, then marks the shard done, refreshes the run aggregates and finishes the
   job when it was the last shard.
 
-Test-only fault hook (documented, double-gated): when the process has `TAD_ENABLE_TEST_FAULTS=1` AND a sample's
-`metadata` has `"tad_test_raise": "<message>"`, evaluating that sample raises RuntimeError(message). Submitted
-data alone can never trigger it; the fault-tolerance tests use it to make a poisoned shard.
+Test-only fault hooks (documented, gated): only when the process has `TAD_ENABLE_TEST_FAULTS=1`,
+- a sample whose `metadata` has `"tad_test_raise": "<message>"` raises RuntimeError(message) when evaluated
+  (submitted data alone can never trigger it; the fault-tolerance tests use it to make a poisoned shard);
+- `TAD_TEST_BATCH_DELAY=<seconds>` sleeps that long before each batch, standing in for slower (GPU-sized)
+  batches so the tests can interrupt a job mid-way deterministically.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,6 +405,9 @@ def worker_name() -> str:
 def _test_fault(samples: Sequence[Any]) -> None:
     if os.environ.get("TAD_ENABLE_TEST_FAULTS") != "1":
         return
+    delay = float(os.environ.get("TAD_TEST_BATCH_DELAY") or 0)
+    if delay > 0:
+        time.sleep(delay)
     for sample in samples:
         msg = sample.metadata.get("tad_test_raise") if isinstance(sample.metadata, dict) else None
         if msg:

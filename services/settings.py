@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     # A shard started this many times without finishing is marked failed (a poisoned shard must not loop).
     max_redeliveries: int = Field(default=3, ge=1, le=50)
     # Seconds Redis waits for an ack before redelivering an unacked task; must exceed the longest shard.
-    visibility_timeout: int = Field(default=3600, ge=10)
+    visibility_timeout: int = Field(default=3600, ge=2)
+    # Seconds between the worker's sweeps that give unacked messages of dead workers back to the queue (once
+    # older than visibility_timeout). Kombu's default sweep is ~100 s apart.
+    restore_interval: int = Field(default=30, ge=1)
     # Worker heartbeat period (seconds) written to worker_heartbeats.
     heartbeat_interval: float = Field(default=10.0, gt=0)
     # Dataset limits enforced on submission.

@@ -103,9 +103,10 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server on a free port (restartable, for the fault tests)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -117,7 +118,8 @@ class RedisServer:
         if exe is None:
             pytest.skip("redis-server not installed")
         self.proc = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -139,9 +141,90 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
+    """A private, persistent (AOF) Redis, as a Celery broker should be deployed (a restart keeps the queue)."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", appendonly=True)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+class WorkerProcess:
+    """A real `tad worker` (Celery prefork) subprocess in its own process group, logging to a file."""
+
+    def __init__(self, env: dict[str, str], name: str, log_dir: Path, concurrency: int = 1) -> None:
+        import sys
+
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._fh = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "worker", "--concurrency", str(concurrency), "--name",
+             f"{name}@%h", "--loglevel", "INFO"],
+            env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parents[2]))
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and its pool children), like a machine dying."""
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._fh.close()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture
+def service(pg_url: str, redis_server: RedisServer, tiny_model_dir: Path, tiny_lora_dir: Path,
+            tmp_path: Path) -> Iterator[dict]:
+    """Postgres at head + private Redis + an environment for `tad worker` subprocesses and test-side Settings."""
+    from services.db.schema import upgrade
+    from services.settings import Settings
+
+    upgrade(pg_url)
+    roots = [tiny_model_dir.parent.parent, tmp_path]
+    env = {
+        **os.environ,
+        "TAD_DATABASE_URL": pg_url,
+        "TAD_BROKER_URL": redis_server.url,
+        "TAD_QUEUE": f"tadtest-{secrets.token_hex(4)}",
+        "TAD_MODEL_ROOTS": os.pathsep.join(str(r) for r in roots),
+        "TAD_VISIBILITY_TIMEOUT": "8",
+        "TAD_RESTORE_INTERVAL": "1",
+        "TAD_MAX_REDELIVERIES": "3",
+        "TAD_ENABLE_TEST_FAULTS": "1",
+        "TAD_TEST_BATCH_DELAY": "0.3",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    settings = Settings(database_url=pg_url, broker_url=redis_server.url, queue=env["TAD_QUEUE"], model_roots=roots,
+                        visibility_timeout=8, restore_interval=1, max_redeliveries=3)
+    workers: list[WorkerProcess] = []
+
+    def start_worker(name: str, **extra_env: str) -> WorkerProcess:
+        w = WorkerProcess({**env, **extra_env}, name, tmp_path)
+        workers.append(w)
+        return w
+
+    try:
+        yield {"env": env, "settings": settings, "start_worker": start_worker, "redis": redis_server,
+               "model": tiny_model_dir, "lora": tiny_lora_dir, "tmp": tmp_path, "workers": workers}
+    finally:
+        for w in workers:
+            w.stop()
