@@ -1,0 +1,203 @@
+"""The paired engine on a tiny random Llama: paths agree, generation matches transformers, MC matches a forward."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tad_core.engine import PairedRunner, left_pad, positions_from_mask
+from tad_core.evaluate import EvalConfig, evaluate, evaluate_batch, generate
+from tad_core.generation import GenConfig, answers_match, extract_answer, generate_texts
+from tad_core.models import ModelLoadError, load_pair
+from tad_core.samples import Sample
+from tad_core.scoring import _encode, score_mc
+from tad_core.strategies import StrategySpec, build, parse_strategy_arg
+
+PROMPTS = ["Hello there, how are", "The capital of France is a city called", "1+1="]
+SAMPLES = [
+    Sample("a", "Question: what is the sky color?\nAnswer:", ("blue", "green light", "red"), answer=0),
+    Sample("b", "Hi", ("x y z w", "q"), answer=1),
+    Sample("w", choice_prompts=("Sarah was better than Maria so Sarah", "Sarah was better so Maria"),
+           continuation="always got the easy cases.", answer=0),
+]
+ALL = parse_strategy_arg("ft") + parse_strategy_arg("base") + parse_strategy_arg("tad:alpha=0,1") + \
+    parse_strategy_arg("tad_log") + parse_strategy_arg("contrastive")
+
+
+def _last_logits(pair, runner_kwargs, ids, mask):
+    runner = PairedRunner(pair, **runner_kwargs)
+    with torch.no_grad():
+        return runner.forward(ids, mask, positions_from_mask(mask), logits_to_keep=0)
+
+
+def test_mixed_batch_equals_two_passes(tiny_pair):
+    assert tiny_pair.path == "mixed"
+    tok = tiny_pair.tokenizer
+    ids, mask = left_pad([tok(p)["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    z_b, z_f = _last_logits(tiny_pair, {"need_ft": [True] * 3, "need_base": [True] * 3}, ids, mask)
+    with torch.no_grad():
+        ft = tiny_pair.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        with tiny_pair.model.disable_adapter():
+            base = tiny_pair.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    real = mask.bool()
+    assert torch.allclose(z_f[real], ft[real], atol=1e-4)
+    assert torch.allclose(z_b[real], base[real], atol=1e-4)
+    assert not torch.allclose(z_f[real], z_b[real], atol=1e-2)  # the adapter does change the logits
+
+
+@pytest.mark.parametrize("adapter", ["tiny_lora_dir", "tiny_prefix_dir", "tiny_ia3_dir"])
+def test_greedy_ft_and_base_match_transformers_generate(request, tiny_model_dir, adapter):
+    pair = load_pair(str(tiny_model_dir), adapter=request.getfixturevalue(adapter))
+    strategies = [build(StrategySpec("ft")), build(StrategySpec("base")), build(StrategySpec("tad"))]
+    out = generate_texts(pair, PROMPTS, strategies, GenConfig(max_new_tokens=10))
+    tok = pair.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert len(set(enc["attention_mask"].sum(-1).tolist())) > 1  # prompts of unequal length
+    with torch.no_grad():
+        hf_ft = pair.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+        with pair.model.disable_adapter():
+            hf_base = pair.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    width = enc["input_ids"].shape[1]
+    for i in range(len(PROMPTS)):
+        for j, ref in ((0, hf_ft), (1, hf_base)):
+            mine = out[i][j].token_ids
+            assert mine == ref[i, width: width + len(mine)].tolist()
+            assert len(mine) == 10 or out[i][j].finish_reason == "eos"
+    assert pair.path == ("two_pass" if adapter != "tiny_lora_dir" else "mixed")
+
+
+def test_mc_ft_scores_equal_plain_forward(tiny_pair):
+    res = score_mc(tiny_pair, SAMPLES, [build(s) for s in ALL])
+    tok = tiny_pair.tokenizer
+    for sample, r in zip(SAMPLES, res):
+        for ci, (ctx, cont) in enumerate(sample.contexts_and_continuations()):
+            c, k = _encode(tok, ctx, cont)
+            with torch.no_grad():
+                ids = torch.tensor([c + k])
+                lp = torch.log_softmax(tiny_pair.model(input_ids=ids).logits.float(), -1)[0]
+                with tiny_pair.model.disable_adapter():
+                    lpb = torch.log_softmax(tiny_pair.model(input_ids=ids).logits.float(), -1)[0]
+            want = sum(lp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+            want_b = sum(lpb[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+            assert r.scores["ft"][ci] == pytest.approx(want, abs=1e-3)
+            assert r.scores["base"][ci] == pytest.approx(want_b, abs=1e-3)
+            assert r.scores["tad(alpha=0.0,beta=0.0)"][ci] == r.scores["ft"][ci]
+        assert r.kv["kl_mean"] > 0 and len(r.kv["promoted"]) == 5
+        assert 0.0 <= r.flip_rate["tad(alpha=1.0,beta=0.0)"] <= 1.0
+
+
+def test_mc_scores_do_not_depend_on_batch_composition(tiny_pair):
+    specs = [build(s) for s in ALL]
+    together = score_mc(tiny_pair, SAMPLES, specs)
+    for i, s in enumerate(SAMPLES):
+        alone = score_mc(tiny_pair, [s], specs)[0]
+        for key, vals in alone.scores.items():
+            assert vals == pytest.approx(together[i].scores[key], abs=1e-3, nan_ok=True)
+
+
+def test_evaluate_batch_outcomes(tiny_pair):
+    res = evaluate_batch(tiny_pair, SAMPLES, ALL, EvalConfig())
+    for sample, r in zip(SAMPLES, res):
+        assert set(r.outcomes) == {s.key for s in ALL}
+        ft = r.outcomes["ft"]
+        assert ft.correct == (ft.pred == sample.answer)
+        for o in r.outcomes.values():
+            assert len(o.scores) == sample.n_choices
+            expected = None if o.correct == ft.correct else ("fixed" if o.correct else "broken")
+            assert o.vs_ft == expected
+            import json
+            json.dumps(o.to_json(), allow_nan=False)  # -inf scores are stored as null
+
+
+def test_evaluate_report_and_generation_samples(tiny_pair):
+    gen = [Sample("g1", "2+2=", reference="4"), Sample("g2", "Say yes:", reference="yes", answer_pattern=r"(yes|no)")]
+    rep = evaluate(tiny_pair, SAMPLES + gen, ["ft", "tad:alpha=1"], EvalConfig(batch_size=2, max_new_tokens=5),
+                   progress=False)
+    assert len(rep.results) == 5
+    summary = {r.key: r for r in rep.summary()}
+    assert summary["ft"].acc.n == 5 and summary["tad(alpha=1.0,beta=0.0)"].vs_ft is not None
+    g = rep.results[3].outcomes["ft"]
+    assert g.output is not None and g.tokens <= 5
+    tad = rep.results[3].outcomes["tad(alpha=1.0,beta=0.0)"]
+    assert tad.kv["steps"] >= 1 and "per_step" in tad.kv and "promoted" in tad.kv["per_step"][0]
+    assert "strategy" in rep.table()
+
+
+def test_sampling_is_seeded(tiny_pair):
+    cfg = EvalConfig(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=8)
+    a = generate(tiny_pair, PROMPTS, "tad", cfg)
+    b = generate(tiny_pair, PROMPTS, "tad", cfg)
+    c = generate(tiny_pair, PROMPTS, "tad", EvalConfig(temperature=1.0, top_p=0.9, seed=8, max_new_tokens=8))
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_output(tiny_pair):
+    full = generate_texts(tiny_pair, PROMPTS[:1], [build(StrategySpec("ft"))], GenConfig(max_new_tokens=12))[0][0]
+    assert len(full.text) > 2
+    stop = full.text[2:4]
+    cut = generate_texts(tiny_pair, PROMPTS[:1], [build(StrategySpec("ft"))],
+                         GenConfig(max_new_tokens=12, stop=(stop,)))[0][0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+
+
+def test_full_finetuned_checkpoint_two_models(tmp_path, tiny_model_dir):
+    from tests.conftest import build_tiny_model
+
+    ft_dir = build_tiny_model(tmp_path / "ft", seed=5)
+    pair = load_pair(str(tiny_model_dir), finetuned=ft_dir)
+    assert pair.path == "two_models"
+    res = score_mc(pair, SAMPLES[:1], [build(StrategySpec("ft")), build(StrategySpec("base"))])[0]
+    assert res.scores["ft"] != res.scores["base"]
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_tokens(["<brand-new-token>"])
+    tok.save_pretrained(str(other))
+    with pytest.raises(ModelLoadError, match="different tokenizers"):
+        load_pair(str(tiny_model_dir), finetuned=other)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, tiny_lora_dir):
+    from tests.conftest import build_tiny_model
+
+    wide = tmp_path / "wide"
+    build_tiny_model(wide)
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(str(wide))
+    c = m.config
+    c.hidden_size, c.intermediate_size = 64, 128
+    LlamaForCausalLM(c).save_pretrained(str(wide))
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        load_pair(str(wide), adapter=tiny_lora_dir)
+
+
+def test_pickled_adapter_refused_unless_allowed(tmp_path, tiny_lora_dir, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    pkl = tmp_path / "pkl"
+    shutil.copytree(tiny_lora_dir, pkl)
+    torch.save(load_file(str(pkl / "adapter_model.safetensors")), pkl / "adapter_model.bin")
+    (pkl / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="pickled"):
+        load_pair(str(tiny_model_dir), adapter=pkl)
+    assert load_pair(str(tiny_model_dir), adapter=pkl, allow_pickle=True).path == "mixed"
+
+
+def test_hub_id_is_refused():
+    with pytest.raises(ModelLoadError, match="nothing is downloaded"):
+        load_pair("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_extract_answer():
+    assert extract_answer("so the answer is 1,234.", Sample("x", "q", reference="1234")) == "1234"
+    assert answers_match("1234", "1234.0")
+    mc = Sample("y", "q", ("red", "blue"), answer=1)
+    assert extract_answer("B) blue", mc) == "blue"
+    assert extract_answer("I think blue", mc) == "blue"
+    assert extract_answer("ans=7 end", Sample("z", "q", reference="7", answer_pattern=r"ans=(\d+)")) == "7"

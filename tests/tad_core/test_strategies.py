@@ -1,0 +1,131 @@
+"""Each strategy equals a direct transcription of its formula (STRATEGIES.md) on random logits."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tad_core.strategies import REGISTRY, StrategySpec, build, describe_strategies, parse_strategy_arg
+
+torch.manual_seed(0)
+V = 97
+ZB = torch.randn(6, V) * 3
+ZF = torch.randn(6, V) * 3
+
+
+def _head(zf: torch.Tensor, a: float) -> torch.Tensor:
+    p = torch.softmax(zf, -1)
+    return p >= a * p.max(-1, keepdim=True).values
+
+
+def _tad_ref(zb, zf, alpha, beta):
+    pf, pb = torch.softmax(zf.double(), -1), torch.softmax(zb.double(), -1)
+    q = (pf + alpha * (pf - pb)).clamp(min=0)
+    s = torch.log(q / q.sum(-1, keepdim=True))
+    if beta > 0:
+        s = s.masked_fill(~_head(zf.double(), beta), -math.inf)
+    return s
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (4.0, 0.0), (1.0, 0.1), (2.0, 0.5)])
+def test_tad_matches_formula(alpha, beta):
+    s = build(StrategySpec("tad", {"alpha": alpha, "beta": beta}))(ZB, ZF)
+    ref = _tad_ref(ZB, ZF, alpha, beta)
+    assert torch.equal(torch.isinf(s), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(s[fin].double(), ref[fin], atol=1e-4)
+    assert not torch.isnan(s).any()
+    assert (torch.isfinite(s).sum(-1) >= 1).all()  # at least one token survives clamping and masking
+    assert not torch.isposinf(s).any()
+
+
+def test_tad_alpha_zero_is_ft_exactly():
+    s = build(StrategySpec("tad", {"alpha": 0.0}))(ZB, ZF)
+    assert torch.equal(s, build(StrategySpec("ft"))(ZB, ZF))
+
+
+def test_tad_clamps_negative_mass():
+    # a token the fine-tuning demoted strongly gets negative p_f + alpha*kv: it must be excluded (-inf)
+    zb = torch.tensor([[5.0, 0.0, 0.0]])
+    zf = torch.tensor([[0.0, 5.0, 0.0]])
+    s = build(StrategySpec("tad", {"alpha": 1.0}))(zb, zf)
+    assert torch.isneginf(s[0, 0])
+    assert torch.isclose(torch.softmax(s, -1).sum(), torch.tensor(1.0))
+
+
+def test_ft_and_base():
+    assert torch.allclose(build(StrategySpec("ft"))(ZB, ZF), torch.log_softmax(ZF, -1))
+    assert torch.allclose(build(StrategySpec("base"))(ZB, ZF), torch.log_softmax(ZB, -1))
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.5, 0.1), (1.0, 0.0), (2.0, 0.3)])
+def test_tad_log_matches_formula(alpha, beta):
+    lpf, lpb = torch.log_softmax(ZF, -1), torch.log_softmax(ZB, -1)
+    ref = lpf + alpha * (lpf - lpb)
+    if beta > 0:
+        ref = ref.masked_fill(~_head(ZF, beta), -math.inf)
+    s = build(StrategySpec("tad_log", {"alpha": alpha, "beta": beta}))(ZB, ZF)
+    assert torch.equal(torch.isinf(s), torch.isinf(ref))
+    assert torch.allclose(s[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-5)
+
+
+@pytest.mark.parametrize("beta,tau", [(0.1, 1.0), (0.5, 0.5), (0.0, 2.0)])
+def test_contrastive_matches_formula(beta, tau):
+    lpf, lpb = torch.log_softmax(ZF, -1), torch.log_softmax(ZB, -1)
+    ref = lpf - lpb / tau
+    if beta > 0:
+        ref = ref.masked_fill(~_head(ZF, beta), -math.inf)
+    s = build(StrategySpec("contrastive", {"beta": beta, "tau": tau}))(ZB, ZF)
+    assert torch.equal(torch.isinf(s), torch.isinf(ref))
+    assert torch.allclose(s[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-5)
+
+
+def test_head_mask_keeps_argmax_even_at_beta_one():
+    s = build(StrategySpec("tad_log", {"beta": 1.0}))(ZB, ZF)
+    assert torch.equal(s.argmax(-1), ZF.argmax(-1))
+    assert (torch.isfinite(s).sum(-1) == 1).all()
+
+
+def test_no_in_place_edits():
+    zb, zf = ZB.clone(), ZF.clone()
+    for name in ("ft", "base", "tad", "tad_log", "contrastive"):
+        build(StrategySpec(name))(zb, zf)
+    assert torch.equal(zb, ZB) and torch.equal(zf, ZF)
+
+
+@pytest.mark.parametrize("spec,param", [
+    ({"name": "tad", "params": {"alpha": -1}}, "alpha"),
+    ({"name": "tad", "params": {"alpha": float("nan")}}, "alpha"),
+    ({"name": "tad", "params": {"alpha": "big"}}, "alpha"),
+    ({"name": "tad", "params": {"alpha": True}}, "alpha"),
+    ({"name": "tad", "params": {"beta": 1.5}}, "beta"),
+    ({"name": "contrastive", "params": {"tau": 0}}, "tau"),
+    ({"name": "tad", "params": {"gamma": 1}}, "gamma"),
+])
+def test_bad_parameters_name_the_parameter(spec, param):
+    with pytest.raises(ValueError, match=param):
+        StrategySpec.from_json(spec)
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        parse_strategy_arg("nope:alpha=1")
+
+
+def test_spec_json_round_trip():
+    spec = StrategySpec.from_json({"name": "tad", "params": {"alpha": 1}})
+    again = StrategySpec.from_json(json.loads(json.dumps(spec.to_json())))
+    assert again == spec and again.key == "tad(alpha=1.0,beta=0.0)"
+
+
+def test_parse_sweep_and_grid():
+    keys = [s.key for s in parse_strategy_arg("tad:alpha=0.5,1,2,beta=0,0.1")]
+    assert len(keys) == 6 and "tad(alpha=2.0,beta=0.1)" in keys
+    assert [s.key for s in parse_strategy_arg("ft")] == ["ft"]
+
+
+def test_every_registered_strategy_is_described():
+    names = {d["name"] for d in describe_strategies()}
+    assert names == set(REGISTRY) and {"ft", "base", "tad", "tad_log", "contrastive"} <= names
