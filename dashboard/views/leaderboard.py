@@ -1,0 +1,119 @@
+"""Leaderboard: rows = (base model, adapter:version, strategy with parameters), columns = datasets,
+cells = accuracy ± stderr (n); the best cell of each column is marked ★."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard.views.common import NO_RUNS
+from services.db.store import LeaderboardRow
+
+ROW_KEYS = ["base", "adapter", "strategy"]
+STAR = " ★"
+
+
+def long_frame(rows: Sequence[LeaderboardRow], metric: str = "acc") -> pd.DataFrame:
+    """One row per run: model, strategy, dataset and the metric's value / stderr / n (numbers, not text)."""
+    records = []
+    for r in rows:
+        value, se = (r.acc, r.acc_stderr) if metric == "acc" else (r.acc_norm, r.acc_norm_stderr)
+        adapter = r.adapter or "–"
+        records.append({
+            "base": r.base, "adapter": adapter, "family": adapter.split(":")[0] if r.adapter else "–",
+            "strategy": r.key, "strategy_name": r.strategy, "dataset": f"{r.dataset}:{r.split}",
+            "value": value, "stderr": se, "n": r.n, "job_id": r.job_id, "run_id": r.run_id,
+            "job_status": r.job_status})
+    cols = ["base", "adapter", "family", "strategy", "strategy_name", "dataset", "value", "stderr", "n", "job_id",
+            "run_id", "job_status"]
+    return pd.DataFrame.from_records(records, columns=cols)
+
+
+def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the newest job's run for each (model, strategy, dataset) cell."""
+    return df.sort_values("job_id", ascending=False).drop_duplicates(ROW_KEYS + ["dataset"], keep="first")
+
+
+def cell_text(value: float | None, se: float | None, n: int) -> str:
+    if value is None or pd.isna(value):
+        return f"– (n={n})"
+    se_text = f" ± {se:.4f}" if se is not None and not pd.isna(se) else ""
+    return f"{value:.4f}{se_text} (n={n})"
+
+
+def wide_table(df: pd.DataFrame, sort_by: str | None = None) -> tuple[pd.DataFrame, dict[str, list[int]]]:
+    """The leaderboard table (text cells, best per column marked) and, per dataset, the row positions of its
+    best cells (for highlighting). `sort_by`: a dataset column or "mean" (descending), else model order."""
+    datasets = sorted(df["dataset"].unique())
+    values = df.set_index(ROW_KEYS + ["dataset"])["value"].astype(float).unstack("dataset")
+    values = values.reindex(columns=datasets)
+    values["mean"] = values[datasets].mean(axis=1)
+    key = sort_by if sort_by in values.columns else None
+    values = values.sort_values(key, ascending=False, na_position="last") if key else values.sort_index()
+    text = pd.DataFrame(index=values.index)
+    by_cell = {(row.base, row.adapter, row.strategy, row.dataset): row for row in df.itertuples()}
+    best: dict[str, list[int]] = {}
+    for ds in datasets:
+        col = values[ds]
+        top = col.max()
+        best[ds] = [i for i, v in enumerate(col) if pd.notna(v) and v == top]
+        cells = []
+        for i, idx in enumerate(values.index):
+            row = by_cell.get((*idx, ds))
+            if row is None:
+                cells.append("")
+                continue
+            cells.append(cell_text(row.value, row.stderr, row.n) + (STAR if i in best[ds] else ""))
+        text[ds] = cells
+    text["mean"] = [f"{v:.4f}" if pd.notna(v) else "" for v in values["mean"]]
+    return text.reset_index(), best
+
+
+def render() -> None:
+    st.title("Leaderboard")
+    url = data.database_url()
+    rows = data.leaderboard(url)
+    if not rows:
+        st.info(NO_RUNS, icon=":material/hourglass_empty:")
+        return
+    metric = st.radio("Metric", ["acc", "acc_norm"], horizontal=True, key="lb_metric",
+                      help="acc: argmax of summed log-likelihood; acc_norm: per continuation character "
+                           "(multiple choice only)")
+    df = long_frame(rows, metric)
+    c1, c2, c3, c4 = st.columns(4)
+    pick_ds = c1.multiselect("Datasets", sorted(df["dataset"].unique()), key="lb_ds", placeholder="all")
+    pick_base = c2.multiselect("Base models", sorted(df["base"].unique()), key="lb_base", placeholder="all")
+    pick_family = c3.multiselect("Adapter families", sorted(df["family"].unique()), key="lb_family",
+                                 placeholder="all")
+    pick_strat = c4.multiselect("Strategies", sorted(df["strategy_name"].unique()), key="lb_strat",
+                                placeholder="all")
+    statuses = sorted(df["job_status"].unique())
+    pick_status = st.multiselect("Job status", statuses, default=[s for s in statuses if s in
+                                                                  ("done", "partial", "running")] or statuses,
+                                 key="lb_status")
+    for col, picked in (("dataset", pick_ds), ("base", pick_base), ("family", pick_family),
+                        ("strategy_name", pick_strat), ("job_status", pick_status)):
+        if picked:
+            df = df[df[col].isin(picked)]
+    df = latest_per_cell(df)
+    if df.empty:
+        st.warning("No runs match these filters.")
+        return
+    sort_options = ["model", "mean", *sorted(df["dataset"].unique())]
+    sort_by = st.selectbox("Sort rows by", sort_options, index=1, key="lb_sort",
+                           help="the table is also sortable by clicking a column header")
+    table, best = wide_table(df, sort_by)
+
+    def _highlight(col: pd.Series) -> list[str]:
+        marks = set(best.get(str(col.name), []))
+        return ["font-weight: bold; background-color: rgba(33, 195, 84, 0.18)" if i in marks else ""
+                for i in range(len(col))]
+
+    st.caption(f"{metric} ± stderr (n) of the newest run per cell; ★ = best in the column. "
+               f"{len(df)} runs, {df['job_id'].nunique()} jobs.")
+    st.dataframe(table.style.apply(_highlight, axis=0), hide_index=True, width="stretch")
+    export = df.drop(columns=["strategy_name"]).rename(columns={"value": metric, "stderr": f"{metric}_stderr"})
+    st.download_button("Download CSV", export.to_csv(index=False).encode(), file_name="tad_leaderboard.csv",
+                       mime="text/csv", icon=":material/download:")
