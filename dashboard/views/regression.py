@@ -1,0 +1,154 @@
+"""Regressions: per adapter family, accuracy of each version over time for each dataset and strategy, each version
+compared on the same samples with a baseline version (the promoted one, or the previous version): difference with
+a paired-bootstrap CI and the exact McNemar p-value (tad_core.metrics.mcnemar); significant drops are flagged.
+
+Built from the stored runs (runs of different versions of one family on the same dataset and strategy), so it
+reads the same data a `tad regress` gate would.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard.views.common import as_utc
+from services.db.views import PairedOutcome, RunRow
+from tad_core.metrics import mcnemar
+
+
+@dataclass(frozen=True)
+class Verdict:
+    dataset: str
+    strategy: str
+    version: int
+    baseline: int | None
+    acc: float | None
+    stderr: float | None
+    n: int
+    diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    verdict: str  # baseline | improved | unchanged | regressed | no baseline | no overlap
+    run_id: int
+    baseline_run_id: int | None
+
+
+def latest_per_version(rows: Sequence[RunRow]) -> dict[tuple[int, str], dict[int, RunRow]]:
+    """(dataset id, strategy key) -> {version: newest finished run of that version}."""
+    out: dict[tuple[int, str], dict[int, RunRow]] = {}
+    for r in rows:  # newest job first
+        if r.adapter_version is None or r.n == 0 or r.acc is None:
+            continue
+        out.setdefault((r.dataset_id, r.key), {}).setdefault(r.adapter_version, r)
+    return out
+
+
+def verdicts(rows: Sequence[RunRow], paired: Callable[[int, int], Sequence[PairedOutcome]], *,
+             against: str = "promoted", promoted: int | None = None, alpha: float = 0.05,
+             min_effect: float = 0.0) -> list[Verdict]:
+    """Every version of every (dataset, strategy) against its baseline: `promoted` (the promoted version, for all
+    others) or `previous` (the next lower version that has a run)."""
+    out = []
+    for (_, key), by_version in latest_per_version(rows).items():
+        versions = sorted(by_version)
+        for v in versions:
+            run = by_version[v]
+            if against == "promoted":
+                base_v = promoted if promoted in by_version and promoted != v else None
+            else:
+                lower = [u for u in versions if u < v]
+                base_v = lower[-1] if lower else None
+            common = dict(dataset=run.dataset_label, strategy=key, version=v, acc=run.acc, stderr=run.acc_stderr,
+                          n=run.n, run_id=run.run_id)
+            if base_v is None:
+                label = "baseline" if (against == "promoted" and v == promoted) or \
+                    (against == "previous" and v == versions[0]) else "no baseline"
+                out.append(Verdict(**common, baseline=None, diff=None, ci_low=None, ci_high=None, p_value=None,
+                                   verdict=label, baseline_run_id=None))
+                continue
+            base_run = by_version[base_v]
+            pairs = paired(base_run.run_id, run.run_id)
+            if not pairs:
+                out.append(Verdict(**common, baseline=base_v, diff=None, ci_low=None, ci_high=None, p_value=None,
+                                   verdict="no overlap", baseline_run_id=base_run.run_id))
+                continue
+            res = mcnemar([p.a_correct for p in pairs], [p.b_correct for p in pairs])
+            significant = res.p_value < alpha and abs(res.diff) >= min_effect
+            label = "unchanged" if not significant else ("improved" if res.diff > 0 else "regressed")
+            out.append(Verdict(**common, baseline=base_v, diff=res.diff, ci_low=res.diff_ci_low,
+                               ci_high=res.diff_ci_high, p_value=res.p_value, verdict=label,
+                               baseline_run_id=base_run.run_id))
+    return sorted(out, key=lambda x: (x.dataset, x.strategy, x.version))
+
+
+def render() -> None:
+    st.title("Regressions")
+    url = data.database_url()
+    adapters = data.adapters(url)
+    if not adapters:
+        st.info("No registered adapters yet: register one with `tad adapters register NAME DIR`, or submit a job "
+                "with `--adapter DIR` (it is registered on submission).")
+        return
+    families = list(dict.fromkeys(a.name for a in adapters))
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    family = c1.selectbox("Adapter family", families, key="rg_family")
+    versions = [a for a in adapters if a.name == family]
+    promoted = next((a.version for a in versions if a.promoted), None)
+    options = ["promoted", "previous"] if promoted is not None else ["previous"]
+    against = c2.radio("Compare each version with", options, horizontal=True, key="rg_against",
+                       format_func={"promoted": f"promoted version (v{promoted})",
+                                    "previous": "previous version"}.__getitem__)
+    alpha = c3.number_input("significance", 0.001, 0.5, 0.05, step=0.01, format="%.3f", key="rg_alpha")
+    min_effect = c4.number_input("min effect", 0.0, 1.0, 0.0, step=0.01, key="rg_min_effect",
+                                 help="smallest |acc difference| that counts as a change")
+    st.dataframe(pd.DataFrame.from_records([{
+        "version": a.version, "promoted": "★" if a.promoted else "", "registered": as_utc(a.created_at),
+        "method": a.method, "sha256": a.sha256[:12], "base model": a.base_model, "path": a.path,
+        "manifest": ", ".join(f"{k}={v}" for k, v in list(a.manifest.items())[:4])} for a in versions]),
+        hide_index=True, width="stretch")
+    rows = data.runs(url, adapter_name=family)
+    if not rows:
+        st.info(f"No runs of {family} yet: evaluate its versions on the same dataset and strategies, e.g. "
+                f"`tad run --adapter {family}:latest --dataset ... --strategy ft`.")
+        return
+    found = verdicts(rows, lambda a, b: data.paired(url, a, b), against=against, promoted=promoted,
+                     alpha=float(alpha), min_effect=float(min_effect))
+    created = {a.version: as_utc(a.created_at) for a in versions}
+    df = pd.DataFrame.from_records([{**v.__dict__, "registered": created.get(v.version)} for v in found])
+    df["baseline"] = df["baseline"].astype("Int64")
+    regressed = df[df["verdict"] == "regressed"]
+    if regressed.empty:
+        st.success(f"No regression at significance {alpha:g} (min effect {min_effect:g}).",
+                   icon=":material/check_circle:")
+    else:
+        st.error(f"{len(regressed)} regression(s): " + "; ".join(
+            f"v{r.version} vs v{r.baseline} on {r.dataset} / {r.strategy}: {r.diff:+.4f} (p={r.p_value:.3g})"
+            for r in regressed.itertuples()), icon=":material/trending_down:")
+    for dataset in sorted(df["dataset"].unique()):
+        sub = df[df["dataset"] == dataset].copy()
+        sub["label"] = "v" + sub["version"].astype(str)
+        sub["flag"] = sub["verdict"].where(sub["verdict"].isin(["regressed", "improved"]), "")
+        st.subheader(dataset)
+        x = alt.X("registered:T", title="adapter version registered")
+        base = alt.Chart(sub).encode(x=x, y=alt.Y("acc:Q", title="acc", scale=alt.Scale(zero=False)),
+                                     color=alt.Color("strategy:N"))
+        band = alt.Chart(sub.assign(low=sub["acc"] - sub["stderr"].fillna(0), high=sub["acc"] + sub["stderr"].fillna(0))
+                         ).mark_errorbar().encode(x=x, y="low:Q", y2="high:Q", color="strategy:N")
+        line = base.mark_line(point=True).encode(tooltip=["strategy", "label", alt.Tooltip("acc:Q", format=".4f"),
+                                                          "verdict", alt.Tooltip("p_value:Q", format=".3g")])
+        flags = alt.Chart(sub[sub["flag"] != ""]).mark_point(size=220, shape="triangle-down", filled=True).encode(
+            x=x, y="acc:Q", color=alt.Color("flag:N", scale=alt.Scale(domain=["regressed", "improved"],
+                                                                      range=["#ff2b2b", "#21c354"]),
+                                            title="verdict"))
+        text = base.mark_text(dy=-10).encode(text="label:N")
+        st.altair_chart(alt.layer(band, line, flags, text).resolve_scale(color="independent").properties(height=300),
+                        width="stretch")
+        st.dataframe(sub[["strategy", "version", "baseline", "acc", "stderr", "n", "diff", "ci_low", "ci_high",
+                          "p_value", "verdict"]], hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.4f")
+                                    for c in ("acc", "stderr", "diff", "ci_low", "ci_high")})
