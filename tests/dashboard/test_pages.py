@@ -1,0 +1,372 @@
+"""Each dashboard page through streamlit's AppTest, on a database seeded by the real store functions: the app's
+database gate (missing / empty / unreachable) and what each page renders, checked against numbers computed here
+independently (tad_core.metrics.mcnemar on the seed's correctness patterns)."""
+from __future__ import annotations
+
+import math
+import socket
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.dashboard.conftest import CORRECT, N_MC, Seed
+
+TAD1 = "tad(alpha=1.0,beta=0.0)"
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def _texts(at) -> str:  # noqa: ANN001
+    parts = []
+    for kind in ("markdown", "caption", "info", "error", "warning", "success", "title", "subheader"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Database gate and empty states
+
+
+def test_missing_database_says_to_upgrade_and_creates_nothing(app_on, tmp_path: Path) -> None:
+    db = tmp_path / "nothing" / "tad.db"
+    at = app_on(f"sqlite:///{db}")
+    assert "No results database yet" in at.info[0].value and "tad db upgrade" in at.info[0].value
+    assert not db.exists() and not db.parent.exists()
+
+
+def test_database_without_schema(app_on, tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    sqlite3.connect(db).close()
+    at = app_on(f"sqlite:///{db}")
+    assert "has no schema yet: run `tad db upgrade`" in at.info[0].value
+
+
+def test_unreachable_database_is_a_readable_error_without_the_password(app_on) -> None:
+    at = app_on(f"postgresql+psycopg://tad:s3cretpw@127.0.0.1:{_free_port()}/tad")
+    assert len(at.error) == 1
+    msg = at.error[0].value
+    assert "Cannot reach the results database" in msg and "TAD_DATABASE_URL" in msg
+    assert "s3cretpw" not in _texts(at)
+
+
+@pytest.mark.parametrize("page", ["leaderboard", "compare", "sweep", "knowledge"])
+def test_no_runs_yet(app_on, tmp_path: Path, page: str) -> None:
+    from services.db.schema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    at = app_on(url, page)
+    assert "No runs yet" in at.info[0].value and "make demo" in at.info[0].value
+
+
+def test_empty_jobs_and_regression_pages(app_on, tmp_path: Path) -> None:
+    from services.db.schema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    assert "No jobs yet" in app_on(url, "jobs").info[0].value
+    assert "No registered adapters yet" in app_on(url, "regression").info[0].value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pages on the seeded database
+
+
+def test_leaderboard_cells_best_marks_and_filters(app_on, seeded: Seed) -> None:
+    at = app_on(seeded.url)
+    assert at.title[0].value == "Leaderboard"
+    table = at.dataframe[0].value.set_index(["base", "adapter", "strategy"])
+    assert list(table.columns) == ["toy-gen:val", "toy-live:val", "toy-mc:val", "mean"]
+    for v in (1, 2):
+        for key in ("ft", TAD1, "tad_log(alpha=0.5,beta=0.1)"):
+            p = sum(CORRECT[(v, key)](i) for i in range(N_MC)) / N_MC
+            cell = table.loc[("tiny-base", f"qa-lora:{v}", key), "toy-mc:val"]
+            assert cell.startswith(f"{p:.4f} ± {_se(p, N_MC):.4f} (n={N_MC})"), cell
+    # best of toy-mc is 0.7 (tad alpha=1 of both versions): both marked, nothing else
+    starred = [idx for idx, cell in table["toy-mc:val"].items() if str(cell).endswith("★")]
+    assert sorted(starred) == [("tiny-base", "qa-lora:1", TAD1), ("tiny-base", "qa-lora:2", TAD1)]
+    assert table.loc[("tiny-base", "qa-lora:1", TAD1), "toy-gen:val"] == f"0.6667 ± {_se(4 / 6, 6):.4f} (n=6) ★"
+    # sorted by mean accuracy, descending
+    means = [float(m) for m in at.dataframe[0].value["mean"]]
+    assert means == sorted(means, reverse=True)
+
+    at.multiselect(key="lb_strat").set_value(["ft"]).run()
+    at.multiselect(key="lb_ds").set_value(["toy-mc:val"]).run()
+    table = at.dataframe[0].value
+    assert sorted(table["strategy"]) == ["ft", "ft"] and list(table.columns)[-2:] == ["toy-mc:val", "mean"]
+    assert table.iloc[0]["toy-mc:val"].startswith("0.5000") and table.iloc[0]["toy-mc:val"].endswith("★")
+    assert at.get("download_button")
+
+    at.multiselect(key="lb_family").set_value(["–"]).run()
+    assert "No runs match these filters." in at.warning[0].value
+
+
+def test_leaderboard_csv_export(seeded: Seed) -> None:
+    from dashboard.views.leaderboard import latest_per_cell, long_frame
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(seeded.url)
+    with session_scope(engine) as s:
+        rows = store.leaderboard(s, limit=10_000)
+    engine.dispose()
+    df = latest_per_cell(long_frame(rows))
+    row = df[(df.adapter == "qa-lora:2") & (df.strategy == "ft") & (df.dataset == "toy-mc:val")].iloc[0]
+    assert row.value == pytest.approx(0.1) and row.n == N_MC and row.run_id == seeded.runs[("toy-mc", 2, "ft")]
+
+
+def test_comparison_shows_mcnemar_contingency_and_changed_samples(app_on, seeded: Seed) -> None:
+    from tad_core.metrics import mcnemar
+
+    at = app_on(seeded.url, "compare")
+    at.selectbox(key="cmp_dataset").set_value(seeded.datasets["toy-mc"]).run()
+    at.selectbox(key="cmp_a").set_value(seeded.runs[("toy-mc", 1, "ft")]).run()
+    at.selectbox(key="cmp_b").set_value(seeded.runs[("toy-mc", 1, TAD1)]).run()
+    a = [CORRECT[(1, "ft")](i) for i in range(N_MC)]
+    b = [CORRECT[(1, TAD1)](i) for i in range(N_MC)]
+    want = mcnemar(a, b)
+    assert (want.fixed, want.broken) == (7, 3)
+    text = _texts(at)
+    assert f"**McNemar p** = {want.p_value:.4g}" in text
+    assert f"**Difference** {want.diff:+.4f}, 95% CI [{want.diff_ci_low:+.4f}, {want.diff_ci_high:+.4f}]" in text
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["McNemar p"] == f"{want.p_value:.4g}" and metrics["acc B − A"] == f"{want.diff:+.4f}"
+    assert metrics["acc A"] == "0.5000" and metrics["acc B"] == "0.7000"
+    table = at.table[0].value
+    assert table.loc["A right", "B right"] == want.both_right and table.loc["A wrong", "B right"] == want.fixed
+    assert table.loc["A right", "B wrong"] == want.broken and table.loc["A wrong", "B wrong"] == want.both_wrong
+
+    changed = at.dataframe[0].value
+    assert sorted(changed["sample"]) == [1, 3, 5, 7, 9, 11, 13, 14, 16, 18]
+    at.radio(key="cmp_filter").set_value("fixed (A wrong, B right)").run()
+    fixed = at.dataframe[0].value
+    assert list(fixed["sample"]) == [1, 3, 5, 7, 9, 11, 13] and set(fixed["change"]) == {"fixed"}
+    row = fixed.iloc[0]  # sample 1: gold answer 1 ("green"); ft picked (1 + 1) % 3 = 2, tad the gold one
+    assert row["prompt"] == "Question 1: which colour is item 1? Answer:"
+    assert row["gold"] == "1: green" and row["B answer"] == "1: green" and row["A answer"] == "2: blue"
+    at.radio(key="cmp_filter").set_value("broken (A right, B wrong)").run()
+    assert list(at.dataframe[0].value["sample"]) == [14, 16, 18]
+
+
+def test_alpha_sweep_points_and_ft_line(app_on, seeded: Seed) -> None:
+    at = app_on(seeded.url, "sweep")
+    at.selectbox(key="sw_dataset").set_value(seeded.datasets["toy-mc"]).run()
+    at.selectbox(key="sw_model").set_value("tiny-base + qa-lora:1").run()
+    df = at.dataframe[0].value
+    tad = df[df.series == "tad (beta=0.0)"]
+    assert list(tad.alpha) == [0.5, 1.0, 2.0]
+    assert list(tad.acc.round(4)) == [0.6, 0.7, 0.6]
+    assert list(tad.stderr.round(6)) == [round(_se(p, N_MC), 6) for p in (0.6, 0.7, 0.6)]
+    assert list(df[df.series == "tad_log (beta=0.1)"].acc.round(4)) == [0.65]
+    caption = _texts(at)
+    assert f"ft = 0.5000 (run {seeded.runs[('toy-mc', 1, 'ft')]})" in caption
+    assert "Best: tad (beta=0.0) at alpha=1 (0.7000)" in caption
+    assert at.get("vega_lite_chart")
+
+
+def test_knowledge_vector_distributions_and_token_view(app_on, seeded: Seed) -> None:
+    at = app_on(seeded.url, "knowledge")
+    at.selectbox(key="kv_dataset").set_value(seeded.datasets["toy-gen"]).run()
+    at.selectbox(key="kv_run").set_value(seeded.runs[("toy-gen", 1, TAD1)]).run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {"mean kl_mean": "0.2500", "mean kv_l1_mean": "0.5000", "mean flip_rate": "0.2500"}
+    assert len(at.get("vega_lite_chart")) == 3
+    at.selectbox(key="kv_sample").set_value(3).run()
+    html = at.get("html")[0].value
+    assert html.count("<span") == 4 and "⟨100⟩" in html and "⟨103⟩" in html
+    at.slider(key="kv_step").set_value(2).run()
+    promoted, demoted = at.dataframe[0].value, at.dataframe[1].value
+    assert list(promoted["token"]) == ["'up2a'", "'up2b'"] and list(demoted["id"]) == [302, 312]
+    assert "**Step 2**" in _texts(at) and "KL 0.33" in _texts(at)  # 0.1 * 3 + 0.01 * sample 3
+    at.radio(key="kv_by").set_value("flip").run()
+    html = at.get("html")[0].value
+    assert html.count("rgba(255, 75, 75, 0.88)") == 1  # only step 1 flipped
+
+    # multiple choice: one vector per sample, its top tokens
+    at.selectbox(key="kv_dataset").set_value(seeded.datasets["toy-mc"]).run()
+    assert "No per-step statistics" in at.info[0].value
+    assert list(at.dataframe[0].value["token"]) == ["'Paris'"]
+
+
+def test_live_jobs_progress_heartbeats_and_errors(app_on, seeded: Seed) -> None:
+    at = app_on(seeded.url, "jobs")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["running"] == "1" and metrics["failed"] == "1" and metrics["done"] == "3"
+    assert at.get("progress")[0].value == 20  # 5 of 24 samples stored (percent)
+    jobs = at.dataframe[0].value.set_index("job")
+    running = jobs.loc[seeded.jobs["running"]]
+    assert running["samples"] == "5/24" and running["progress"] == pytest.approx(5 / 24)
+    assert running["shards"] == "0 done, 1 running, 0 failed / 3"
+    assert f"job {seeded.jobs['failed']} (failed): could not load the adapter: boom" in at.error[0].value
+    workers = at.dataframe[1].value
+    assert list(workers["worker"]) == ["gpu-1:4242"] and list(workers["state"]) == ["alive"]
+    assert "refreshing every 2 s while jobs run" in _texts(at)
+    at.selectbox(key="jobs_detail").set_value(seeded.jobs["running"]).run()
+    shards = at.dataframe[2].value
+    assert list(shards["status"]) == ["running", "queued", "queued"] and shards.iloc[0]["done"] == "5/8"
+
+
+def test_regression_view_flags_the_worse_version(app_on, seeded: Seed) -> None:
+    from tad_core.metrics import mcnemar
+
+    at = app_on(seeded.url, "regression")
+    want = mcnemar([CORRECT[(1, "ft")](i) for i in range(N_MC)], [CORRECT[(2, "ft")](i) for i in range(N_MC)])
+    assert want.broken == 8 and want.fixed == 0
+    assert f"v2 vs v1 on toy-mc:val / ft: {want.diff:+.4f} (p={want.p_value:.3g})" in at.error[0].value
+    versions = at.dataframe[0].value
+    assert list(versions["version"]) == [1, 2] and list(versions["promoted"]) == ["★", ""]
+    mc = next(d.value for d in at.dataframe if "verdict" in d.value.columns and len(d.value) == 10)
+    v2 = mc[mc.version == 2].set_index("strategy")
+    assert v2.loc["ft", "verdict"] == "regressed" and v2.loc["ft", "p_value"] == pytest.approx(want.p_value)
+    assert (v2.drop(index="ft")["verdict"] == "unchanged").all()
+    assert set(mc[mc.version == 1]["verdict"]) == {"baseline"}
+    at.number_input(key="rg_alpha").set_value(0.005).run()
+    assert "No regression at significance 0.005" in at.success[0].value
+    at.radio(key="rg_against").set_value("previous").run()
+    at.number_input(key="rg_alpha").set_value(0.05).run()
+    assert "v2 vs v1 on toy-mc:val / ft" in at.error[0].value
+
+
+def test_regression_verdicts_previous_version_and_min_effect(seeded: Seed) -> None:
+    from dashboard.views.regression import verdicts
+    from services.db import views
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(seeded.url)
+    with session_scope(engine) as s:
+        rows = views.list_runs(s, adapter_name="qa-lora")
+        paired = {(a.run_id, b.run_id): views.paired_outcomes(s, a.run_id, b.run_id) for a in rows for b in rows}
+    engine.dispose()
+    found = verdicts(rows, lambda a, b: paired[(a, b)], against="previous", alpha=0.05, min_effect=0.5)
+    ft2 = next(v for v in found if v.dataset == "toy-mc:val" and v.strategy == "ft" and v.version == 2)
+    assert ft2.verdict == "unchanged" and ft2.diff == pytest.approx(-0.4)  # significant, but below the min effect
+    assert next(v for v in found if v.strategy == "ft" and v.version == 1 and v.dataset == "toy-mc:val").verdict \
+        == "baseline"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submission
+
+
+def _jobs_count(url: str) -> int:
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        n = len(store.list_jobs(s, limit=1000))
+    engine.dispose()
+    return n
+
+
+@pytest.fixture
+def fresh_url(tmp_path: Path) -> str:
+    from services.db.schema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    return url
+
+
+def _mc_jsonl(path: Path, n: int = 6) -> Path:
+    import json
+
+    from tests.dashboard.conftest import mc_sample
+
+    path.write_text("".join(json.dumps(mc_sample(i)) + "\n" for i in range(n)))
+    return path
+
+
+def _submit_button(at):  # noqa: ANN001, ANN202
+    return next(b for b in at.button if b.label == "Submit")
+
+
+def test_submit_rejects_bad_strategy_and_stores_nothing(app_on, fresh_url: str, tmp_path: Path) -> None:
+    data = _mc_jsonl(tmp_path / "toy.jsonl")
+    at = app_on(fresh_url, "submit")
+    at.radio(key="sub_source").set_value("server file")
+    at.text_input(key="sub_path").set_value(str(data))
+    at.text_area(key="sub_strategies").set_value("ft\nwarp:speed=9\ntad:alpha=-1")
+    _submit_button(at).click().run()
+    msg = at.error[0].value
+    assert msg.startswith("Submission rejected, nothing was stored")
+    assert "unknown strategy 'warp'" in msg and "alpha" in msg
+    assert _jobs_count(fresh_url) == 0
+
+
+def test_submit_requires_the_token_when_configured(app_on, fresh_url: str, tmp_path: Path) -> None:
+    data = _mc_jsonl(tmp_path / "toy.jsonl")
+    at = app_on(fresh_url, "submit", TAD_SUBMIT_TOKEN="right-token")
+    at.radio(key="sub_source").set_value("server file")
+    at.text_input(key="sub_path").set_value(str(data))
+    at.text_input(key="sub_token").set_value("wrong-token")
+    _submit_button(at).click().run()
+    assert "Submission refused, nothing was stored: submit token rejected" in at.error[0].value
+    assert "right-token" not in _texts(at)
+    assert _jobs_count(fresh_url) == 0
+
+
+def test_submit_invalid_upload_lists_errors_and_writes_nothing(app_on, fresh_url: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    at = app_on(fresh_url, "submit", TAD_CACHE_DIR=str(cache))
+    at.radio(key="sub_source").set_value("upload")
+    bad = b'{"id": "a", "prompt": "x", "choices": ["p", "q"], "answer": 5}\nnot json\n'
+    at.file_uploader(key="sub_upload").set_value(("bad.jsonl", bad, "application/jsonl"))
+    _submit_button(at).click().run()
+    msg = at.error[0].value
+    assert "the uploaded dataset is invalid" in msg and "line 2" in msg and "line 1" in msg
+    assert not (cache / "uploads").exists()
+    assert _jobs_count(fresh_url) == 0
+
+
+def test_submit_upload_runs_embedded_job_to_completion(app_on, fresh_url: str, tmp_path: Path,
+                                                      tiny_model_dir: Path) -> None:
+    """A valid upload on the tiny model, executed in the dashboard process: the job lands in the DB and finishes,
+    and the leaderboard shows it."""
+    import time
+
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    content = _mc_jsonl(tmp_path / "up.jsonl", n=5).read_bytes()
+    at = app_on(fresh_url, "submit", TAD_CACHE_DIR=str(tmp_path / "cache"),
+                TAD_MODEL_ROOTS=f"{tiny_model_dir.parent.parent}:{tmp_path}")
+    at.radio(key="sub_source").set_value("upload")
+    at.file_uploader(key="sub_upload").set_value(("my eval.jsonl", content, "application/jsonl"))
+    at.text_input(key="sub_base").set_value(str(tiny_model_dir))
+    at.text_area(key="sub_strategies").set_value("ft\nbase")
+    at.number_input(key="sub_batch").set_value(4)
+    at.radio(key="sub_mode").set_value("embedded")
+    _submit_button(at).click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert "5 samples × 2 strategies" in at.success[0].value and "running in the dashboard process" in \
+        at.success[0].value
+    saved = list((tmp_path / "cache" / "uploads").glob("*/my_eval.jsonl"))
+    assert len(saved) == 1 and saved[0].read_bytes() == content
+
+    engine = make_engine(fresh_url)
+    deadline = time.monotonic() + 240
+    while True:
+        with session_scope(engine) as s:
+            job = store.list_jobs(s)[0]
+        if job.finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    with session_scope(engine) as s:
+        board = store.leaderboard(s, job_ids=[job.id])
+    engine.dispose()
+    assert job.status == "done" and job.samples_done == 5, job
+    assert job.spec["dataset"] == "my_eval" and {r.key for r in board} == {"ft", "base"}
+    lb = app_on(fresh_url)
+    assert "my_eval:val" in lb.dataframe[0].value.columns
