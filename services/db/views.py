@@ -243,29 +243,20 @@ def job_progress(session: Session, *, limit: int = 50, job_ids: Sequence[int] | 
         done_by_job[job_id] = done_by_job.get(job_id, 0) + int(samples)
         if status == "running":
             running_by_job[job_id] = int(count)
+    keys: dict[int, list[str]] = {}
+    for job_id, key in session.execute(select(Run.job_id, Run.key).where(Run.job_id.in_(ids)).order_by(Run.id)):
+        keys.setdefault(job_id, []).append(key)
     out = []
     for job, ds, split, base, ad_name, ad_ver in meta:
         spec = job.spec or {}
         model = f"{ad_name}:{ad_ver}" if ad_name else (spec.get("finetuned") or base)
-        strategies = [_spec_key(s) for s in spec.get("strategies", [])]
         out.append(JobProgress(
             id=job.id, status=job.status, submitted_by=job.submitted_by, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, dataset=ds, split=split,
-            model=f"{base} + {model}" if model != base else base, strategies=strategies, n_samples=job.n_samples,
+            model=f"{base} + {model}" if model != base else base, strategies=keys.get(job.id, []),
+            n_samples=job.n_samples,
             samples_done=max(job.samples_done, done_by_job.get(job.id, 0)), n_shards=job.n_shards,
             shards_done=job.shards_done, shards_failed=job.shards_failed,
             shards_running=running_by_job.get(job.id, 0), cancel_requested=bool(job.cancel_requested),
             error=job.error))
     return out
-
-
-def _spec_key(spec: dict[str, Any] | str) -> str:
-    """The key of a stored strategy spec (`name(k=v,...)`), as `StrategySpec.key` writes it (without importing
-    tad_core.strategies, which pulls in torch)."""
-    if isinstance(spec, str):
-        return spec
-    params = spec.get("params") or {}
-    if not params:
-        return str(spec.get("name"))
-    inner = ",".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    return f"{spec.get('name')}({inner})"
