@@ -33,7 +33,8 @@ class PairedRunner:
         self.ft_rows = [i for i, x in enumerate(need_ft) if x]
         self.base_rows = [i for i, x in enumerate(need_base) if x]
         self.output_hidden_states = output_hidden_states
-        self.hidden: tuple[torch.Tensor, ...] | None = None  # fine-tuned side's hidden states of the last call
+        # fine-tuned side's hidden states of the last call: rows in `ft_rows` order, the positions of the kept logits
+        self.hidden: tuple[torch.Tensor, ...] | None = None
         self._caches: dict[str, DynamicCache] = {}
         self._nvt = 0
         if pair.path == "two_pass" and pair.model.peft_config["default"].is_prompt_learning:
@@ -70,7 +71,7 @@ class PairedRunner:
             z_f = self._scatter(logits[: len(ft)], ft)
             z_b = self._scatter(logits[len(ft):], base)
             if hs:
-                self.hidden = tuple(h[: len(ft)] for h in out.hidden_states)
+                self.hidden = _kept(out.hidden_states, len(ft), logits_to_keep)
             return z_b, z_f
         if ft:
             model, extra = self._ft_model()
@@ -82,7 +83,7 @@ class PairedRunner:
             out = self._call(model, "ft", input_ids[ft], mask, pos, logits_to_keep, output_hidden_states=hs, **extra)
             z_f = self._scatter(out.logits, ft)
             if hs:
-                self.hidden = out.hidden_states
+                self.hidden = _kept(out.hidden_states, len(ft), logits_to_keep)
         if base:
             out = self._base_call(input_ids[base], attention_mask[base], position_ids[base], logits_to_keep)
             z_b = self._scatter(out.logits, base)
@@ -132,6 +133,11 @@ class PairedRunner:
                 idx = ft_idx if key == "ft" else base_idx
             cache.batch_select_indices(torch.tensor(idx, dtype=torch.long))
         self.ft_rows, self.base_rows, self.n = new_ft, new_base, len(seq_index)
+
+
+def _kept(hidden: tuple[torch.Tensor, ...], n_ft: int, keep: int) -> tuple[torch.Tensor, ...]:
+    """The fine-tuned rows' hidden states at the positions whose logits were kept (rows in `ft_rows` order)."""
+    return tuple((h[:n_ft, -keep:] if keep else h[:n_ft]) for h in hidden)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

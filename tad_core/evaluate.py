@@ -214,10 +214,16 @@ def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 def evaluate(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[StrategySpec | str],
              config: EvalConfig = EvalConfig(), progress: bool = True,
-             on_batch: Callable[[list[SampleResult]], None] | None = None) -> EvalReport:
-    """Evaluate strategies (specs or CLI strings like `"tad:alpha=0.5,1"`) on samples, batch by batch."""
+             on_batch: Callable[[list[SampleResult]], None] | None = None,
+             calibration_dataset: str | None = None, calibration_n: int = 128) -> EvalReport:
+    """Evaluate strategies (specs or CLI strings like `"tad:alpha=0.5,1"`) on samples, batch by batch.
+
+    `svdecode` with `mu="auto"` is first calibrated on the train split of `calibration_dataset` (stored and
+    reused, see `tad_core.calibration`); the report's specs carry the numeric `mu` and the calibration key.
+    """
     from tqdm.auto import tqdm
 
+    from tad_core.calibration import resolve_auto_specs
     from tad_core.strategies import parse_strategy_arg
 
     specs: list[StrategySpec] = []
@@ -225,6 +231,7 @@ def evaluate(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
         for spec in (parse_strategy_arg(s) if isinstance(s, str) else [canonical(s)]):
             if spec not in specs:
                 specs.append(spec)
+    specs, _ = resolve_auto_specs(pair, specs, calibration_dataset, n=calibration_n)
     out: list[SampleResult] = []
     with tqdm(total=len(samples), desc="evaluating", unit="sample", disable=not progress) as bar:
         for batch in batched(samples, config.batch_size):

@@ -14,9 +14,11 @@ from typing import Any, Sequence
 import torch
 
 from tad_core import kvstats
+from tad_core.early_exit import output_head, step_extras
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.models import PairedModel
 from tad_core.samples import Sample
+from tad_core.scoring import hidden_layers_for
 from tad_core.strategies import Step, Strategy
 
 
@@ -84,7 +86,10 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     if pair.path == "base_only":
         need_ft = need_base = [True] * len(seqs)
     paired = [a and b for a, b in zip(need_ft, need_base)]
-    runner = PairedRunner(pair, need_ft, need_base)
+    hidden_layers = hidden_layers_for(pair, strategies)
+    runner = PairedRunner(pair, need_ft, need_base, output_hidden_states=bool(hidden_layers))
+    head = output_head(pair.model) if hidden_layers else None
+    ft_index = {r: i for i, r in enumerate(runner.ft_rows)}  # runner.hidden holds the fine-tuned rows only
     enc = [tok(p)["input_ids"] for p in prompts]
     ids, mask = left_pad([enc[pi] for pi, _ in seqs], tok.pad_token_id)
     pos = positions_from_mask(mask)
@@ -98,15 +103,28 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     steps: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     stats_acc: list[list[dict[str, float]]] = [[] for _ in range(n)]
     groups = [(strategies[si], [j for j, (_, s) in enumerate(seqs) if s == si]) for si in range(n_s)]
+    seen: torch.Tensor | None = None  # tokens of prompt + output so far, for strategies that read history
     with torch.no_grad():
         z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
+        if any(s.needs_history for s in strategies):
+            seen = torch.zeros((n, (z_f if z_f is not None else z_b).shape[-1]), dtype=torch.bool)
+            for j, (pi, _) in enumerate(seqs):
+                seen[j, enc[pi]] = True
         for _t in range(cfg.max_new_tokens):
             nxt = torch.full((n,), tok.pad_token_id, dtype=torch.long)
             for strat, rows in groups:
                 live = [r for r in rows if not done[r]]
                 if not live:
                     continue
-                step = Step(None if z_b is None else z_b[live, -1], None if z_f is None else z_f[live, -1])
+                extras: dict[str, Any] = {}
+                if strat.needs_hidden:
+                    assert runner.hidden is not None and head is not None
+                    idx = [ft_index[r] for r in live]
+                    extras = step_extras(head, {layer: runner.hidden[layer][idx, -1] for layer in
+                                                strat.hidden_layers(head.num_layers, head.tied_embeddings)})
+                if strat.needs_history and seen is not None:
+                    extras["seen_tokens"] = seen[live]
+                step = Step(None if z_b is None else z_b[live, -1], None if z_f is None else z_f[live, -1], extras)
                 s = strat.scores_from(step)
                 picked = _pick(s, cfg, gen)
                 nxt[live] = picked
@@ -132,6 +150,8 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     finish[r] = "eos"
                     continue
                 out_ids[r].append(t)
+                if seen is not None:
+                    seen[r, t] = True
                 if cfg.stop:
                     text = tok.decode(out_ids[r], skip_special_tokens=True)
                     if any(st in text for st in cfg.stop):

@@ -15,7 +15,7 @@ import torch
 from tad_core import kvstats
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.models import PairedModel
-from tad_core.samples import Sample
+from tad_core.samples import Sample, _join
 from tad_core.strategies import Step, Strategy
 
 
@@ -41,32 +41,76 @@ def _encode(tok: Any, context: str, continuation: str) -> tuple[list[int], list[
     return ctx, tok(continuation, add_special_tokens=False)["input_ids"]
 
 
-def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[Strategy],
-             kv_topk: int = 5, delimiter: str = " ") -> list[MCScores]:
-    """Score every choice of every sample under every strategy (teacher forcing, one paired forward)."""
-    tok = pair.tokenizer
-    need_base = any("base" in s.needs for s in strategies) or pair.path == "base_only"
-    need_ft = any("ft" in s.needs for s in strategies)
-    with_kv = need_base and need_ft
-    # units: (sample index, context tokens, [(choice index, continuation tokens, continuation chars)])
-    units: list[tuple[int, list[int], list[tuple[int, list[int], int]]]] = []
+Unit = tuple[int, list[int], list[tuple[int, list[int], int]]]  # (sample, context ids, [(choice, cont ids, chars)])
+
+
+def build_units(tok: Any, samples: Sequence[Sample], delimiter: str = " ",
+                gold_only: bool = False) -> list[Unit]:
+    """Group each sample's (context, continuation) pairs by context, tokenised lm-evaluation-harness style.
+
+    `gold_only` keeps only the gold continuation: the answer choice of an MC sample, the reference of a
+    generation sample (after `prompt` + `delimiter`); samples without one are skipped.
+    """
+    units: list[Unit] = []
     for si, sample in enumerate(samples):
+        pairs = list(enumerate(sample.contexts_and_continuations(delimiter))) if sample.kind == "mc" else []
+        if gold_only:
+            if sample.kind == "gen":
+                pairs = [(0, (sample.prompt, _join(sample.reference or "", delimiter)))] if sample.reference else []
+            else:
+                pairs = [p for p in pairs if p[0] == sample.answer]
         by_ctx: dict[str, list[tuple[int, str]]] = {}
-        for ci, (ctx, cont) in enumerate(sample.contexts_and_continuations(delimiter)):
+        for ci, (ctx, cont) in pairs:
             by_ctx.setdefault(ctx, []).append((ci, cont))
         for ctx, conts in by_ctx.items():
             encoded = [(ci, *_encode(tok, ctx, cont), len(cont)) for ci, cont in conts]
             ctx_ids = encoded[0][1]
             units.append((si, ctx_ids, [(ci, cont_ids, n) for ci, _, cont_ids, n in encoded]))
+    return units
+
+
+@dataclass
+class TeacherForced:
+    """Every scored position of a batch of units, flattened: `step` is `[N_pos, V]`, `targets`/`owner` `[N_pos]`.
+
+    `rows` lists the continuations `(unit, choice, continuation ids, continuation chars)`; `owner[i]` is the row of
+    position `i`.
+    """
+
+    step: Step
+    targets: torch.Tensor
+    owner: torch.Tensor
+    rows: list[tuple[int, int, list[int], int]]
+
+
+def _ft_hidden(runner: PairedRunner, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Candidate layers of the runner's fine-tuned hidden states, scattered to full batch rows (others zero)."""
+    assert runner.hidden is not None
+    return {layer: runner._scatter(runner.hidden[layer], runner.ft_rows) for layer in layers}
+
+
+def teacher_force(pair: PairedModel, units: Sequence[Unit], need_ft: bool, need_base: bool,
+                  hidden_layers: Sequence[int] = ()) -> TeacherForced:
+    """One paired forward over contexts, then one over all continuations on the shared cache.
+
+    With `hidden_layers`, the fine-tuned side's hidden states of those layers (same forwards) become early-exit
+    logits at the scored positions only, in `step.extras` (see `tad_core.early_exit`).
+    """
+    from tad_core.early_exit import output_head, step_extras
+
+    tok = pair.tokenizer
     n_units = len(units)
-    runner = PairedRunner(pair, [need_ft] * n_units, [need_base] * n_units)
+    runner = PairedRunner(pair, [need_ft] * n_units, [need_base] * n_units,
+                          output_hidden_states=bool(hidden_layers))
     ids, mask = left_pad([u[1] for u in units], tok.pad_token_id)
     with torch.no_grad():
         zb_last, zf_last = runner.forward(ids, mask, positions_from_mask(mask), logits_to_keep=1)
+    h_last = _ft_hidden(runner, hidden_layers) if hidden_layers else {}
     # continuation rows: one per (unit, choice)
     rows = [(ui, ci, cont, n) for ui, u in enumerate(units) for ci, cont, n in u[2]]
     longest = max(len(r[2]) for r in rows)
     zb_cont = zf_cont = None
+    h_cont: dict[int, torch.Tensor] = {}
     if longest > 1:
         width = longest - 1
         c_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -83,6 +127,7 @@ def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
         pos = ctx_len[:, None] + torch.arange(width)[None, :]
         with torch.no_grad():
             zb_cont, zf_cont = runner.forward(c_ids, full_mask, pos, logits_to_keep=0)
+        h_cont = _ft_hidden(runner, hidden_layers) if hidden_layers else {}
     # flatten every scored position: (row, target token)
     src_unit, src_row, src_t, targets, owner = [], [], [], [], []
     for r, (ui, _, cont, _) in enumerate(rows):
@@ -104,9 +149,39 @@ def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
             out[rest] = cont_logits[[src_row[i] for i in rest], [src_t[i] - 1 for i in rest]].float()
         return out
 
-    step = Step(gather(zb_last, zb_cont), gather(zf_last, zf_cont))
-    target_t = torch.tensor(targets, dtype=torch.long)
-    owner_t = torch.tensor(owner, dtype=torch.long)
+    extras = {}
+    if hidden_layers:
+        hidden = {layer: gather(h_last[layer], h_cont.get(layer)) for layer in hidden_layers}
+        extras = step_extras(output_head(pair.model), hidden)
+    step = Step(gather(zb_last, zb_cont), gather(zf_last, zf_cont), extras)
+    return TeacherForced(step, torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long), rows)
+
+
+def hidden_layers_for(pair: PairedModel, strategies: Sequence[Strategy]) -> list[int]:
+    """The union of the hidden-state layers the strategies read (empty when none needs hidden states)."""
+    if not any(s.needs_hidden for s in strategies):
+        return []
+    from tad_core.early_exit import output_head
+
+    head = output_head(pair.model)
+    return sorted({i for s in strategies for i in s.hidden_layers(head.num_layers, head.tied_embeddings)})
+
+
+def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[Strategy],
+             kv_topk: int = 5, delimiter: str = " ") -> list[MCScores]:
+    """Score every choice of every sample under every strategy (teacher forcing, one paired forward).
+
+    Strategies that read token history (DoLa's repetition penalty) get none here: a teacher-forced continuation
+    is scored as given, as in lm-evaluation-harness, so the penalty applies in generation only.
+    """
+    tok = pair.tokenizer
+    need_base = any("base" in s.needs for s in strategies) or pair.path == "base_only"
+    need_ft = any("ft" in s.needs for s in strategies)
+    with_kv = need_base and need_ft
+    units = build_units(tok, samples, delimiter)
+    tf = teacher_force(pair, units, need_ft, need_base, hidden_layers_for(pair, strategies))
+    step, target_t, owner_t, rows = tf.step, tf.targets, tf.owner, tf.rows
+    owner = owner_t.tolist()
     n_rows = len(rows)
     per_row: dict[str, torch.Tensor] = {}
     argmax_ft = step.lp_f.argmax(-1) if need_ft else None

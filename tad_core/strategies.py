@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -86,7 +87,8 @@ class Strategy:
     needs: ClassVar[frozenset[str]]  # subset of {"base", "ft"}
     params: ClassVar[dict[str, Param]] = {}
     description: ClassVar[str] = ""
-    needs_hidden: ClassVar[bool] = False
+    needs_hidden: ClassVar[bool] = False  # needs premature-layer logits in `Step.extras` (see `hidden_layers`)
+    needs_history: ClassVar[bool] = False  # reads the tokens seen so far (`Step.extras["seen_tokens"]`)
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.params)
@@ -124,6 +126,10 @@ class Strategy:
 
     def scores_from(self, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    def hidden_layers(self, num_layers: int, tied_embeddings: bool) -> list[int]:
+        """Hidden-state indices (0 = embedding output) whose early-exit logits `scores_from` reads."""
+        return []
 
     @property
     def spec(self) -> "StrategySpec":
@@ -207,6 +213,133 @@ class Contrastive(Strategy):
         return _masked(s, step.head(self.beta)) if self.beta > 0 else s
 
 
+def svdecode_delta(step: Step) -> torch.Tensor:
+    """SVDecode's steering direction `delta = -p_f * (log(p_f/p_b) - KL(p_f || p_b))` (= J g, full vocabulary)."""
+    r = step.lp_f - step.lp_b
+    kl = (step.p_f * r).sum(dim=-1, keepdim=True)
+    return -step.p_f * (r - kl)
+
+
+@register
+class SVDecode(Strategy):
+    name = "svdecode"
+    needs = frozenset({"base", "ft"})
+    params = {
+        "beta": Param(0.1, "plausibility head threshold on p_f", minimum=0.0, maximum=1.0),
+        "mu": Param("auto", "step size (a number, may be negative) or 'auto' = calibrated on gold continuations"),
+        "calibration": Param("", "key of the stored calibration that produced mu (set when 'auto' is resolved)"),
+    }
+    description = ("SVDecode (Hu et al. 2025): z_f + mu*delta, delta = -p_f*(log(p_f/p_b) - KL(p_f||p_b)), "
+                   "on head(beta); mu calibrated by default")
+
+    def _check(self, pname: str, spec: Param, value: Any) -> Any:
+        if pname == "mu":
+            if value == "auto":
+                return value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"strategy 'svdecode': parameter 'mu' must be a finite number or 'auto', got {value!r}")
+            return float(value)
+        if pname == "calibration":
+            if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]*", value):
+                raise ValueError(f"strategy 'svdecode': parameter 'calibration' must be a hex key, got {value!r}")
+            return value
+        return super()._check(pname, spec, value)
+
+    @property
+    def spec(self) -> "StrategySpec":
+        params = dict(self.values)
+        if not params["calibration"]:  # unset: keep it out of the run key
+            del params["calibration"]
+        return StrategySpec(self.name, params)
+
+    def scores_from(self, step: Step) -> torch.Tensor:
+        if self.mu == "auto":
+            raise ValueError("strategy 'svdecode': mu='auto' must be resolved by a calibration before scoring "
+                             "(tad_core.calibration.resolve_auto_specs, or evaluate(..., calibration_dataset=...))")
+        # lp_f = z_f - logsumexp(z_f): a per-row constant shift of z_f, so softmax(s) is that of z_f + mu*delta
+        s = step.lp_f + self.mu * svdecode_delta(step)
+        return _masked(s, step.head(self.beta)) if self.beta > 0 else s
+
+
+def _check_layers(value: Any) -> str | list[int]:
+    if value in ("high", "low"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in value)):
+        raise ValueError(f"strategy 'dola': parameter 'layers' must be 'high', 'low' or a non-empty list of "
+                         f"hidden-state indices >= 0, got {value!r}")
+    return sorted(set(value))
+
+
+def dola_candidate_layers(layers: str | list[int], num_layers: int, tied_embeddings: bool) -> list[int]:
+    """Candidate premature layers, transformers' former DoLa convention (indices into `hidden_states`, 0 = embeddings).
+
+    With tied embeddings the embedding output is skipped (its early exit is near-identity): start at 2 (1 for a
+    2-layer model). `N <= 40`: low = range(start, N//2, 2), high = range(N//2, N, 2); deeper models use 20-layer
+    buckets: low = range(start, 20, 2), high = range(N-20, N, 2).
+    """
+    n = num_layers
+    start = (2 if n > 2 else 1 if n == 2 else 0) if tied_embeddings else 0
+    if layers == "low":
+        if start == n // 2:
+            return [start]
+        return list(range(start, n // 2, 2)) if n <= 40 else list(range(start, 20, 2))
+    if layers == "high":
+        return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise ValueError(f"strategy 'dola': layers {bad} are not premature layers of a {n}-layer model "
+                         f"(valid: 0..{n - 1}, 0 = embedding output)")
+    return list(layers)
+
+
+def js_divergence(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between distributions given as log-probs (reduced over the last dim)."""
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    return 0.5 * ((lp.exp() * (lp - lm)).sum(-1) + (lq.exp() * (lq - lm)).sum(-1))
+
+
+@register
+class DoLa(Strategy):
+    name = "dola"
+    needs = frozenset({"ft"})
+    needs_hidden = True
+    needs_history = True
+    params = {
+        "layers": Param("high", "candidate premature layers: 'high', 'low' or a list of hidden-state indices"),
+        "repetition_penalty": Param(1.2, "penalty on already-seen tokens (generation only; 1 = off)", positive=True),
+    }
+    description = ("DoLa (Chuang et al. 2023) on the fine-tuned model: lp_final - lp_premature on head(0.1), "
+                   "premature layer per position by max Jensen-Shannon divergence")
+
+    def _check(self, pname: str, spec: Param, value: Any) -> Any:
+        if pname == "layers":
+            return _check_layers(value)
+        return super()._check(pname, spec, value)
+
+    def hidden_layers(self, num_layers: int, tied_embeddings: bool) -> list[int]:
+        return dola_candidate_layers(self.layers, num_layers, tied_embeddings)
+
+    def scores_from(self, step: Step) -> torch.Tensor:
+        ex = step.extras
+        if "premature_logits" not in ex:
+            raise ValueError("strategy 'dola' needs premature-layer logits in Step.extras (the engine computes them "
+                             "from the same forward when a strategy has needs_hidden)")
+        layers = self.hidden_layers(ex["num_layers"], ex["tied_embeddings"])
+        lp_f = step.lp_f
+        prem = torch.stack([torch.log_softmax(ex["premature_logits"][i].float(), dim=-1) for i in layers])
+        jsd = js_divergence(lp_f.unsqueeze(0), prem)  # [L, ...]
+        pick = jsd.argmax(dim=0)  # ties -> the lowest candidate layer
+        lp_m = prem.gather(0, pick.unsqueeze(0).unsqueeze(-1).expand((1,) + tuple(lp_f.shape))).squeeze(0)
+        s = _masked(lp_f - lp_m, step.head(0.1))
+        seen = ex.get("seen_tokens")
+        if seen is not None and self.repetition_penalty != 1.0:
+            s = torch.where(seen, torch.where(s > 0, s / self.repetition_penalty, s * self.repetition_penalty), s)
+        return s
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """A strategy as data: name + parameters; `key` is its canonical, human-readable identity."""
@@ -239,6 +372,8 @@ class StrategySpec:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return json.dumps(v, separators=(",", ":"))
     return repr(v) if isinstance(v, float) else str(v)
 
 
@@ -262,6 +397,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+_COMMA_OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # `layers=[2,4],repetition_penalty=1` keeps the list
+
+
 def parse_strategy_arg(text: str) -> list[StrategySpec]:
     """Parse a CLI strategy like `tad:alpha=0.5,1,2,beta=0.1` into specs (a comma list sweeps a parameter).
 
@@ -273,7 +411,7 @@ def parse_strategy_arg(text: str) -> list[StrategySpec]:
         raise ValueError(f"unknown strategy {name!r} in {text!r}; known: {', '.join(sorted(REGISTRY))}")
     grid: dict[str, list[Any]] = {}
     current: str | None = None
-    for token in filter(None, (t.strip() for t in rest.split(","))):
+    for token in filter(None, (t.strip() for t in _COMMA_OUTSIDE_BRACKETS.split(rest))):
         if "=" in token:
             current, _, value = token.partition("=")
             current = current.strip()
