@@ -103,4 +103,4 @@ def render() -> None:
             st.info("No sample changed in this direction.")
         else:
             st.dataframe(table, hide_index=True, width="stretch",
-                         column_config={"prompt": st.column_config.TextColumn(width="large")})
+                         column_config={"prompt": st.column_config.TextColumn(width="medium")})

@@ -71,6 +71,17 @@ def wide_table(df: pd.DataFrame, sort_by: str | None = None) -> tuple[pd.DataFra
     return text.reset_index(), best
 
 
+def best_summary(df: pd.DataFrame) -> list[str]:
+    """"dataset: model · strategy (value)" for the best run of each dataset (ties listed together)."""
+    out = []
+    for ds, group in sorted(df.dropna(subset=["value"]).groupby("dataset"), key=lambda kv: kv[0]):
+        top = group["value"].max()
+        winners = group[group["value"] == top]
+        who = ", ".join(f"{r.adapter if r.adapter != '–' else r.base} {r.strategy}" for r in winners.itertuples())
+        out.append(f"{ds}: {who} ({top:.4f})")
+    return out
+
+
 def render() -> None:
     st.title("Leaderboard")
     url = data.database_url()
@@ -113,7 +124,9 @@ def render() -> None:
 
     st.caption(f"{metric} ± stderr (n) of the newest run per cell; ★ = best in the column. "
                f"{len(df)} runs, {df['job_id'].nunique()} jobs.")
-    st.dataframe(table.style.apply(_highlight, axis=0), hide_index=True, width="stretch")
+    st.dataframe(table.style.apply(_highlight, axis=0), hide_index=True, width="stretch",
+                 column_config={ds: st.column_config.TextColumn(ds, width="medium") for ds in best})
+    st.markdown("**Best per dataset** · " + " · ".join(best_summary(df)))
     export = df.drop(columns=["strategy_name"]).rename(columns={"value": metric, "stderr": f"{metric}_stderr"})
     st.download_button("Download CSV", export.to_csv(index=False).encode(), file_name="tad_leaderboard.csv",
                        mime="text/csv", icon=":material/download:")
