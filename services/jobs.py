@@ -317,6 +317,12 @@ def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob
     config = _check_config(dict(req.config), errors)
     side = _check_models(req, settings, errors)
     data = _check_dataset(req, settings, errors) if not errors else None
+    if data is not None and any(sp.name == "svdecode" and sp.params.get("mu") == "auto" for sp in specs):
+        from tad_core.datasets import REGISTRY
+
+        if req.dataset not in REGISTRY or "train" not in REGISTRY[req.dataset].splits:
+            errors.append("svdecode with mu=auto calibrates on the train split of a registered dataset; "
+                          f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
     size = req.shard_size or settings.shard_size
     if size < 1:
         errors.append(f"shard size must be positive, got {size}")
@@ -495,6 +501,7 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
     specs = [StrategySpec.from_json(d) for d in spec["strategies"]]
     config = EvalConfig.from_json(spec["config"])
     run_ids = {r.key: r.id for r in runs}
+    specs, run_ids = _resolve_calibrations(job, runs, specs, run_ids, pair, settings)
     samples = [Sample.from_dict(d) for d in raw]
     bs = max(1, int(getattr(config, "batch_size", 8) or 8))
     done = 0
@@ -514,6 +521,41 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
         if progress is not None:
             progress(len(batch))
     return done
+
+
+def _resolve_calibrations(job: store.JobInfo, runs: list[store.RunInfo], specs: list[Any], run_ids: dict[str, int],
+                          pair: Any, settings: Settings) -> tuple[list[Any], dict[str, int]]:
+    """Turn `svdecode(mu=auto)` into its calibrated numeric mu, once per run: the first shard calibrates (on the
+    train split of the job's registered dataset; stored and reused, see tad_core.calibration) and records
+    mu + calibration key in the run's `info`; every later shard, on any worker, uses the recorded values.
+    Outcomes of a resolved spec are stored under the original run (its key keeps `mu=auto`)."""
+    from tad_core.calibration import cached_calibration, needs_calibration
+    from tad_core.strategies import StrategySpec, canonical
+
+    if not any(needs_calibration(sp) for sp in specs):
+        return specs, run_ids
+    by_key = {r.key: r for r in runs}
+    out, ids = [], dict(run_ids)
+    for sp in specs:
+        if not needs_calibration(sp):
+            out.append(sp)
+            continue
+        run = by_key[sp.key]
+        if "mu" not in (run.info or {}):
+            cal = cached_calibration(pair, job.spec["dataset"], "train", beta=sp.params["beta"])
+            with session_scope(settings) as s:  # first writer wins: a racing shard keeps the recorded values
+                if "mu" not in (next(r for r in store.job_runs(s, job.id) if r.id == run.id).info or {}):
+                    store.set_run_info(s, run.id, {"mu": float(f"{cal.mu:.6g}"), "calibration": cal.key,
+                                                   "calibration_n_tokens": cal.n_tokens,
+                                                   "calibration_n_samples": cal.n_samples,
+                                                   "calibration_dataset": f"{cal.dataset}:{cal.split}"})
+            with session_scope(settings) as s:
+                run = next(r for r in store.job_runs(s, job.id) if r.id == run.id)
+        resolved = canonical(StrategySpec(sp.name, {**sp.params, "mu": run.info["mu"],
+                                                    "calibration": run.info["calibration"]}))
+        out.append(resolved)
+        ids[resolved.key] = ids.pop(sp.key)
+    return out, ids
 
 
 def _attempt_failed(job_id: int, start: int, stop: int, shard_id: int, attempts: int, exc: BaseException,

@@ -113,7 +113,9 @@ def _print_leaderboard(rows: list[Any], title: str) -> None:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for r in rows:
         vs = f"{r.fixed}/{r.broken}" if r.fixed is not None else "-"
-        table.add_row(str(r.run_id), r.key, _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr), str(r.n),
+        key = r.key + (f" [mu={r.info['mu']:.4g}, calibration {r.info['calibration']}]"
+                       if "mu" in (r.info or {}) else "")
+        table.add_row(str(r.run_id), key, _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr), str(r.n),
                       vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}")
     Console(width=160).print(table)
 

@@ -175,6 +175,7 @@ class LeaderboardRow:
     broken: int | None
     mcnemar_p: float | None
     metrics: dict[str, float | None] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # values fixed at run time (e.g. SVDecode's calibrated mu)
 
 
 @dataclass(frozen=True)
@@ -769,7 +770,7 @@ def leaderboard(
             strategy=run.strategy, key=run.key, params=dict(run.params or {}), n=n,
             acc=get("acc"), acc_stderr=get("acc", 1), acc_norm=get("acc_norm"), acc_norm_stderr=get("acc_norm", 1),
             fixed=int(fixed) if fixed is not None else None, broken=int(broken) if broken is not None else None,
-            mcnemar_p=get("mcnemar_p_vs_ft"), metrics={k: v[0] for k, v in a.items()}))
+            mcnemar_p=get("mcnemar_p_vs_ft"), metrics={k: v[0] for k, v in a.items()}, info=dict(run.info or {})))
     rows.sort(key=lambda r: (-r.job_id, -(r.acc if r.acc is not None else -1.0), r.key))
     return rows
 
