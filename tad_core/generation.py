@@ -31,6 +31,7 @@ class GenConfig:
     stop: tuple[str, ...] = ()
     kv_topk: int = 3
     kv_steps: bool = True  # keep per-step knowledge-vector stats (for the dashboard's token view)
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks compare equal work)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -93,7 +94,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     enc = [tok(p)["input_ids"] for p in prompts]
     ids, mask = left_pad([enc[pi] for pi, _ in seqs], tok.pad_token_id)
     pos = positions_from_mask(mask)
-    eos = _eos_ids(pair)
+    eos = set() if cfg.ignore_eos else _eos_ids(pair)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(seqs)
     out_ids: list[list[int]] = [[] for _ in range(n)]

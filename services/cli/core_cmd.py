@@ -16,6 +16,28 @@ def register(app: typer.Typer) -> None:
         for name in model:
             typer.echo(f"model {name}: {resolve_base_dir(name)}")
         if data:
-            from tad_core.datasets.olmo import fetch_all
+            from tad_core.datasets import fetch_all
 
             fetch_all()
+
+    @app.command()
+    def strategies(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+        """List every registered decoding strategy with its parameters, defaults and description."""
+        import json
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from tad_core.strategies import describe_strategies
+
+        rows = describe_strategies()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        table = Table(title="decoding strategies")
+        for col in ("name", "needs", "parameters (default)", "description"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            params = "\n".join(f"{k}={v['default']}: {v['help']}" for k, v in r["params"].items()) or "-"
+            table.add_row(r["name"], "+".join(r["needs"]), params, r["description"])
+        Console(width=160).print(table)

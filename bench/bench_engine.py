@@ -1,0 +1,150 @@
+"""Engine benchmarks (issue 3): ratios measured side by side in one run, never timed assertions.
+
+    python bench/bench_engine.py gen   # TaD vs ft generation (batch 1 and 8, 64 new tokens) + the naive two-pass way
+    python bench/bench_engine.py hf    # our ft greedy vs transformers' generate on the same fine-tuned model
+    python bench/bench_engine.py mc    # MC scoring: 6 strategies + 6-point alpha sweep vs ft alone (ARC-Easy val)
+    python bench/bench_engine.py mem   # peak memory: paired LoRA generation vs the fine-tuned model alone
+
+Uses the embedded SmolLM2-135M-Instruct with a random-weight LoRA (same compute as a trained one) unless
+`--adapter DIR` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import interleaved, machine, random_lora  # noqa: E402
+from tad_core.generation import GenConfig, generate_texts  # noqa: E402
+from tad_core.models import load_pair, resolve_base_dir  # noqa: E402
+from tad_core.paths import cache_subdir  # noqa: E402
+from tad_core.strategies import StrategySpec, build, parse_strategy_arg  # noqa: E402
+
+PROMPTS = [
+    "Question: Which technology was developed most recently?\nAnswer:",
+    "Question: A student is trying to identify a mineral that has a nonmetallic luster and is black.\nAnswer:",
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue.",
+    "Question: What is the boiling point of water at sea level in Celsius?\nAnswer:",
+    "List three uses of copper.",
+    "Question: Plants make food by which process?\nAnswer:",
+    "Describe the water cycle in two sentences.",
+]
+
+
+def _pair(args):
+    base = args.base
+    adapter = args.adapter or random_lora(resolve_base_dir(base), cache_subdir("bench") / "random_lora_r8")
+    return load_pair(base, adapter=adapter)
+
+
+def bench_gen(args) -> list[str]:
+    pair = _pair(args)
+    naive = dataclasses.replace(pair, path="two_pass")  # two separate forwards per step, adapter on / off
+    cfg = GenConfig(max_new_tokens=args.tokens, ignore_eos=True, kv_steps=False)
+    ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
+    lines = []
+    for bs in (1, 8):
+        prompts = PROMPTS[:bs]
+        t = interleaved({
+            "ft": lambda: generate_texts(pair, prompts, [ft], cfg),
+            "tad": lambda: generate_texts(pair, prompts, [tad], cfg),
+            "tad_naive": lambda: generate_texts(naive, prompts, [tad], cfg),
+        }, repeats=args.repeats)
+        tok_s = bs * args.tokens / t["ft"]
+        lines.append(f"| gen batch {bs}, {args.tokens} new tokens | ft {t['ft']:.2f} s ({tok_s:.0f} tok/s) | "
+                     f"tad {t['tad']:.2f} s | **tad/ft = {t['tad'] / t['ft']:.2f}** (target <= 1.3) | "
+                     f"naive two-pass tad/ft = {t['tad_naive'] / t['ft']:.2f} |")
+    return lines
+
+
+def bench_hf(args) -> list[str]:
+    pair = _pair(args)
+    tok = pair.tokenizer
+    ft = build(StrategySpec("ft"))
+    cfg = GenConfig(max_new_tokens=args.tokens, ignore_eos=True, kv_steps=False)
+    lines = []
+    for bs in (1, 8):
+        prompts = PROMPTS[:bs]
+        enc = tok(prompts, return_tensors="pt", padding=True)
+
+        def hf() -> None:
+            with torch.no_grad():
+                pair.model.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id)
+
+        t = interleaved({"ours": lambda: generate_texts(pair, prompts, [ft], cfg), "hf": hf}, repeats=args.repeats)
+        lines.append(f"| ft greedy batch {bs}, {args.tokens} tokens | ours {t['ours']:.2f} s | transformers generate "
+                     f"{t['hf']:.2f} s | **ours/hf = {t['ours'] / t['hf']:.2f}** (target <= 1.1) |")
+    return lines
+
+
+def bench_mc(args) -> list[str]:
+    from tad_core.datasets import load_dataset
+    from tad_core.evaluate import EvalConfig, evaluate
+
+    pair = _pair(args)
+    samples = load_dataset("arc_easy", "val", limit=args.samples).samples
+    many = ["ft", "base", "tad:alpha=0,0.25,0.5,1,2,4", "tad_log", "contrastive"]
+    cfg = EvalConfig(batch_size=8)
+    ft_only = dataclasses.replace(pair, path="mixed")
+    t = interleaved({
+        "ft_paired": lambda: evaluate(pair, samples, ["ft", "tad"], cfg, progress=False),
+        "all": lambda: evaluate(pair, samples, many, cfg, progress=False),
+        "ft_alone": lambda: evaluate(ft_only, samples, ["ft"], cfg, progress=False),
+    }, repeats=1)
+    n_strat = len(evaluate(pair, samples[:1], many, cfg, progress=False).specs)
+    return [f"| MC scoring, {len(samples)} ARC-Easy val samples | ft alone (no base rows) {t['ft_alone']:.1f} s | "
+            f"one paired forward, ft+tad {t['ft_paired']:.1f} s | {n_strat} strategies incl. 6-point alpha sweep "
+            f"{t['all']:.1f} s | **all/paired = {t['all'] / t['ft_paired']:.2f}** (target <= 1.15); "
+            f"all/ft-alone = {t['all'] / t['ft_alone']:.2f} |"]
+
+
+def _mem_child(kind: str, base: str, adapter: str, tokens: int) -> None:
+    pair = load_pair(base, adapter=adapter)
+    strat = build(StrategySpec("tad" if kind == "tad" else "ft"))
+    generate_texts(pair, PROMPTS, [strat], GenConfig(max_new_tokens=tokens, ignore_eos=True, kv_steps=False))
+    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_mem(args) -> list[str]:
+    adapter = args.adapter or str(random_lora(resolve_base_dir(args.base), cache_subdir("bench") / "random_lora_r8"))
+    out = {}
+    for kind in ("ft", "tad"):
+        res = subprocess.run([sys.executable, __file__, "_mem", kind, "--base", args.base, "--adapter", adapter,
+                              "--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    return [f"| peak RSS, batch 8, {args.tokens} tokens | ft alone {out['ft']:.0f} MB | paired LoRA tad "
+            f"{out['tad']:.0f} MB | **paired/ft = {out['tad'] / out['ft']:.2f}** (target <= 1.1) |"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "all", "_mem"])
+    ap.add_argument("kind", nargs="?")
+    ap.add_argument("--base", default="smollm2-135m-instruct")
+    ap.add_argument("--adapter")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.what == "_mem":
+        _mem_child(args.kind, args.base, args.adapter, args.tokens)
+        return
+    print(f"machine: {machine()}")
+    todo = ["gen", "hf", "mc", "mem"] if args.what == "all" else [args.what]
+    for what in todo:
+        for line in {"gen": bench_gen, "hf": bench_hf, "mc": bench_mc, "mem": bench_mem}[what](args):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
