@@ -186,9 +186,14 @@ def _plain_ft(pair, ids: list[int]):
     return out.logits[0], [h[0] for h in out.hidden_states]
 
 
-def test_mc_dola_scores_match_a_plain_forward_mixed_path(tiny_pair):
-    """Teacher forcing with base rows in the same batch (mixed path): the hidden rows are the fine-tuned ones."""
-    assert tiny_pair.path == "mixed"
+@pytest.mark.parametrize("adapter", ["tiny_lora_dir", "tiny_prefix_dir"])
+def test_mc_dola_scores_match_a_plain_forward(request, tiny_model_dir, adapter):
+    """Teacher forcing with base rows in the same batch (mixed path) or a second pass (prefix tuning): the hidden
+    states used are the fine-tuned rows', at the scored positions."""
+    from tad_core.models import load_pair
+
+    tiny_pair = load_pair(str(tiny_model_dir), adapter=request.getfixturevalue(adapter))
+    assert tiny_pair.path == ("mixed" if adapter == "tiny_lora_dir" else "two_pass")
     head = output_head(tiny_pair.model)
     strat = build(StrategySpec("dola", {"layers": [0, 1]}))
     units = build_units(tiny_pair.tokenizer, MC)
