@@ -1,8 +1,9 @@
 """TaD-Eval dashboard: `tad dashboard` (or `streamlit run dashboard/app.py`).
 
-One Streamlit app with `st.navigation`; each page is a two-line script in `dashboard/pages/` that calls the
-`render()` of its module in `dashboard/views/`. Before any page runs, the app checks the results database
-(TAD_DATABASE_URL) and shows what to do when there is none, it has no schema or it cannot be reached.
+One Streamlit app with `st.navigation`; each page is a two-line script in `dashboard/app_pages/` that calls the
+`render()` of its module in `dashboard/views/` (the folder is not named `pages/`: Streamlit would also serve that
+one as a legacy multipage app, bypassing this entry point). Before any page runs, the app checks the results
+database (TAD_DATABASE_URL) and shows what to do when there is none, it has no schema or it cannot be reached.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import streamlit as st  # noqa: E402
 from dashboard import data  # noqa: E402
 
 PAGES = [
-    ("pages/leaderboard.py", "Leaderboard", ":material/leaderboard:"),
-    ("pages/compare.py", "Run comparison", ":material/compare_arrows:"),
-    ("pages/sweep.py", "Alpha sweep", ":material/show_chart:"),
-    ("pages/knowledge.py", "Knowledge vectors", ":material/scatter_plot:"),
-    ("pages/regression.py", "Regressions", ":material/trending_down:"),
-    ("pages/jobs.py", "Live jobs", ":material/sync:"),
-    ("pages/submit.py", "Submit", ":material/upload:"),
+    ("app_pages/leaderboard.py", "Leaderboard", ":material/leaderboard:"),
+    ("app_pages/compare.py", "Run comparison", ":material/compare_arrows:"),
+    ("app_pages/sweep.py", "Alpha sweep", ":material/show_chart:"),
+    ("app_pages/knowledge.py", "Knowledge vectors", ":material/scatter_plot:"),
+    ("app_pages/regression.py", "Regressions", ":material/trending_down:"),
+    ("app_pages/jobs.py", "Live jobs", ":material/sync:"),
+    ("app_pages/submit.py", "Submit", ":material/upload:"),
 ]
 
 

@@ -36,7 +36,8 @@ def histogram(df: pd.DataFrame, column: str, title: str) -> alt.Chart:
         x=alt.X(f"{column}:Q", bin=alt.Bin(maxbins=30), title=title),
         y=alt.Y("count():Q", title="samples", stack=True),
         color=alt.Color("outcome:N", scale=alt.Scale(domain=["correct", "wrong", "unscored"],
-                                                     range=["#21c354", "#ff4b4b", "#999999"])),
+                                                     range=["#21c354", "#ff4b4b", "#999999"]),
+                        legend=alt.Legend(orient="bottom")),
         tooltip=["outcome", "count()"]).properties(height=220)
 
 

@@ -132,22 +132,27 @@ def render() -> None:
     for dataset in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset].copy()
         sub["label"] = "v" + sub["version"].astype(str)
-        sub["flag"] = sub["verdict"].where(sub["verdict"].isin(["regressed", "improved"]), "")
+        sub["low"] = sub["acc"] - sub["stderr"].fillna(0)
+        sub["high"] = sub["acc"] + sub["stderr"].fillna(0)
         st.subheader(dataset)
-        x = alt.X("registered:T", title="adapter version registered")
-        base = alt.Chart(sub).encode(x=x, y=alt.Y("acc:Q", title="acc", scale=alt.Scale(zero=False)),
-                                     color=alt.Color("strategy:N"))
-        band = alt.Chart(sub.assign(low=sub["acc"] - sub["stderr"].fillna(0), high=sub["acc"] + sub["stderr"].fillna(0))
-                         ).mark_errorbar().encode(x=x, y="low:Q", y2="high:Q", color="strategy:N")
-        line = base.mark_line(point=True).encode(tooltip=["strategy", "label", alt.Tooltip("acc:Q", format=".4f"),
-                                                          "verdict", alt.Tooltip("p_value:Q", format=".3g")])
-        flags = alt.Chart(sub[sub["flag"] != ""]).mark_point(size=220, shape="triangle-down", filled=True).encode(
-            x=x, y="acc:Q", color=alt.Color("flag:N", scale=alt.Scale(domain=["regressed", "improved"],
-                                                                      range=["#ff2b2b", "#21c354"]),
-                                            title="verdict"))
-        text = base.mark_text(dy=-10).encode(text="label:N")
-        st.altair_chart(alt.layer(band, line, flags, text).resolve_scale(color="independent").properties(height=300),
-                        width="stretch")
+        order = [f"v{v}" for v in sorted(sub["version"].unique())]
+        x = alt.X("label:N", sort=order, title="adapter version (registration order)", axis=alt.Axis(labelAngle=0))
+        color = alt.Color("strategy:N", legend=alt.Legend(orient="bottom", columns=3))
+        tooltip = ["strategy", "label", alt.Tooltip("registered:T", format="%Y-%m-%d %H:%M"),
+                   alt.Tooltip("acc:Q", format=".4f"), "verdict", alt.Tooltip("p_value:Q", format=".3g")]
+        band = alt.Chart(sub).mark_errorbar().encode(x=x, y=alt.Y("low:Q", title="acc ± stderr"),
+                                                               y2="high:Q", color=color)
+        line = alt.Chart(sub).mark_line(point=True).encode(
+            x=x, y=alt.Y("acc:Q", scale=alt.Scale(zero=False)), color=color, tooltip=tooltip)
+        layers = [band, line]
+        for verdict, colour in (("regressed", "#ff2b2b"), ("improved", "#21c354")):
+            marked = sub[sub["verdict"] == verdict]
+            if not marked.empty:
+                layers.append(alt.Chart(marked).mark_point(size=260, shape="triangle-down" if verdict == "regressed"
+                                                           else "triangle-up", filled=True, color=colour)
+                              .encode(x=x, y="acc:Q", tooltip=tooltip))
+        st.altair_chart(alt.layer(*layers).properties(height=300), width="stretch")
+        st.caption("▼ red: regressed against the baseline, ▲ green: improved (significant at the chosen level).")
         st.dataframe(sub[["strategy", "version", "baseline", "acc", "stderr", "n", "diff", "ci_low", "ci_high",
                           "p_value", "verdict"]], hide_index=True, width="stretch",
                      column_config={c: st.column_config.NumberColumn(format="%.4f")

@@ -215,7 +215,7 @@ def app_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
         at = AppTest.from_file(str(APP), default_timeout=60)
         at.run()
         if page is not None:
-            at.switch_page(f"pages/{page}.py").run()
+            at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception, [e.value for e in at.exception]
         return at
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dashboard.conftest import ROOT, Seed
+from tests.dashboard.conftest import ROOT, Seed, seed_database
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -44,7 +44,29 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise AssertionError(f"dashboard not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def test_dashboard_renders_leaderboard_in_chromium(seeded: Seed, tmp_path: Path) -> None:
+@pytest.fixture
+def own_seed(tmp_path: Path) -> Seed:
+    """A seeded database of this test's own (it writes progress to it while the page is open)."""
+    from services.db.schema import upgrade
+
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    return seed_database(url)
+
+
+def _stream_progress(url: str, job_id: int, done: int) -> None:
+    """What a worker does after a batch: store the shard's progress."""
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        store.shard_progress(s, store.job_shards(s, job_id)[0].id, done)
+    engine.dispose()
+
+
+def test_dashboard_renders_leaderboard_in_chromium(own_seed: Seed, tmp_path: Path) -> None:
+    seeded = own_seed
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium not installed: run scripts/setup_browser.sh")
     playwright = pytest.importorskip("playwright.sync_api")
@@ -86,6 +108,11 @@ def test_dashboard_renders_leaderboard_in_chromium(seeded: Seed, tmp_path: Path)
                 page.locator('[data-testid="stDataFrame"]').first.wait_for(state="visible", timeout=60_000)
                 page.wait_for_timeout(1500)
                 page.screenshot(path=str(ARTIFACTS / "dashboard_compare.png"), full_page=True)
+                # live jobs: progress streamed to the DB appears without a reload (the page's fragment polls)
+                page.get_by_role("link", name="Live jobs").click()
+                page.get_by_text("5/24 samples").first.wait_for(timeout=60_000)
+                _stream_progress(seeded.url, seeded.jobs["running"], 8)
+                page.get_by_text("8/24 samples").first.wait_for(timeout=20_000)
             finally:
                 browser.close()
         assert shot.is_file() and shot.stat().st_size > 20_000

@@ -199,6 +199,13 @@ def test_knowledge_vector_distributions_and_token_view(app_on, seeded: Seed) -> 
 
 
 def test_live_jobs_progress_heartbeats_and_errors(app_on, seeded: Seed) -> None:
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(seeded.url)
+    with session_scope(engine) as s:  # the worker's periodic heartbeat (the seed may be older than 3 periods)
+        store.heartbeat(s, "gpu-1:4242", 4242, seeded.jobs["running"], None)
+    engine.dispose()
     at = app_on(seeded.url, "jobs")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["running"] == "1" and metrics["failed"] == "1" and metrics["done"] == "3"
