@@ -138,7 +138,8 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                         flips[r].append(float(fl[k]))
                         stats_acc[r].append({name: float(v[k]) for name, v in st.items()})
                         if cfg.kv_steps:
-                            entry = {"token": int(picked[pair_rows[k]]), "flip": bool(fl[k]),
+                            tid = int(picked[pair_rows[k]])
+                            entry = {"token": tid, "text": tok.decode([tid]), "flip": bool(fl[k]),
                                      **{name: round(float(v[k]), 5) for name, v in st.items()}}
                             entry.update(kvstats.top_tokens(sub.kv[k], cfg.kv_topk, lambda i: tok.decode([i])))
                             steps[r].append(entry)
