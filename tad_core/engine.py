@@ -61,6 +61,8 @@ class PairedRunner:
         """Feed new tokens of all N sequences; return (z_b, z_f), each [N, T_kept, V] (rows not needed are 0)."""
         pair, ft, base = self.pair, self.ft_rows, self.base_rows
         hs = self.output_hidden_states
+        device = pair.device
+        input_ids, attention_mask, position_ids = (t.to(device) for t in (input_ids, attention_mask, position_ids))
         z_f = z_b = None
         if pair.path == "mixed" and ft and base:
             rows = ft + base
@@ -131,7 +133,7 @@ class PairedRunner:
                 idx = ft_idx + [len(self.ft_rows) + i for i in base_idx]
             else:
                 idx = ft_idx if key == "ft" else base_idx
-            cache.batch_select_indices(torch.tensor(idx, dtype=torch.long))
+            cache.batch_select_indices(torch.tensor(idx, dtype=torch.long, device=self.pair.device))
         self.ft_rows, self.base_rows, self.n = new_ft, new_base, len(seq_index)
 
 

@@ -95,7 +95,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     ids, mask = left_pad([enc[pi] for pi, _ in seqs], tok.pad_token_id)
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=pair.device).manual_seed(cfg.seed)
     n = len(seqs)
     out_ids: list[list[int]] = [[] for _ in range(n)]
     finish = ["length"] * n
@@ -108,7 +108,8 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     with torch.no_grad():
         z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
         if any(s.needs_history for s in strategies):
-            seen = torch.zeros((n, (z_f if z_f is not None else z_b).shape[-1]), dtype=torch.bool)
+            z = z_f if z_f is not None else z_b
+            seen = torch.zeros((n, z.shape[-1]), dtype=torch.bool, device=z.device)
             for j, (pi, _) in enumerate(seqs):
                 seen[j, enc[pi]] = True
         for _t in range(cfg.max_new_tokens):
@@ -128,19 +129,21 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                 step = Step(None if z_b is None else z_b[live, -1], None if z_f is None else z_f[live, -1], extras)
                 s = strat.scores_from(step)
                 picked = _pick(s, cfg, gen)
-                nxt[live] = picked
+                picked_ids = picked.tolist()  # one device sync per strategy and step
+                nxt[live] = torch.tensor(picked_ids, dtype=torch.long)
                 pair_rows = [k for k, r in enumerate(live) if paired[r]]
                 if pair_rows:
                     sub = Step(step.z_b[pair_rows], step.z_f[pair_rows])
                     st = kvstats.step_stats(sub)
-                    fl = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).float()
+                    fl = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).tolist()
+                    st_rows = {name: v.tolist() for name, v in st.items()}
                     for k, r in enumerate(live[k2] for k2 in pair_rows):
                         flips[r].append(float(fl[k]))
-                        stats_acc[r].append({name: float(v[k]) for name, v in st.items()})
+                        stats_acc[r].append({name: v[k] for name, v in st_rows.items()})
                         if cfg.kv_steps:
-                            tid = int(picked[pair_rows[k]])
+                            tid = picked_ids[pair_rows[k]]
                             entry = {"token": tid, "text": tok.decode([tid]), "flip": bool(fl[k]),
-                                     **{name: round(float(v[k]), 5) for name, v in st.items()}}
+                                     **{name: round(v[k], 5) for name, v in st_rows.items()}}
                             entry.update(kvstats.top_tokens(sub.kv[k], cfg.kv_topk, lambda i: tok.decode([i])))
                             steps[r].append(entry)
             for r in range(n):

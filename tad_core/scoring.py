@@ -141,7 +141,7 @@ def teacher_force(pair: PairedModel, units: Sequence[Unit], need_ft: bool, need_
     def gather(last: torch.Tensor | None, cont_logits: torch.Tensor | None) -> torch.Tensor | None:
         if last is None:
             return None
-        out = torch.empty((len(targets), last.shape[-1]), dtype=torch.float32)
+        out = torch.empty((len(targets), last.shape[-1]), dtype=torch.float32, device=last.device)
         first = [i for i, t in enumerate(src_t) if t == 0]
         rest = [i for i, t in enumerate(src_t) if t > 0]
         out[first] = last[[src_unit[i] for i in first], -1].float()
@@ -154,7 +154,9 @@ def teacher_force(pair: PairedModel, units: Sequence[Unit], need_ft: bool, need_
         hidden = {layer: gather(h_last[layer], h_cont.get(layer)) for layer in hidden_layers}
         extras = step_extras(output_head(pair.model), hidden)
     step = Step(gather(zb_last, zb_cont), gather(zf_last, zf_cont), extras)
-    return TeacherForced(step, torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long), rows)
+    device = (zf_last if zf_last is not None else zb_last).device
+    return TeacherForced(step, torch.tensor(targets, dtype=torch.long, device=device),
+                         torch.tensor(owner, dtype=torch.long, device=device), rows)
 
 
 def hidden_layers_for(pair: PairedModel, strategies: Sequence[Strategy]) -> list[int]:
@@ -189,16 +191,18 @@ def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
     for strat in strategies:
         s = strat.scores_from(step)
         lp = torch.log_softmax(s, dim=-1).gather(-1, target_t[:, None]).squeeze(-1)
-        per_row[strat.spec.key] = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, owner_t, lp.double())
+        per_row[strat.spec.key] = torch.zeros(n_rows, dtype=torch.float64, device=lp.device).index_add_(
+            0, owner_t, lp.double()).cpu()
         if argmax_ft is not None:
-            flips[strat.spec.key] = (s.argmax(-1) != argmax_ft).float()
-    stats = kvstats.step_stats(step) if with_kv else None
+            flips[strat.spec.key] = (s.argmax(-1) != argmax_ft).float().cpu()
+    stats = {k: v.cpu() for k, v in kvstats.step_stats(step).items()} if with_kv else None
     results: list[MCScores] = []
     for si, sample in enumerate(samples):
         k = sample.n_choices
         row_ids = [r for r, row in enumerate(rows) if units[row[0]][0] == si]
         order = sorted(row_ids, key=lambda r: rows[r][1])
-        pos_idx = [i for i, o in enumerate(owner) if o in set(row_ids)]
+        mine = set(row_ids)
+        pos_idx = [i for i, o in enumerate(owner) if o in mine]
         scores = {key: [float(v[r]) for r in order] for key, v in per_row.items()}
         cont_chars = [rows[r][3] for r in order]
         assert len(cont_chars) == k
