@@ -144,64 +144,89 @@ def _parse_adapter_ref(text: str) -> tuple[str, int | None] | None:
     return name, int(ver)
 
 
-def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> _ModelSide | None:
-    from tad_core.models import KNOWN_MODELS
+@dataclass(frozen=True)
+class AdapterDir:
+    """A validated PEFT adapter directory: where it is, its weights' sha256, PEFT method and `tad train` manifest."""
 
-    if req.adapter and req.finetuned:
-        errors.append("pass either --adapter or --finetuned, not both")
-        return None
+    path: Path
+    sha256: str
+    method: str
+    manifest: dict[str, Any]
+
+
+def inspect_adapter_dir(text: str, settings: Settings, errors: list[str]) -> AdapterDir | None:
+    """Validate an adapter directory (inside the model roots, PEFT config, safetensors weights) without loading it;
+    problems are appended to `errors` (None returned)."""
     try:
-        if req.base in KNOWN_MODELS:
-            base_path, fp = req.base, hashlib.sha256(KNOWN_MODELS[req.base].requirement.encode()).hexdigest()
-        else:
-            path = resolve_under_roots(req.base, settings, "base model")
-            if not (path / "config.json").is_file():
-                errors.append(f"base model {req.base!r}: not a registered name ({', '.join(KNOWN_MODELS)}) "
-                              "nor a model directory with config.json")
-                return None
-            base_path, fp = str(path), _dir_fingerprint(path)
+        adir = resolve_under_roots(text, settings, "adapter")
     except SecurityError as e:
         errors.append(str(e))
         return None
-    side = _ModelSide(base_name=req.base, base_path=base_path, base_fingerprint=fp)
+    if not (adir / "adapter_config.json").is_file():
+        errors.append(f"adapter {text!r}: not a PEFT adapter directory (no adapter_config.json)")
+        return None
+    weights = adir / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (adir / "adapter_model.bin").is_file() and not settings.allow_pickle:
+            errors.append(f"adapter {text!r} stores pickled weights (adapter_model.bin); convert it to "
+                          "safetensors (pickle can run code on load; TAD_ALLOW_PICKLE=1 overrides)")
+            return None
+        weights = adir / "adapter_model.bin"
+        if not weights.is_file():
+            errors.append(f"adapter {text!r} has no adapter_model.safetensors")
+            return None
+    try:
+        cfg = json.loads((adir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        errors.append(f"adapter {text!r}: unreadable adapter_config.json ({e})")
+        return None
+    manifest: dict[str, Any] = {}
+    for name in ("tad_manifest.json", "manifest.json"):
+        if (adir / name).is_file():
+            try:
+                manifest = json.loads((adir / name).read_text())
+            except ValueError:
+                manifest = {}
+            break
+    return AdapterDir(adir, _sha256_file(weights), str(cfg.get("peft_type", "unknown")).lower(), manifest)
+
+
+def resolve_base(base: str, settings: Settings, errors: list[str]) -> tuple[str, str] | None:
+    """(path, fingerprint) of a base model: a registered name (fingerprint of its pinned source) or a model
+    directory inside the model roots (fingerprint of its config and weight files); problems go to `errors`."""
+    from tad_core.models import KNOWN_MODELS
+
+    try:
+        if base in KNOWN_MODELS:
+            return base, hashlib.sha256(KNOWN_MODELS[base].requirement.encode()).hexdigest()
+        path = resolve_under_roots(base, settings, "base model")
+    except SecurityError as e:
+        errors.append(str(e))
+        return None
+    if not (path / "config.json").is_file():
+        errors.append(f"base model {base!r}: not a registered name ({', '.join(KNOWN_MODELS)}) "
+                      "nor a model directory with config.json")
+        return None
+    return str(path), _dir_fingerprint(path)
+
+
+def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> _ModelSide | None:
+    if req.adapter and req.finetuned:
+        errors.append("pass either --adapter or --finetuned, not both")
+        return None
+    resolved = resolve_base(req.base, settings, errors)
+    if resolved is None:
+        return None
+    side = _ModelSide(base_name=req.base, base_path=resolved[0], base_fingerprint=resolved[1])
     if req.adapter:
         ref = _parse_adapter_ref(req.adapter)
         if ref is not None:
             return _ModelSide(**{**side.__dict__, "adapter_ref": ref})
-        try:
-            adir = resolve_under_roots(req.adapter, settings, "adapter")
-        except SecurityError as e:
-            errors.append(str(e))
+        found = inspect_adapter_dir(req.adapter, settings, errors)
+        if found is None:
             return None
-        if not (adir / "adapter_config.json").is_file():
-            errors.append(f"adapter {req.adapter!r}: not a PEFT adapter directory (no adapter_config.json)")
-            return None
-        weights = adir / "adapter_model.safetensors"
-        if not weights.is_file():
-            if (adir / "adapter_model.bin").is_file() and not settings.allow_pickle:
-                errors.append(f"adapter {req.adapter!r} stores pickled weights (adapter_model.bin); convert it to "
-                              "safetensors (pickle can run code on load; TAD_ALLOW_PICKLE=1 overrides)")
-                return None
-            weights = adir / "adapter_model.bin"
-            if not weights.is_file():
-                errors.append(f"adapter {req.adapter!r} has no adapter_model.safetensors")
-                return None
-        try:
-            cfg = json.loads((adir / "adapter_config.json").read_text())
-        except (OSError, ValueError) as e:
-            errors.append(f"adapter {req.adapter!r}: unreadable adapter_config.json ({e})")
-            return None
-        manifest: dict[str, Any] = {}
-        for name in ("tad_manifest.json", "manifest.json"):
-            if (adir / name).is_file():
-                try:
-                    manifest = json.loads((adir / name).read_text())
-                except ValueError:
-                    manifest = {}
-                break
-        return _ModelSide(**{**side.__dict__, "adapter_dir": adir, "adapter_sha256": _sha256_file(weights),
-                             "adapter_method": str(cfg.get("peft_type", "unknown")).lower(),
-                             "adapter_manifest": manifest})
+        return _ModelSide(**{**side.__dict__, "adapter_dir": found.path, "adapter_sha256": found.sha256,
+                             "adapter_method": found.method, "adapter_manifest": found.manifest})
     if req.finetuned:
         try:
             fdir = resolve_under_roots(req.finetuned, settings, "fine-tuned model")
@@ -305,10 +330,31 @@ def run_hash(*, base_fingerprint: str, adapter_sha256: str, finetuned_fingerprin
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob:
-    """Validate `req` completely, then store dataset/adapter (if new), the job, its runs and shards.
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that passed every check, with what planning and reuse need; nothing is stored yet."""
 
-    Raises SubmissionError (listing every problem) or SecurityError before anything is written.
+    req: SubmitRequest
+    specs: list[Any]
+    config_json: dict[str, Any]
+    side: _ModelSide
+    data: _DatasetData
+    n_samples: int
+    shard_size: int
+
+    def run_hashes(self, adapter_sha256: str) -> dict[str, str]:
+        """Strategy key -> run hash, for the adapter whose weights have `adapter_sha256` ("" for none)."""
+        return {sp.key: run_hash(base_fingerprint=self.side.base_fingerprint, adapter_sha256=adapter_sha256,
+                                 finetuned_fingerprint=self.side.finetuned_fingerprint,
+                                 content_hash=self.data.content_hash, split=self.data.split,
+                                 n_samples=self.n_samples, spec_key=sp.key, config=self.config_json)
+                for sp in self.specs}
+
+
+def validate_request(req: SubmitRequest, settings: Settings | None = None) -> ValidatedRequest:
+    """Check `req` completely (token, strategies, config, models, dataset) without storing anything.
+
+    Raises SubmissionError (listing every problem) or SecurityError.
     """
     settings = settings or get_settings()
     check_submit_token(settings, req.token)
@@ -329,8 +375,22 @@ def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob
     if errors or data is None or side is None or config is None:
         raise SubmissionError(errors or ["invalid submission"])
     n = len(data.samples) if req.limit is None else min(req.limit, len(data.samples))
-    config_json = config.to_json()
+    return ValidatedRequest(req, specs, config.to_json(), side, data, n, size)
 
+
+def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob:
+    """Validate `req` completely, then store dataset/adapter (if new), the job, its runs and shards.
+
+    Raises SubmissionError (listing every problem) or SecurityError before anything is written.
+    """
+    settings = settings or get_settings()
+    return plan_validated(validate_request(req, settings), settings)
+
+
+def plan_validated(v: ValidatedRequest, settings: Settings | None = None) -> PlannedJob:
+    """Store a validated request: dataset/adapter (if new), the job, its runs and shards."""
+    settings = settings or get_settings()
+    req, specs, side, data, n = v.req, v.specs, v.side, v.data, v.n_samples
     with session_scope(settings) as s:
         adapter: store.AdapterInfo | None = None
         adapter_created = False
@@ -353,23 +413,20 @@ def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob
         dataset, dataset_created = store.register_dataset(
             s, name=data.name, split=data.split, content_hash=data.content_hash, task_type=data.task_type,
             source=data.source, samples=data.samples)
-        adapter_sha = adapter.sha256 if adapter else ""
-        runs = [store.RunSpec(sp.name, dict(sp.params), sp.key, run_hash(
-            base_fingerprint=side.base_fingerprint, adapter_sha256=adapter_sha,
-            finetuned_fingerprint=side.finetuned_fingerprint, content_hash=data.content_hash, split=data.split,
-            n_samples=n, spec_key=sp.key, config=config_json)) for sp in specs]
+        hashes = v.run_hashes(adapter.sha256 if adapter else "")
+        runs = [store.RunSpec(sp.name, dict(sp.params), sp.key, hashes[sp.key]) for sp in specs]
         spec = {
             "base": req.base,
             "adapter": adapter.path if adapter else None,
             "adapter_label": adapter.label if adapter else None,
             "finetuned": str(side.finetuned_dir) if side.finetuned_dir else None,
             "strategies": [sp.to_json() for sp in specs],
-            "config": config_json,
+            "config": v.config_json,
             "dataset": data.name,
             "split": data.split,
             "limit": req.limit,
         }
-        ranges = shard_ranges(n, size)
+        ranges = shard_ranges(n, v.shard_size)
         job = store.create_job(s, spec=spec, submitted_by=req.submitted_by, base_model_id=base.id,
                                adapter_id=adapter.id if adapter else None, dataset_id=dataset.id, n_samples=n,
                                runs=runs, shard_ranges=ranges)

@@ -303,6 +303,17 @@ def _check_adapter_fits(model: PreTrainedModel, adapter_dir: Path, weights: Path
                 )
 
 
+def check_adapter_fits(base: str, adapter_dir: str | Path, allow_pickle: bool = False) -> None:
+    """Load-free check that a LoRA adapter fits `base` (ModelLoadError naming the module otherwise).
+
+    Reads only the base's config (a meta-device skeleton) and the adapter's tensor shapes, so registering an
+    adapter can refuse one made for another base without loading any weights.
+    """
+    adapter_dir = Path(adapter_dir).expanduser()
+    _check_adapter_fits(_skeleton(resolve_base_dir(base)), adapter_dir, _adapter_weights(adapter_dir, allow_pickle),
+                        base)
+
+
 def _supports_mixed_batch(peft_model: Any) -> bool:
     """Probe the mixed-adapter batch path once: it must run AND route each row to the right weights.
 
