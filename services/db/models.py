@@ -256,3 +256,46 @@ class WorkerHeartbeat(Base):
     job_id: Mapped[int | None] = mapped_column(Integer)
     shard_id: Mapped[int | None] = mapped_column(Integer)
     info: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+
+
+GATE_VERDICTS = ("passed", "regressed")
+
+
+class Suite(Base):
+    """A named, versioned regression suite: datasets (name, split, limit) x strategies x generation config.
+
+    `spec` is the validated definition (services.suites); `sha256` its canonical hash, so re-adding the same file
+    is recognised and a version is never silently redefined.
+    """
+
+    __tablename__ = "suites"
+    __table_args__ = (UniqueConstraint("name", "version"), CheckConstraint("version >= 1", name="version_positive"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RegressionCheck(Base):
+    """One `tad regress` verdict: a candidate adapter against a baseline on a suite, with its per-(dataset,
+    strategy) rows (runs compared, accuracies, difference and CI, McNemar p, verdict) kept as JSON."""
+
+    __tablename__ = "regression_checks"
+    __table_args__ = (
+        CheckConstraint(_in("verdict", GATE_VERDICTS), name="verdict"),
+        Index(None, "candidate_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    suite_id: Mapped[int] = mapped_column(ForeignKey("suites.id"))
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    baseline_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    alpha: Mapped[float] = mapped_column(Float)
+    min_effect: Mapped[float] = mapped_column(Float)
+    verdict: Mapped[str] = mapped_column(String(16))
+    rows: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -21,10 +21,12 @@ from services.db.models import (
     Dataset,
     DatasetSample,
     Job,
+    RegressionCheck,
     Run,
     RunAggregate,
     SampleResult,
     Shard,
+    Suite,
     WorkerHeartbeat,
     utcnow,
 )
@@ -199,6 +201,37 @@ class RunDiff:
     b_only: int  # b right, a wrong
     both_wrong: int
     rows: list[DiffRow]
+
+
+@dataclass(frozen=True)
+class SuiteInfo:
+    id: int
+    name: str
+    version: int
+    spec: dict[str, Any]
+    sha256: str
+    source: str
+    created_at: datetime
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class RegressionCheckInfo:
+    id: int
+    suite_id: int
+    suite: str  # name:version
+    candidate_id: int
+    candidate: str  # name:version
+    baseline_id: int
+    baseline: str
+    alpha: float
+    min_effect: float
+    verdict: str  # passed | regressed
+    rows: list[dict[str, Any]]
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -809,3 +842,65 @@ def list_workers(session: Session, seen_within_s: float | None = None) -> list[W
     if seen_within_s is not None:
         stmt = stmt.where(WorkerHeartbeat.last_seen >= utcnow() - timedelta(seconds=seen_within_s))
     return [WorkerInfo(w.worker, w.pid, w.started_at, w.last_seen, w.job_id, w.shard_id) for w in session.scalars(stmt)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regression suites and gate verdicts
+
+
+def _suite_info(x: Suite) -> SuiteInfo:
+    return SuiteInfo(x.id, x.name, x.version, dict(x.spec), x.sha256, x.source, x.created_at)
+
+
+def add_suite(session: Session, *, name: str, version: int, spec: dict[str, Any], sha256: str,
+              source: str = "") -> tuple[SuiteInfo, bool]:
+    """Store suite `name:version`; returns (suite, created). The same definition again is a no-op; another
+    definition under an existing version raises ValueError (a version is never redefined)."""
+    row = session.scalar(select(Suite).where(Suite.name == name, Suite.version == version))
+    if row is not None:
+        if row.sha256 != sha256:
+            raise ValueError(f"suite {name}:{version} already exists with another definition; give the changed "
+                             "suite a new version")
+        return _suite_info(row), False
+    row = Suite(name=name, version=version, spec=spec, sha256=sha256, source=source)
+    session.add(row)
+    session.flush()
+    return _suite_info(row), True
+
+
+def find_suite(session: Session, name: str, version: int | None = None) -> SuiteInfo | None:
+    """Suite `name` at `version`, or its newest version when `version` is None."""
+    stmt = select(Suite).where(Suite.name == name)
+    stmt = stmt.where(Suite.version == version) if version is not None else stmt.order_by(Suite.version.desc())
+    row = session.scalars(stmt.limit(1)).first()
+    return _suite_info(row) if row else None
+
+
+def list_suites(session: Session) -> list[SuiteInfo]:
+    return [_suite_info(x) for x in session.scalars(select(Suite).order_by(Suite.name, Suite.version))]
+
+
+def record_regression_check(session: Session, *, suite_id: int, candidate_id: int, baseline_id: int, alpha: float,
+                            min_effect: float, verdict: str, rows: Sequence[dict[str, Any]]) -> int:
+    """Store one gate verdict with its rows; returns its id."""
+    row = RegressionCheck(suite_id=suite_id, candidate_id=candidate_id, baseline_id=baseline_id, alpha=alpha,
+                          min_effect=min_effect, verdict=verdict, rows=list(rows))
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def regression_checks(session: Session, adapter_name: str | None = None, limit: int = 100) -> list[RegressionCheckInfo]:
+    """Gate verdicts (newest first), those whose candidate is a version of `adapter_name` when given."""
+    cand, base = aliased(Adapter), aliased(Adapter)
+    stmt = (select(RegressionCheck, Suite.name, Suite.version, cand.name, cand.version, base.name, base.version)
+            .join(Suite, Suite.id == RegressionCheck.suite_id)
+            .join(cand, cand.id == RegressionCheck.candidate_id).join(base, base.id == RegressionCheck.baseline_id))
+    if adapter_name is not None:
+        stmt = stmt.where(cand.name == adapter_name)
+    out = []
+    for c, sn, sv, cn, cv, bn, bv in session.execute(stmt.order_by(RegressionCheck.id.desc()).limit(limit)):
+        out.append(RegressionCheckInfo(c.id, c.suite_id, f"{sn}:{sv}", c.candidate_id, f"{cn}:{cv}", c.baseline_id,
+                                       f"{bn}:{bv}", c.alpha, c.min_effect, c.verdict, list(c.rows or []),
+                                       c.created_at))
+    return out
