@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import core_cmd, data_cmd, jobs_cmd, train_cmd
+from services.cli import core_cmd, data_cmd, jobs_cmd, regress_cmd, train_cmd
 
 app = typer.Typer(help="TaD-Eval: Task-aware Decoding evaluation service.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-for module in (core_cmd, data_cmd, train_cmd, jobs_cmd):
+for module in (core_cmd, data_cmd, train_cmd, jobs_cmd, regress_cmd):
     module.register(app)
 
 if __name__ == "__main__":

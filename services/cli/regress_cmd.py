@@ -1,0 +1,295 @@
+"""Regression gates: `tad adapters register|list|promote`, `tad suites add|list`, `tad regress`.
+
+`tad regress` exits 0 when nothing regressed, 1 when something did, 2 on usage or input errors (and when an
+evaluation it needed did not finish, so there is no verdict), so a CI pipeline can gate on it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from services.cli.jobs_cmd import (EXIT_USAGE, TokenOpt, UserOpt, _check_schema, _fail, _json_default,
+                                   _progress_bar, _settings, _user_errors)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
+
+
+@contextmanager
+def _gate_errors() -> Iterator[None]:
+    """The errors of this module a user can fix: one message, exit code 2, no traceback."""
+    from tad_core.models import ModelLoadError
+
+    from services.regress import EvaluationFailed, GateError
+    from services.suites import SuiteError
+
+    with _user_errors():
+        try:
+            yield
+        except SuiteError as e:
+            typer.secho("error: invalid suite, nothing was stored:", err=True, fg=typer.colors.RED)
+            for line in e.errors:
+                typer.echo(f"  {line}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        except (GateError, ModelLoadError) as e:
+            _fail(str(e))
+        except EvaluationFailed as e:
+            _fail(f"no verdict: {e}")
+
+
+def _manifest_summary(manifest: dict[str, Any]) -> str:
+    if not manifest:
+        return ""
+    parts = []
+    if "train_size" in manifest:
+        parts.append(f"{manifest['train_size']} {manifest.get('dataset', '?')}:{manifest.get('split', '?')} samples")
+    if "steps" in manifest:
+        parts.append(f"{manifest['steps']} steps")
+    if "final_loss" in manifest:
+        parts.append(f"final loss {manifest['final_loss']:.3f}")
+    return ", ".join(parts)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the adapters / suites groups and the regress command to the `tad` app."""
+    adapters_app = typer.Typer(help="Adapter registry: versions, weights hash, promoted baseline.",
+                               no_args_is_help=True)
+    app.add_typer(adapters_app, name="adapters")
+    suites_app = typer.Typer(help="Regression suites: named, versioned sets of datasets x strategies.",
+                             no_args_is_help=True)
+    app.add_typer(suites_app, name="suites")
+
+    @adapters_app.command("register")
+    def adapters_register(
+        name: Annotated[str, typer.Argument(help="adapter family name (letters, digits, _ . -)")],
+        directory: Annotated[Path, typer.Argument(metavar="DIR", help="PEFT adapter directory")],
+        version: Annotated[Optional[int], typer.Option("--version", min=1, help="version number (default: "
+                                                       "next free one)")] = None,
+        base: Annotated[Optional[str], typer.Option("--base", help="base model it belongs to (default: the one "
+                                                    "in tad_manifest.json, else smollm2-135m-instruct)")] = None,
+    ) -> None:
+        """Register an adapter directory as a new version of NAME (identical weights: nothing to do)."""
+        from tad_core.models import DEFAULT_BASE, check_adapter_fits
+
+        from services.db import store
+        from services.db.session import session_scope
+        from services.jobs import SubmissionError, inspect_adapter_dir, resolve_base
+
+        settings = _settings()
+        with _gate_errors():
+            if not NAME_RE.match(name):
+                _fail(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (no ':' or '/')")
+            _check_schema(settings, migrate_embedded=True)
+            errors: list[str] = []
+            found = inspect_adapter_dir(str(directory), settings, errors)
+            if found is None:
+                raise SubmissionError(errors)
+            trained_on = found.manifest.get("base")
+            if base is not None and trained_on and trained_on != base:
+                _fail(f"adapter {directory} was trained on base model {trained_on!r} (tad_manifest.json), not "
+                      f"{base!r}")
+            base_name = base or trained_on or DEFAULT_BASE
+            resolved = resolve_base(base_name, settings, errors)
+            if resolved is None:
+                raise SubmissionError(errors)
+            check_adapter_fits(resolved[0], found.path, allow_pickle=settings.allow_pickle)
+            if found.manifest.get("adapter_sha256") not in (None, found.sha256):
+                typer.secho(f"warning: {found.path}/tad_manifest.json describes other weights (sha256 "
+                            f"{str(found.manifest['adapter_sha256'])[:12]}) than the directory holds "
+                            f"({found.sha256[:12]})", err=True, fg=typer.colors.YELLOW)
+            with session_scope(settings) as s:
+                base_row = store.get_or_create_base_model(s, base_name, resolved[0], resolved[1])
+                same = [a for a in store.list_adapters(s) if a.sha256 == found.sha256]
+                try:
+                    info, created = store.register_adapter(
+                        s, name=name, path=str(found.path), method=found.method, sha256=found.sha256,
+                        base_model_id=base_row.id, manifest=found.manifest, version=version)
+                except ValueError as e:
+                    _fail(str(e))
+        if not created:
+            typer.echo(f"{info.label} already has these weights (sha256 {info.sha256[:12]}): nothing registered")
+            return
+        summary = _manifest_summary(info.manifest)
+        typer.echo(f"registered {info.label}: {info.method}, sha256 {info.sha256[:12]}, base {info.base_model}"
+                   + (f", trained on {summary}" if summary else "") + f"\n  {info.path}")
+        twins = [a.label for a in same if a.id != info.id]
+        if twins:
+            typer.echo(f"  note: the same weights are registered as {', '.join(twins)}")
+
+    @adapters_app.command("list")
+    def adapters_list(name: Annotated[Optional[str], typer.Argument(help="only this family")] = None,
+                      as_json: JsonOpt = False) -> None:
+        """List registered adapter versions (★ = promoted baseline)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from services.db import store
+        from services.db.session import session_scope
+
+        settings = _settings()
+        with _gate_errors():
+            _check_schema(settings, migrate_embedded=True)
+        with session_scope(settings) as s:
+            rows = store.list_adapters(s, name)
+        if as_json:
+            typer.echo(json.dumps([asdict(a) for a in rows], default=_json_default))
+            return
+        table = Table()
+        for col in ("adapter", "promoted", "method", "base", "sha256", "trained on", "registered", "path"):
+            table.add_column(col, overflow="fold")
+        for a in rows:
+            table.add_row(a.label, "★" if a.promoted else "", a.method, a.base_model, a.sha256[:12],
+                          _manifest_summary(a.manifest) or "-", a.created_at.strftime("%Y-%m-%d %H:%M"), a.path)
+        Console(width=180).print(table)
+
+    @adapters_app.command("promote")
+    def adapters_promote(ref: Annotated[str, typer.Argument(metavar="NAME:VERSION")]) -> None:
+        """Mark NAME:VERSION as the accepted baseline of its family (what `tad regress` compares with)."""
+        from services.db import store
+        from services.db.session import session_scope
+        from services.regress import GateError, parse_ref
+
+        settings = _settings()
+        with _gate_errors():
+            _check_schema(settings, migrate_embedded=True)
+            name, version = parse_ref(ref, "adapter")
+            if version is None:
+                raise GateError(f"adapter {ref!r}: give the version to promote, NAME:VERSION")
+            with session_scope(settings) as s:
+                info = store.promote_adapter(s, name, version)
+        typer.echo(f"promoted {info.label} (sha256 {info.sha256[:12]}): the baseline of `tad regress {name}:N`")
+
+    @suites_app.command("add")
+    def suites_add(file: Annotated[Path, typer.Argument(metavar="FILE", help="suite YAML file")]) -> None:
+        """Validate a suite file and store it (the same definition again: nothing to do)."""
+        from services.db import store
+        from services.db.session import session_scope
+        from services.regress import GateError
+        from services.suites import load_suite_file
+
+        settings = _settings()
+        with _gate_errors():
+            spec = load_suite_file(file)
+            _check_schema(settings, migrate_embedded=True)
+            with session_scope(settings) as s:
+                try:
+                    info, created = store.add_suite(s, name=spec.name, version=spec.version, spec=spec.to_json(),
+                                                    sha256=spec.sha256, source=str(Path(file).resolve()))
+                except ValueError as e:
+                    raise GateError(str(e)) from None
+        what = f"{len(spec.datasets)} dataset(s) x {len(spec.strategies)} strategy spec(s)"
+        typer.echo(f"added suite {info.label}: {what}" if created else
+                   f"suite {info.label} is already stored with this definition: nothing added")
+
+    @suites_app.command("list")
+    def suites_list(as_json: JsonOpt = False) -> None:
+        """List stored suites."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from services.db import store
+        from services.db.session import session_scope
+        from services.suites import SuiteSpec
+
+        settings = _settings()
+        with _gate_errors():
+            _check_schema(settings, migrate_embedded=True)
+        with session_scope(settings) as s:
+            rows = store.list_suites(s)
+        if as_json:
+            typer.echo(json.dumps([asdict(x) for x in rows], default=_json_default))
+            return
+        table = Table()
+        for col in ("suite", "datasets", "strategies", "config", "added"):
+            table.add_column(col, overflow="fold")
+        for x in rows:
+            spec = SuiteSpec.from_json(x.spec)
+            table.add_row(x.label, "\n".join(d.label for d in spec.datasets), ", ".join(spec.strategies),
+                          ", ".join(f"{k}={v}" for k, v in spec.config.items()) or "-",
+                          x.created_at.strftime("%Y-%m-%d %H:%M"))
+        Console(width=180).print(table)
+
+    @app.command()
+    def regress(
+        candidate: Annotated[str, typer.Argument(metavar="NAME:VERSION", help="candidate adapter version")],
+        suite: Annotated[str, typer.Option("--suite", help="suite NAME or NAME:VERSION")],
+        against: Annotated[Optional[str], typer.Option("--against", metavar="NAME:VERSION",
+                                                       help="baseline (default: the promoted version)")] = None,
+        alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="significance level")] = 0.05,
+        min_effect: Annotated[float, typer.Option("--min-effect", min=0.0, max=1.0,
+                                                  help="smallest accuracy change that counts")] = 0.01,
+        as_json: JsonOpt = False,
+        force: Annotated[bool, typer.Option("--force", help="recompute even when identical runs exist")] = False,
+        workers: Annotated[bool, typer.Option("--workers", help="run the jobs on the Celery workers (default: "
+                                              "in this process)")] = False,
+        timeout: Annotated[Optional[float], typer.Option("--timeout", min=1.0, help="with --workers: give up "
+                                                         "after this many seconds")] = None,
+        token: TokenOpt = None,
+        user: UserOpt = "",
+    ) -> None:
+        """Gate a candidate adapter version against its baseline on a suite (exit 0: passed, 1: regressed, 2: error)."""
+        from services.regress import finish_gate, plan_gate, run_embedded, run_on_workers
+
+        settings = _settings()
+        with _gate_errors():
+            _check_schema(settings, migrate_embedded=not workers)
+            plan = plan_gate(candidate, suite, against, alpha=alpha, min_effect=min_effect, force=force,
+                             submitted_by=user or "", token=token, settings=settings)
+            reused = sum(1 for side in plan.sides if side.reused)
+            typer.echo(f"{plan.candidate.label} vs {plan.baseline.label} on suite {plan.suite.label}: "
+                       f"{len(plan.jobs)} job(s) to run ({plan.total_samples} samples), "
+                       f"{reused} of {len(plan.sides)} dataset run(s) reused", err=True)
+            if plan.jobs:
+                with _progress_bar(plan.total_samples, "regress") as bar:
+                    if workers:
+                        def _set(done: int) -> None:
+                            bar.n = done
+                            bar.refresh()
+
+                        run_on_workers(plan, settings, progress=_set, timeout=timeout)
+                    else:
+                        run_embedded(plan, settings, progress=bar.update)
+            result = finish_gate(plan, settings)
+        if as_json:
+            typer.echo(json.dumps(result.to_json(), default=_json_default))
+        else:
+            _print_gate(result)
+        raise typer.Exit(result.exit_code)
+
+
+def _print_gate(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colours = {"regressed": "red", "improved": "green", "unchanged": "", "no data": "yellow"}
+    table = Table(title=f"tad regress {result.candidate} vs {result.baseline} on suite {result.suite} "
+                        f"(alpha {result.alpha:g}, min effect {result.min_effect:g})")
+    for col in ("dataset", "strategy", "n", "baseline acc", "candidate acc", "diff [95% CI]", "fixed/broken",
+                "McNemar p", "verdict", "runs (baseline/candidate)"):
+        table.add_column(col, justify="left" if col in ("dataset", "strategy", "verdict") else "right")
+    for r in result.rows:
+        diff = "-" if r.diff is None else f"{r.diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
+        runs = (f"{r.baseline_run_id}{' (reused)' if r.baseline_reused else ''} / "
+                f"{r.candidate_run_id}{' (reused)' if r.candidate_reused else ''}")
+        verdict = f"[{colours[r.verdict]}]{r.verdict}[/]" if colours.get(r.verdict) else r.verdict
+        table.add_row(f"{r.dataset}:{r.split}" + (f"[:{r.limit}]" if r.limit else ""), r.strategy, str(r.n),
+                      "-" if r.baseline_acc is None else f"{r.baseline_acc:.4f}",
+                      "-" if r.candidate_acc is None else f"{r.candidate_acc:.4f}", diff,
+                      f"{r.fixed}/{r.broken}", "-" if r.p_value is None else f"{r.p_value:.4g}", verdict, runs)
+    console = Console(width=200)
+    console.print(table)
+    n_reg = sum(r.verdict == "regressed" for r in result.rows)
+    n_imp = sum(r.verdict == "improved" for r in result.rows)
+    if n_reg:
+        console.print(f"[red]REGRESSED[/]: {n_reg} of {len(result.rows)} (dataset, strategy) rows; exit 1 "
+                      f"(check {result.check_id})")
+    else:
+        console.print(f"[green]PASSED[/]: nothing regressed ({n_imp} improved, "
+                      f"{len(result.rows) - n_imp} unchanged); exit 0 (check {result.check_id})")
