@@ -309,3 +309,36 @@ def test_suite_and_check_store_on_both_dialects(migrated_url: str) -> None:
         assert (check.candidate, check.baseline, check.suite, check.verdict, check.rows) == (
             "fam:2", "fam:1", "s:1", "regressed", rows)
         assert store.regression_checks(s, "other") == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_gate_through_celery_workers(service: dict, monkeypatch: pytest.MonkeyPatch, tiny_lora_dir: Path,
+                                     second_lora: Path) -> None:
+    """`tad regress --workers`: the shards run in a real `tad worker` (Celery, Redis, Postgres); the gate waits,
+    then an embedded gate on the same database reuses every run."""
+    import os
+
+    env, tmp = service["env"], service["tmp"]
+    settings = _use_env(monkeypatch, env["TAD_DATABASE_URL"], [service["model"].parent.parent, tmp,
+                                                               second_lora.parent],
+                        TAD_BROKER_URL=env["TAD_BROKER_URL"], TAD_QUEUE=env["TAD_QUEUE"])
+    write_mc_dataset(tmp / "mc.jsonl", 24)
+    (tmp / "suite.yaml").write_text(SUITE)
+    model = str(service["model"])
+    _ok(["adapters", "register", "fam", str(tiny_lora_dir), "--base", model])
+    _ok(["adapters", "promote", "fam:1"])
+    _ok(["adapters", "register", "fam", str(second_lora), "--base", model])
+    _ok(["suites", "add", str(tmp / "suite.yaml")])
+    worker = service["start_worker"]("gate")
+    r = runner.invoke(app, ["regress", "fam:2", "--suite", "smoke", "--workers", "--timeout", "300", "--json"])
+    assert r.exit_code in (0, 1), (r.output, worker.tail())
+    payload = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(payload["jobs_run"]) == 4
+    _check_rows_independently(settings, payload)
+    with session_scope(settings) as s:
+        ran_by = {sh.worker for j in payload["jobs_run"] for sh in store.job_shards(s, j)}
+        assert all(store.get_job(s, j).status == "done" for j in payload["jobs_run"])
+    assert ran_by and all(w and not w.endswith(f":{os.getpid()}") for w in ran_by), ran_by
+    code, again = _gate(["fam:2", "--suite", "smoke"])
+    assert again["jobs_run"] == [] and code == r.exit_code
