@@ -137,6 +137,12 @@ def adapters(url: str) -> list[store.AdapterInfo]:
 
 
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
+def regression_checks(url: str, adapter_name: str) -> list[store.RegressionCheckInfo]:
+    with _session(url) as s:
+        return store.regression_checks(s, adapter_name)
+
+
+@st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
 def paired(url: str, run_a: int, run_b: int, norm: bool = False) -> list[views.PairedOutcome]:
     with _session(url) as s:
         return views.paired_outcomes(s, run_a, run_b, norm=norm)

@@ -3,7 +3,8 @@ compared on the same samples with a baseline version (the promoted one, or the p
 a paired-bootstrap CI and the exact McNemar p-value (tad_core.metrics.mcnemar); significant drops are flagged.
 
 Built from the stored runs (runs of different versions of one family on the same dataset and strategy), so it
-reads the same data a `tad regress` gate would.
+reads the same data a `tad regress` gate would; the verdicts `tad regress` stored (regression_checks) are shown
+above the charts when there are any.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.views.common import as_utc
+from services.db import store
 from services.db.views import PairedOutcome, RunRow
 from tad_core.metrics import mcnemar
 
@@ -111,6 +113,7 @@ def render() -> None:
         "method": a.method, "sha256": a.sha256[:12], "base model": a.base_model, "path": a.path,
         "manifest": ", ".join(f"{k}={v}" for k, v in list(a.manifest.items())[:4])} for a in versions]),
         hide_index=True, width="stretch")
+    _gate_checks(data.regression_checks(url, family))
     rows = data.runs(url, adapter_name=family)
     if not rows:
         st.info(f"No runs of {family} yet: evaluate its versions on the same dataset and strategies, e.g. "
@@ -157,3 +160,22 @@ def render() -> None:
                           "p_value", "verdict"]], hide_index=True, width="stretch",
                      column_config={c: st.column_config.NumberColumn(format="%.4f")
                                     for c in ("acc", "stderr", "diff", "ci_low", "ci_high")})
+
+
+def _gate_checks(checks: Sequence[store.RegressionCheckInfo]) -> None:
+    """The verdicts `tad regress` stored for this family (newest first), and the rows of the newest one."""
+    if not checks:
+        return
+    st.subheader("Gate verdicts (`tad regress`)")
+    st.dataframe(pd.DataFrame.from_records([{
+        "checked": as_utc(c.created_at), "candidate": c.candidate, "baseline": c.baseline, "suite": c.suite,
+        "alpha": c.alpha, "min effect": c.min_effect, "verdict": c.verdict,
+        "regressed": "; ".join(f"{r['dataset']}/{r['strategy']}" for r in c.rows if r.get("verdict") == "regressed"),
+    } for c in checks]), hide_index=True, width="stretch")
+    latest = checks[0]
+    st.caption(f"Newest check: {latest.candidate} vs {latest.baseline} on suite {latest.suite}")
+    cols = ["dataset", "split", "limit", "strategy", "n", "baseline_acc", "candidate_acc", "diff", "ci_low",
+            "ci_high", "p_value", "fixed", "broken", "verdict"]
+    st.dataframe(pd.DataFrame.from_records(latest.rows, columns=cols), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.4f")
+                                for c in ("baseline_acc", "candidate_acc", "diff", "ci_low", "ci_high")})
