@@ -20,6 +20,44 @@ from transformers import DynamicCache
 from tad_core.models import PairedModel
 
 
+class RowGate:
+    """Per-row switch for a plain LoRA adapter: base rows get exactly the base layer's output.
+
+    PEFT's `adapter_names` mixed batch splits every LoRA layer's input into per-adapter sub-batches in Python, which
+    costs more per decoding step than the base rows' forward itself on a GPU. For vanilla LoRA
+    (`result = base(x) + lora_B(lora_A(x)) * scaling`) the same result comes from computing the low-rank update for
+    all rows and multiplying it by a 0/1 row mask: a forward hook on each `lora_B` does that, vectorised.
+    Adapters with variants (DoRA, ...) or non-Linear LoRA layers keep PEFT's `adapter_names` path.
+    """
+
+    def __init__(self, peft_model: Any) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.mask: torch.Tensor | None = None
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_B:
+                module.lora_B["default"].register_forward_hook(self._hook)
+
+    def _hook(self, _module: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out if self.mask is None else out * self.mask.to(out.dtype)
+
+    @staticmethod
+    def supports(peft_model: Any) -> bool:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        return bool(layers) and all(type(m) is LoraLinear and not m.lora_variant and not m.lora_embedding_A
+                                    for m in layers)
+
+    @classmethod
+    def for_pair(cls, pair: PairedModel) -> "RowGate | None":
+        if "row_gate" not in pair.info:
+            supported = pair.path == "mixed" and pair.peft_type == "LORA" and cls.supports(pair.model)
+            pair.info["row_gate"] = cls(pair.model) if supported else None
+        return pair.info["row_gate"]
+
+
 class PairedRunner:
     """Stateful forwards (with KV caches) for N sequences of one batch."""
 
@@ -66,9 +104,18 @@ class PairedRunner:
         z_f = z_b = None
         if pair.path == "mixed" and ft and base:
             rows = ft + base
-            names = ["default"] * len(ft) + ["__base__"] * len(base)
-            out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
-                             logits_to_keep, adapter_names=names, output_hidden_states=hs)
+            gate = RowGate.for_pair(pair)
+            if gate is not None:
+                gate.mask = torch.cat([torch.ones(len(ft)), torch.zeros(len(base))]).view(-1, 1, 1).to(device)
+                try:
+                    out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
+                                     logits_to_keep, output_hidden_states=hs)
+                finally:
+                    gate.mask = None
+            else:
+                names = ["default"] * len(ft) + ["__base__"] * len(base)
+                out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
+                                 logits_to_keep, adapter_names=names, output_hidden_states=hs)
             logits = out.logits
             z_f = self._scatter(logits[: len(ft)], ft)
             z_b = self._scatter(logits[len(ft):], base)

@@ -32,6 +32,7 @@ class GenConfig:
     kv_topk: int = 3
     kv_steps: bool = True  # keep per-step knowledge-vector stats (for the dashboard's token view)
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks compare equal work)
+    kv_stats: bool = True  # knowledge-vector statistics and flips for sequences that have both sides
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -131,12 +132,14 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                 picked = _pick(s, cfg, gen)
                 picked_ids = picked.tolist()  # one device sync per strategy and step
                 nxt[live] = torch.tensor(picked_ids, dtype=torch.long)
-                pair_rows = [k for k, r in enumerate(live) if paired[r]]
+                pair_rows = [k for k, r in enumerate(live) if paired[r]] if cfg.kv_stats else []
                 if pair_rows:
                     sub = Step(step.z_b[pair_rows], step.z_f[pair_rows])
                     st = kvstats.step_stats(sub)
-                    fl = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).tolist()
-                    st_rows = {name: v.tolist() for name, v in st.items()}
+                    flip = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).float()
+                    stacked = torch.stack([flip, *st.values()], dim=-1).tolist()  # one device sync
+                    fl = [row[0] for row in stacked]
+                    st_rows = {name: [row[i + 1] for row in stacked] for i, name in enumerate(st)}
                     for k, r in enumerate(live[k2] for k2 in pair_rows):
                         flips[r].append(float(fl[k]))
                         stats_acc[r].append({name: v[k] for name, v in st_rows.items()})

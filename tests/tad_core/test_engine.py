@@ -201,3 +201,20 @@ def test_extract_answer():
     assert extract_answer("B) blue", mc) == "blue"
     assert extract_answer("I think blue", mc) == "blue"
     assert extract_answer("ans=7 end", Sample("z", "q", reference="7", answer_pattern=r"ans=(\d+)")) == "7"
+
+
+def test_row_gate_equals_peft_adapter_names(tiny_pair):
+    """The vectorised LoRA row gate and PEFT's adapter_names mixed batch give the same logits."""
+    import dataclasses
+
+    from tad_core.engine import RowGate
+
+    assert RowGate.for_pair(tiny_pair) is not None
+    tok = tiny_pair.tokenizer
+    ids, mask = left_pad([tok(p)["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    gated = _last_logits(tiny_pair, {"need_ft": [True] * 3, "need_base": [True] * 3}, ids, mask)
+    plain = dataclasses.replace(tiny_pair, info={"row_gate": None})  # forces the adapter_names path
+    peft_path = _last_logits(plain, {"need_ft": [True] * 3, "need_base": [True] * 3}, ids, mask)
+    real = mask.bool()
+    for a, b in zip(gated, peft_path):
+        assert torch.allclose(a[real], b[real], atol=1e-5)
