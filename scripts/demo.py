@@ -33,7 +33,7 @@ def main() -> None:
         print(f"reusing the demo adapter {adapter}")
     else:
         tad("train", "--dataset", "arc_easy", "--method", "lora", "--steps", steps, "--train-size", "500",
-            "--seed", "0", "--out", str(adapter))
+            "--seed", "0", "--threads", "2", "--out", str(adapter))
     tad("run", "--base", "smollm2-135m-instruct", "--adapter", str(adapter), "--adapter-name", "demo-arc_easy-lora",
         "--dataset", "arc_easy", "--split", "val", "--limit", limit,
         "--strategy", "ft", "--strategy", "base", "--strategy", "tad:alpha=0.25,0.5,1,2,4",
