@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements.lock scripts/setup.sh
 	touch $(STAMP)
 
 setup: $(STAMP)
-	$(BIN)/tad fetch
+	$(BIN)/tad fetch --model smollm2-135m-instruct --model gemma3-270m
 
 demo: setup
 	$(BIN)/python scripts/demo.py
