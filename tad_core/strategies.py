@@ -329,10 +329,17 @@ class DoLa(Strategy):
                              "from the same forward when a strategy has needs_hidden)")
         layers = self.hidden_layers(ex["num_layers"], ex["tied_embeddings"])
         lp_f = step.lp_f
-        prem = torch.stack([torch.log_softmax(ex["premature_logits"][i].float(), dim=-1) for i in layers])
-        jsd = js_divergence(lp_f.unsqueeze(0), prem)  # [L, ...]
-        pick = jsd.argmax(dim=0)  # ties -> the lowest candidate layer
-        lp_m = prem.gather(0, pick.unsqueeze(0).unsqueeze(-1).expand((1,) + tuple(lp_f.shape))).squeeze(0)
+        best_jsd: torch.Tensor | None = None
+        lp_m = lp_f
+        for i in layers:  # one candidate at a time: memory stays O(N x V) whatever the number of candidates
+            lq = torch.log_softmax(ex["premature_logits"][i].float(), dim=-1)
+            jsd = js_divergence(lp_f, lq)
+            if best_jsd is None:
+                best_jsd, lp_m = jsd, lq
+            else:
+                better = jsd > best_jsd  # ties keep the lower candidate layer
+                best_jsd = torch.where(better, jsd, best_jsd)
+                lp_m = torch.where(better.unsqueeze(-1), lq, lp_m)
         s = _masked(lp_f - lp_m, step.head(0.1))
         seen = ex.get("seen_tokens")
         if seen is not None and self.repetition_penalty != 1.0:
