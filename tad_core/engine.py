@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
-from tad_core.models import PairedModel
+from tad_core.models import PairedModel, is_plain_lora
 
 
 class RowGate:
@@ -41,19 +41,10 @@ class RowGate:
     def _hook(self, _module: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
         return out if self.mask is None else out * self.mask.to(out.dtype)
 
-    @staticmethod
-    def supports(peft_model: Any) -> bool:
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        return bool(layers) and all(type(m) is LoraLinear and not m.lora_variant and not m.lora_embedding_A
-                                    for m in layers)
-
     @classmethod
     def for_pair(cls, pair: PairedModel) -> "RowGate | None":
         if "row_gate" not in pair.info:
-            supported = pair.path == "mixed" and pair.peft_type == "LORA" and cls.supports(pair.model)
+            supported = pair.path == "mixed" and pair.peft_type == "LORA" and is_plain_lora(pair.model)
             pair.info["row_gate"] = cls(pair.model) if supported else None
         return pair.info["row_gate"]
 

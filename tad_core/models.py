@@ -314,26 +314,44 @@ def check_adapter_fits(base: str, adapter_dir: str | Path, allow_pickle: bool = 
                         base)
 
 
+def is_plain_lora(peft_model: Any) -> bool:
+    """Vanilla LoRA on Linear layers (no DoRA or other variants): `base(x) + lora_B(lora_A(x)) * scaling`.
+
+    Such an adapter is switched per batch row exactly by `tad_core.engine.RowGate`, so it takes the mixed path.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(type(m) is LoraLinear and not m.lora_variant and not m.lora_embedding_A
+                                for m in layers)
+
+
 def _supports_mixed_batch(peft_model: Any) -> bool:
-    """Probe the mixed-adapter batch path once: it must run AND route each row to the right weights.
+    """Whether base and fine-tuned rows can share one batch: plain LoRA always (row gate); other adapters if
+    PEFT's `adapter_names` routes each row to the right weights.
 
     Some adapter types accept `adapter_names` but ignore it (IA3 in current peft), so the probe compares a mixed
-    batch with separate adapter-on / adapter-off passes instead of trusting the absence of an error.
+    batch with adapter-on / adapter-off passes of the same shape. CPU kernels differ slightly across batch shapes,
+    so "right" means: each mixed row is much closer to its reference than the adapter's own effect.
     """
     if peft_model.peft_config["default"].is_prompt_learning:
         return False
+    if is_plain_lora(peft_model):
+        return True
     device = next(peft_model.parameters()).device
     ids = torch.arange(3, 11, device=device).view(1, 8).repeat(2, 1)
     try:
-        with torch.no_grad():  # references at the same batch shape: CPU kernels differ slightly across shapes
+        with torch.no_grad():
             mixed = peft_model(input_ids=ids, adapter_names=["__base__", "default"]).logits.float()
             ft = peft_model(input_ids=ids).logits.float()
             with peft_model.disable_adapter():
                 base = peft_model(input_ids=ids).logits.float()
     except (ValueError, TypeError, NotImplementedError, RuntimeError):
         return False
-    return bool(torch.allclose(mixed[0], base[0], atol=1e-3, rtol=0)
-                and torch.allclose(mixed[1], ft[1], atol=1e-3, rtol=0))
+    effect = float((ft[1] - base[1]).abs().max())
+    tol = max(1e-3, 0.05 * effect)
+    return bool((mixed[0] - base[0]).abs().max() <= tol and (mixed[1] - ft[1]).abs().max() <= tol)
 
 
 def load_pair(
