@@ -26,9 +26,6 @@ from services.jobs import (SubmitRequest, ValidatedRequest, enqueue_job, plan_va
 from services.settings import Settings, get_settings
 from services.suites import SuiteDataset, SuiteSpec
 
-VERDICTS = ("improved", "unchanged", "regressed", "no data")
-
-
 class GateError(ValueError):
     """The gate cannot be run as asked (unknown adapter / suite, no baseline, mismatched bases...): usage error."""
 

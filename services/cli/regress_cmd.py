@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
