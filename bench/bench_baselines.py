@@ -9,9 +9,7 @@ SVDecode's one-off calibration (stored and reused afterwards) is timed separatel
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,36 +17,9 @@ from typing import Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _machine() -> str:
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {dev}, "
-            f"threads {torch.get_num_threads()}")
-
-
-def _random_lora(base_dir: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    if not (out / "adapter_config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                         init_lora_weights=False, task_type="CAUSAL_LM")
-        torch.manual_seed(0)
-        get_peft_model(model, cfg).save_pretrained(str(out))
-    return out
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+from bench.common import interleaved, machine, random_lora  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +36,7 @@ def main() -> None:
     from tad_core.scoring import score_mc
     from tad_core.strategies import build, parse_strategy_arg
 
-    adapter = Path(args.adapter) if args.adapter else _random_lora(
+    adapter = Path(args.adapter) if args.adapter else random_lora(
         resolve_base_dir(DEFAULT_BASE), Path(tempfile.gettempdir()) / "tad_bench_lora_r8")
     pair = load_pair(DEFAULT_BASE, adapter=adapter)
     samples = load_dataset("arc_easy", "val", limit=args.samples).samples
@@ -82,12 +53,12 @@ def main() -> None:
         strategies = [build(s) for a in args_ for s in parse_strategy_arg(a)]
         return lambda: [score_mc(pair, b, strategies) for b in batches]
 
-    times = _interleaved({k: runner(v) for k, v in cases.items()}, args.repeats)
+    times = interleaved({k: runner(v) for k, v in cases.items()}, args.repeats)
     t0 = time.perf_counter()
     train = load_dataset("arc_easy", "train").samples
     cal = calibrate_svdecode_mu(pair, train, beta=0.1, n=128)
     t_cal = time.perf_counter() - t0
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     print(f"MC scoring, {len(samples)} ARC-Easy val samples, batch {args.batch_size}, median of {args.repeats}, "
           f"adapter {adapter.name}")
     print(f"| case | s / run | ratio vs ft |\n|---|---|---|")
