@@ -33,11 +33,17 @@ class EvalConfig:
     stop: tuple[str, ...] = ()
     kv_topk: int = 5
     delimiter: str = " "
+    # MC scoring only: floor for a token's log-prob when a strategy excludes it (-inf: clamp or head mask).
+    # None = the literal definitions (an excluded token makes the choice -inf); e.g. -1000 as DoLa's reference code.
+    mc_floor: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        if self.mc_floor is not None and (isinstance(self.mc_floor, bool) or not isinstance(self.mc_floor, (int, float))
+                                          or not math.isfinite(self.mc_floor) or self.mc_floor >= 0):
+            raise ValueError(f"mc_floor must be a finite negative number or None, got {self.mc_floor!r}")
         self.gen_config()  # validates the generation fields
 
     def gen_config(self) -> GenConfig:
@@ -111,7 +117,7 @@ def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence
     if mc:
         t0 = time.perf_counter()
         extra = [] if FT.key in keys else [build(FT)]  # ft is free from the same forward: needed for vs_ft
-        scored = score_mc(pair, mc, strategies + extra, config.kv_topk, config.delimiter)
+        scored = score_mc(pair, mc, strategies + extra, config.kv_topk, config.delimiter, config.mc_floor)
         per = (time.perf_counter() - t0) / len(mc)
         for sample, sc in zip(mc, scored):
             ft_pred, _ = mc_predictions(sc.scores[FT.key], sc.cont_chars)

@@ -170,7 +170,7 @@ def hidden_layers_for(pair: PairedModel, strategies: Sequence[Strategy]) -> list
 
 
 def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[Strategy],
-             kv_topk: int = 5, delimiter: str = " ") -> list[MCScores]:
+             kv_topk: int = 5, delimiter: str = " ", floor: float | None = None) -> list[MCScores]:
     """Score every choice of every sample under every strategy (teacher forcing, one paired forward).
 
     Strategies that read token history (DoLa's repetition penalty) get none here: a teacher-forced continuation
@@ -191,6 +191,8 @@ def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
     for strat in strategies:
         s = strat.scores_from(step)
         lp = torch.log_softmax(s, dim=-1).gather(-1, target_t[:, None]).squeeze(-1)
+        if floor is not None:  # an excluded token costs `floor` instead of making the whole choice -inf
+            lp = lp.clamp_min(floor)
         per_row[strat.spec.key] = torch.zeros(n_rows, dtype=torch.float64, device=lp.device).index_add_(
             0, owner_t, lp.double()).cpu()
         if argmax_ft is not None:

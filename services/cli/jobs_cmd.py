@@ -35,6 +35,8 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="first N
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="samples per forward batch")]
 TokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="generation length (generation tasks)")]
 TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy")]
+FloorOpt = Annotated[Optional[float], typer.Option("--mc-floor", help="MC scoring: log-prob charged for a token a "
+                                                   "strategy excludes (e.g. -1000) instead of -inf for the choice")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ShardOpt = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="samples per shard (default "
                                                  "TAD_SHARD_SIZE)")]
@@ -86,13 +88,15 @@ def _check_schema(settings: Any, migrate_embedded: bool = False) -> None:
 
 def _request(dataset: str, strategy: list[str], base: str, adapter: str | None, adapter_name: str | None,
              finetuned: str | None, split: str, limit: int | None, batch_size: int, max_new_tokens: int,
-             temperature: float, seed: int, shard_size: int | None, token: str | None, user: str) -> Any:
+             temperature: float, seed: int, shard_size: int | None, token: str | None, user: str,
+             mc_floor: float | None = None) -> Any:
     from services.jobs import SubmitRequest
 
     return SubmitRequest(dataset=dataset, strategies=list(strategy), base=base, adapter=adapter,
                          adapter_name=adapter_name, finetuned=finetuned, split=split, limit=limit,
                          config={"batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                                 "temperature": temperature, "seed": seed},
+                                 "temperature": temperature, "seed": seed,
+                                 **({"mc_floor": mc_floor} if mc_floor is not None else {})},
                          submitted_by=user or "", token=token, shard_size=shard_size)
 
 
@@ -154,7 +158,7 @@ def register(app: typer.Typer) -> None:
     def submit(dataset: DatasetOpt, strategy: StrategyOpt = ["ft"], base: BaseOpt = "smollm2-135m-instruct",
                adapter: AdapterOpt = None, adapter_name: AdapterNameOpt = None, finetuned: FinetunedOpt = None,
                split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
-               max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0,
+               max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "") -> None:
         """Validate and queue an evaluation job for the workers; prints the job id."""
         from services.db import store
@@ -165,7 +169,7 @@ def register(app: typer.Typer) -> None:
         with _user_errors():
             _check_schema(settings)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
-                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user), settings)
+                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor), settings)
         try:
             sent = enqueue_job(plan.job.id, settings)
         except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
@@ -180,7 +184,7 @@ def register(app: typer.Typer) -> None:
     def run(dataset: DatasetOpt, strategy: StrategyOpt = ["ft"], base: BaseOpt = "smollm2-135m-instruct",
             adapter: AdapterOpt = None, adapter_name: AdapterNameOpt = None, finetuned: FinetunedOpt = None,
             split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
-            max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0,
+            max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
             shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "",
             as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
@@ -192,7 +196,7 @@ def register(app: typer.Typer) -> None:
         with _user_errors():
             _check_schema(settings, migrate_embedded=True)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
-                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user), settings)
+                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor), settings)
         try:
             with _progress_bar(plan.job.n_samples, f"job {plan.job.id}") as bar:
                 info = run_job_embedded(plan.job.id, settings, progress=bar.update)

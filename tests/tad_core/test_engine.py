@@ -218,3 +218,23 @@ def test_row_gate_equals_peft_adapter_names(tiny_pair):
     real = mask.bool()
     for a, b in zip(gated, peft_path):
         assert torch.allclose(a[real], b[real], atol=1e-5)
+
+
+def test_mc_floor_replaces_excluded_tokens(tiny_pair):
+    """With mc_floor, a choice containing a token the strategy excludes is finite and ranked; ft is unchanged."""
+    import math
+
+    specs = parse_strategy_arg("ft") + parse_strategy_arg("tad_log:beta=0.9")
+    literal = evaluate_batch(tiny_pair, SAMPLES, specs, EvalConfig())
+    floored = evaluate_batch(tiny_pair, SAMPLES, specs, EvalConfig(mc_floor=-1000.0))
+    key = specs[1].key
+    excluded = [s for r in literal for s in r.outcomes[key].scores if math.isinf(s)]
+    assert excluded  # beta=0.9 keeps only the top tokens, so some continuation tokens are excluded
+    for a, b in zip(literal, floored):
+        assert a.outcomes["ft"].scores == b.outcomes["ft"].scores
+        for x, y in zip(a.outcomes[key].scores, b.outcomes[key].scores):
+            assert math.isfinite(y) and y >= -1000.0 * 40
+            if math.isfinite(x):
+                assert y == pytest.approx(x)
+    with pytest.raises(ValueError, match="mc_floor"):
+        EvalConfig(mc_floor=float("nan"))
