@@ -166,13 +166,12 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_model_dir):
 def test_adapter_for_another_base_is_refused(tmp_path, tiny_lora_dir):
     from tests.conftest import build_tiny_model
 
-    wide = tmp_path / "wide"
-    build_tiny_model(wide)
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(wide))
-    c = m.config
-    c.hidden_size, c.intermediate_size = 64, 128
-    LlamaForCausalLM(c).save_pretrained(str(wide))
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    wide = build_tiny_model(tmp_path / "wide")  # same tokenizer, wider layers than the adapter was made for
+    cfg = AutoConfig.from_pretrained(str(wide))
+    cfg.hidden_size, cfg.intermediate_size = 64, 128
+    LlamaForCausalLM(cfg).save_pretrained(str(wide))
     with pytest.raises(ModelLoadError, match="does not fit"):
         load_pair(str(wide), adapter=tiny_lora_dir)
 
