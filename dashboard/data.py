@@ -200,6 +200,14 @@ def workers(url: str) -> list[store.WorkerInfo]:
         return store.list_workers(s)
 
 
+def cancel_job(url: str, job_id: int) -> store.JobInfo:
+    """The one write the live page makes: ask a job to stop (store.request_cancel), then drop the cached reads."""
+    with _session(url) as s:
+        info = store.request_cancel(s, job_id)
+    clear_caches()
+    return info
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Token decoding for the knowledge-vector token view (per-step entries store token ids)
 

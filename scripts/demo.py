@@ -1,8 +1,9 @@
 """`make demo`: the main job on the embedded default, end to end, through the real CLI.
 
 1. train (or reuse) a LoRA adapter on ARC-Easy with `tad train`;
-2. `tad run` (in-process, SQLite in the cache) evaluates ft, base, a TaD alpha sweep, tad_log and contrastive on
-   ARC-Easy validation samples, streaming per-sample results into the DB, and prints the leaderboard with stderr
+2. `tad run` (in-process, SQLite in the cache) evaluates ft, base, a TaD alpha sweep, tad_log, contrastive and
+   the two baselines dola and svdecode (calibrated on 128 ARC-Easy train samples, once) on ARC-Easy validation
+   samples, streaming per-sample results into the DB, and prints the leaderboard with stderr
    and the McNemar p-value of each strategy against ft;
 3. prints the command that opens the dashboard on these results.
 Environment knobs: TAD_DEMO_LIMIT (samples, default 300), TAD_DEMO_STEPS (training steps, default 200).
@@ -37,7 +38,7 @@ def main() -> None:
     tad("run", "--base", "smollm2-135m-instruct", "--adapter", str(adapter), "--adapter-name", "demo-arc_easy-lora",
         "--dataset", "arc_easy", "--split", "val", "--limit", limit,
         "--strategy", "ft", "--strategy", "base", "--strategy", "tad:alpha=0.25,0.5,1,2,4",
-        "--strategy", "tad_log", "--strategy", "contrastive")
+        "--strategy", "tad_log", "--strategy", "contrastive", "--strategy", "dola", "--strategy", "svdecode")
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Open the dashboard on these results with:\n"
           f"  .venv/bin/tad dashboard    (or: make dashboard)\n")
 

@@ -83,6 +83,9 @@ def _jobs_body(url: str) -> None:
     st.subheader("Shards of a job")
     job_id = st.selectbox("Job", [j.id for j in jobs], key="jobs_detail",
                           format_func=lambda i: f"job {i}")
+    selected = next(j for j in jobs if j.id == int(job_id))
+    if selected.active:
+        _cancel_controls(url, selected)
     shards = data.shards(url, int(job_id))
     if shards:
         st.dataframe(pd.DataFrame.from_records([{
@@ -95,6 +98,30 @@ def _jobs_body(url: str) -> None:
     st.session_state["jobs_active"] = bool(active)
     if was_active and not active:
         st.rerun()  # the last job finished: rerun the page so the fragment stops polling
+
+
+def _cancel_controls(url: str, job: JobProgress) -> None:
+    """Cancel the selected job (queued shards stop now, running ones at their next batch boundary), asking for the
+    submit token when the deployment sets TAD_SUBMIT_TOKEN: cancelling is as privileged as submitting."""
+    from services.db import store
+    from services.security import SecurityError, check_submit_token
+
+    settings = data.settings()
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    token = c1.text_input("Submit token", type="password", key="cancel_token",
+                          disabled=settings.submit_token is None,
+                          help="required: this deployment sets TAD_SUBMIT_TOKEN" if settings.submit_token
+                          else "not required: TAD_SUBMIT_TOKEN is not set")
+    if not c2.button(f"Cancel job {job.id}", key="cancel_job", icon=":material/stop_circle:"):
+        return
+    try:
+        check_submit_token(settings, token or None)
+        info = data.cancel_job(url, job.id)
+    except (SecurityError, store.NotFound) as exc:
+        st.error(f"job {job.id} not cancelled: {exc}")
+        return
+    st.success(f"job {job.id}: {info.status}"
+               + (" (running shards stop at their next batch)" if info.status == "running" else ""))
 
 
 def render() -> None:

@@ -223,6 +223,42 @@ def test_live_jobs_progress_heartbeats_and_errors(app_on, seeded: Seed) -> None:
     assert list(shards["status"]) == ["running", "queued", "queued"] and shards.iloc[0]["done"] == "5/8"
 
 
+def _job_state(url: str, job_id: int) -> tuple[str, bool, list[str]]:
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        job = store.get_job(s, job_id)
+        state = job.status, job.cancel_requested, [sh.status for sh in store.job_shards(s, job_id)]
+    engine.dispose()
+    return state
+
+
+def test_cancel_button_needs_the_token_then_stops_the_job(app_on, tmp_path: Path) -> None:
+    from services.db.schema import upgrade
+    from tests.dashboard.conftest import seed_database
+
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    seed = seed_database(url)  # own copy: this test changes the running job
+    running = seed.jobs["running"]
+    at = app_on(url, "jobs", TAD_SUBMIT_TOKEN="right-token")
+    at.selectbox(key="jobs_detail").set_value(running).run()
+    at.text_input(key="cancel_token").set_value("wrong-token")
+    at.button(key="cancel_job").click().run()
+    assert f"job {running} not cancelled: submit token rejected" in at.error[-1].value
+    assert _job_state(url, running) == ("running", False, ["running", "queued", "queued"])
+
+    at.text_input(key="cancel_token").set_value("right-token")
+    at.button(key="cancel_job").click().run()
+    assert f"job {running}: running (running shards stop at their next batch)" in at.success[0].value
+    assert _job_state(url, running) == ("running", True, ["running", "cancelled", "cancelled"])
+    # a finished job offers no cancel button
+    at.selectbox(key="jobs_detail").set_value(seed.jobs["failed"]).run()
+    assert not [b for b in at.button if b.key == "cancel_job"]
+
+
 def test_regression_view_flags_the_worse_version(app_on, seeded: Seed) -> None:
     from tad_core.metrics import mcnemar
 

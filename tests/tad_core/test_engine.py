@@ -219,6 +219,33 @@ def test_row_gate_equals_peft_adapter_names(tiny_pair):
         assert torch.allclose(a[real], b[real], atol=1e-5)
 
 
+def test_few_rows_cpu_route_gives_the_same_decoding_steps(tiny_pair):
+    """Batch-1 paired decoding (2 rows per step) takes the CPU few-rows matmul route, with the logits of plain
+    forwards of the fine-tuned and base models over the whole sequence."""
+    from tad_core.engine import SmallRowsLinear
+
+    few = SmallRowsLinear.for_pair(tiny_pair)
+    assert few is not None
+    tok = tiny_pair.tokenizer
+    ids = torch.tensor([tok(PROMPTS[1])["input_ids"]])
+    mask = torch.ones_like(ids)
+    runner = PairedRunner(tiny_pair, need_ft=[True], need_base=[True])
+    seq = ids
+    with torch.no_grad():
+        runner.forward(ids, mask, positions_from_mask(mask), logits_to_keep=1)  # prefill: many rows, usual route
+        before = few.calls
+        for t in (5, 17, 3):
+            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+            mask = torch.ones_like(seq)
+            z_b, z_f = runner.forward(torch.tensor([[t]]), mask, positions_from_mask(mask)[:, -1:], logits_to_keep=1)
+            ft = tiny_pair.model(input_ids=seq).logits[:, -1]
+            with tiny_pair.model.disable_adapter():
+                base = tiny_pair.model(input_ids=seq).logits[:, -1]
+            assert torch.allclose(z_f[:, -1], ft, atol=1e-5) and torch.allclose(z_b[:, -1], base, atol=1e-5)
+    assert few.calls > before  # the decode steps did take the route
+    assert not few.active  # and it is off outside the paired forward
+
+
 def test_mc_floor_replaces_excluded_tokens(tiny_pair):
     """With mc_floor, a choice containing a token the strategy excludes is finite and ranked; ft is unchanged."""
     import math
