@@ -110,18 +110,27 @@ def _pm(v: float | None, se: float | None) -> str:
 
 def _print_leaderboard(rows: list[Any], title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
     for col in ("run", "strategy", "acc ± stderr", "acc_norm ± stderr", "n", "fixed/broken vs ft", "McNemar p vs ft"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
+    notes = []
     for r in rows:
         vs = f"{r.fixed}/{r.broken}" if r.fixed is not None else "-"
-        key = r.key + (f" [mu={r.info['mu']:.4g}, calibration {r.info['calibration']}]"
-                       if "mu" in (r.info or {}) else "")
-        table.add_row(str(r.run_id), key, _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr), str(r.n),
-                      vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}")
-    Console(width=160).print(table)
+        key = r.key
+        if "mu" in (r.info or {}):  # a calibrated svdecode: the mu it ran with, where it came from below the table
+            key += f" mu={r.info['mu']:.4g}"
+            notes.append(f"run {r.run_id}: mu={r.info['mu']:.6g} calibrated on {r.info.get('calibration_dataset', '?')}"
+                         f" ({r.info.get('calibration_n_samples', '?')} samples, "
+                         f"{r.info.get('calibration_n_tokens', '?')} tokens), calibration {r.info['calibration']}")
+        table.add_row(str(r.run_id), escape(key), _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr),
+                      str(r.n), vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}")
+    console = Console(width=160)
+    console.print(table)
+    for line in notes:
+        console.print(escape(line))
 
 
 def _json_default(o: Any) -> Any:

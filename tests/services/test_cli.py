@@ -90,3 +90,20 @@ def test_out_of_date_database_is_refused(env: dict, monkeypatch: pytest.MonkeyPa
     assert r.exit_code == 1 and "run `tad db upgrade`" in r.output
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     assert runner.invoke(app, ["jobs"]).exit_code == 0
+
+
+def test_leaderboard_shows_the_calibrated_mu_and_its_calibration(capsys: pytest.CaptureFixture[str]) -> None:
+    """A calibrated svdecode run prints the mu it ran with (brackets are not taken for rich markup)."""
+    from services.cli.jobs_cmd import _print_leaderboard
+    from services.db.store import LeaderboardRow
+
+    info = {"mu": 0.981002, "calibration": "9c483289e9ea395f", "calibration_dataset": "arc_easy:train",
+            "calibration_n_samples": 128, "calibration_n_tokens": 597}
+    row = LeaderboardRow(job_id=1, run_id=11, job_status="done", dataset="arc_easy", split="val", base="b",
+                         adapter="a:1", strategy="svdecode", key="svdecode(beta=0.1,mu=auto)", params={}, n=300,
+                         acc=0.49, acc_stderr=0.0289, acc_norm=0.4933, acc_norm_stderr=0.0289, fixed=21, broken=61,
+                         mcnemar_p=1.13e-05, info=info)
+    _print_leaderboard([row], "job [1]")
+    out = capsys.readouterr().out
+    assert "svdecode(beta=0.1,mu=auto) mu=0.981" in out and "21/61" in out and "job [1]" in out
+    assert "run 11: mu=0.981002 calibrated on arc_easy:train (128 samples, 597 tokens), calibration 9c483289e9ea395f" in out
