@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from services import heartbeat
 from services.db import store
 from services.db.session import session_scope
 from services.security import SecurityError, check_submit_token, resolve_under_roots
@@ -533,18 +534,22 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
         raw = store.load_samples(s, job.dataset_id, start, stop)
         store.heartbeat(s, me, os.getpid(), job_id, claim.shard.id)
     shard_id = claim.shard.id
+    heartbeat.working_on(job_id, shard_id)  # the worker's periodic beats report this shard while it runs
     try:
-        done = _evaluate_shard(job, runs, raw, start, shard_id, settings, progress)
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the shard, then retried or failed
-        return _attempt_failed(job_id, start, stop, shard_id, claim.shard.attempts, exc, settings)
-    with session_scope(settings) as s:
-        if done < len(raw):
-            info = store.finish_shard(s, shard_id, "cancelled")
-            return ShardOutcome(job_id, start, stop, "cancelled", done, info.status)
-        store.refresh_aggregates(s, [r.id for r in runs])
-        info = store.finish_shard(s, shard_id, "done")
-        store.heartbeat(s, me, os.getpid())
-    return ShardOutcome(job_id, start, stop, "ran", done, info.status)
+        try:
+            done = _evaluate_shard(job, runs, raw, start, shard_id, settings, progress)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the shard, then retried or failed
+            return _attempt_failed(job_id, start, stop, shard_id, claim.shard.attempts, exc, settings)
+        with session_scope(settings) as s:
+            if done < len(raw):
+                info = store.finish_shard(s, shard_id, "cancelled")
+                return ShardOutcome(job_id, start, stop, "cancelled", done, info.status)
+            store.refresh_aggregates(s, [r.id for r in runs])
+            info = store.finish_shard(s, shard_id, "done")
+            store.heartbeat(s, me, os.getpid())
+        return ShardOutcome(job_id, start, stop, "ran", done, info.status)
+    finally:
+        heartbeat.working_on(None, None)
 
 
 def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dict[str, Any]], start: int,

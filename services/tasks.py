@@ -33,19 +33,14 @@ def _check_schema(**_: object) -> None:
 @signals.worker_process_init.connect
 def _child_init(**_: object) -> None:
     """In each forked child: fresh DB pool, engine modules imported (after fork: no CUDA state crosses it), and
-    a first heartbeat. The model itself loads with the first shard and stays cached in this process."""
-    from services.db import store
-    from services.db.session import dispose_engines, session_scope
-    from services.jobs import worker_name
+    the periodic heartbeat thread (services.heartbeat). The model loads with the first shard and stays cached."""
+    from services.db.session import dispose_engines
+    from services.heartbeat import HeartbeatThread
 
     dispose_engines()
     import tad_core.evaluate  # noqa: F401 - torch/transformers import once per process, not inside the first shard
 
-    try:
-        with session_scope(get_settings()) as s:
-            store.heartbeat(s, worker_name(), os.getpid(), info={"queue": get_settings().queue})
-    except Exception as e:  # noqa: BLE001 - a heartbeat must never stop a worker
-        log.warning("heartbeat failed: %s", e)
+    HeartbeatThread(get_settings(), info={"queue": get_settings().queue}).start()
 
 
 @app.task(name="tad.run_shard", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)

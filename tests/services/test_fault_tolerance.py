@@ -98,6 +98,32 @@ def test_sigkill_worker_mid_job(service: dict) -> None:
     assert after[killed[0]].attempts == 2 and after[killed[0]].status == "done"
 
 
+def test_busy_worker_keeps_beating_with_its_shard(service: dict) -> None:
+    """A worker process beats every TAD_HEARTBEAT_INTERVAL while a shard runs (not only at shard start and end),
+    reporting that shard, and reports itself idle once the job is done."""
+    settings = service["settings"]
+    job_id = _submit(service, 24, shard_size=24)  # one shard of 12 batches x ~0.3 s
+    service["start_worker"]("a", TAD_HEARTBEAT_INTERVAL="0.5")
+
+    def beat_on_shard() -> store.WorkerInfo | None:
+        with session_scope(settings) as s:
+            return next((w for w in store.list_workers(s) if w.job_id == job_id), None)
+
+    first = _wait(beat_on_shard, 90, "a heartbeat naming the job", service)
+    later = _wait(lambda: (w := beat_on_shard()) and w.last_seen > first.last_seen and w, 30, "a later beat", service)
+    shard = _shards(settings, job_id)[0]
+    assert later.shard_id == shard.id and later.pid == first.pid
+    assert shard.status == "running" and not _job(settings, job_id).finished  # beats came in mid-shard
+    assert _wait_finished(service, job_id).status == "done"
+    idle = _wait(lambda: (w := _worker(settings, later.worker)) and w.job_id is None and w, 10, "an idle beat", service)
+    assert idle.last_seen > later.last_seen
+
+
+def _worker(settings: Settings, name: str) -> store.WorkerInfo | None:
+    with session_scope(settings) as s:
+        return next((w for w in store.list_workers(s) if w.worker == name), None)
+
+
 def test_redis_restart_mid_job(service: dict) -> None:
     settings = service["settings"]
     job_id = _submit(service, 24)
