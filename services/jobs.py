@@ -652,12 +652,35 @@ def run_job_embedded(job_id: int, settings: Settings | None = None, *,
 
 def enqueue_job(job_id: int, settings: Settings | None = None) -> int:
     """Send one Celery task per open shard of the job; returns how many were sent."""
-    from services.celery_app import make_celery
-
     settings = settings or get_settings()
-    app = make_celery(settings)
     with session_scope(settings) as s:
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status == "queued"]
+    return _send_shards(job_id, shards, settings)
+
+
+def requeue_job(job_id: int, settings: Settings | None = None) -> int:
+    """Send a job's unfinished shards to the broker again; returns how many were sent.
+
+    For when the broker lost its messages (a Redis without persistence restarted, a flushed queue): the job would
+    otherwise wait forever. Queued shards are sent, and running shards whose worker has not beaten within three
+    heartbeat intervals; a shard whose worker is alive is left to it. A duplicate delivery is harmless anyway:
+    `claim_shard` skips finished shards and rows are upserted, so nothing is computed into the results twice.
+    """
+    settings = settings or get_settings()
+    with session_scope(settings) as s:
+        job = store.get_job(s, job_id)
+        if job.finished:
+            return 0
+        alive = {w.worker for w in store.list_workers(s, seen_within_s=3 * settings.heartbeat_interval)}
+        shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id)
+                  if sh.status == "queued" or (sh.status == "running" and sh.worker not in alive)]
+    return _send_shards(job_id, shards, settings)
+
+
+def _send_shards(job_id: int, shards: list[tuple[int, int]], settings: Settings) -> int:
+    from services.celery_app import make_celery
+
+    app = make_celery(settings)
     with app.producer_or_acquire() as producer:
         for start, stop in shards:
             app.send_task("tad.run_shard", args=[job_id, start, stop], queue=settings.queue, producer=producer)

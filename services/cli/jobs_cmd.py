@@ -1,4 +1,4 @@
-"""Service commands: submit / run / jobs / status / cancel / results / worker / db / dashboard.
+"""Service commands: submit / run / jobs / status / cancel / requeue / results / worker / db / dashboard.
 
 User errors (bad strategy, bad dataset line, path outside the model roots, unknown job) print one clear message
 and exit with code 2, without a traceback; an out-of-date database says to run `tad db upgrade`.
@@ -297,6 +297,24 @@ def register(app: typer.Typer) -> None:
                 job = store.request_cancel(s, job_id)
         typer.echo(f"job {job.id}: {job.status}" + (" (running shards stop at their next batch)"
                                                      if job.status == "running" else ""))
+
+    @app.command()
+    def requeue(job_id: int) -> None:
+        """Send a job's unfinished shards to the broker again (after the broker lost its messages): queued shards
+        and running ones whose worker stopped beating; shards of live workers are left to them."""
+        from services.db.store import NotFound
+        from services.jobs import requeue_job
+
+        settings = _settings()
+        with _user_errors():
+            _check_schema(settings)
+            try:
+                sent = requeue_job(job_id, settings)
+            except NotFound:
+                raise  # -> "job N does not exist", exit 2
+            except Exception as e:  # noqa: BLE001 - broker unreachable: say so, change nothing
+                _fail(f"could not reach the broker ({e}); nothing was requeued", 1)
+        typer.echo(f"job {job_id}: {sent} shard(s) sent to the queue {settings.queue!r}")
 
     @app.command()
     def results(job_id: int, as_csv: Annotated[bool, typer.Option("--csv", help="per-sample rows as CSV")] = False,

@@ -60,6 +60,7 @@ def test_user_errors_exit_2_without_traceback(env: dict) -> None:
         (["run", "--dataset", str(env["data"]), "--base", env["model"], "--adapter", "/etc"], "outside the allowed"),
         (["status", "999"], "job 999 does not exist"),
         (["results", "999"], "job 999 does not exist"),
+        (["requeue", "999"], "job 999 does not exist"),
     ]
     for argv, message in cases:
         r = runner.invoke(app, argv)

@@ -6,6 +6,8 @@ by TAD_ENABLE_TEST_FAULTS) makes a poisoned shard.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -122,6 +124,37 @@ def test_busy_worker_keeps_beating_with_its_shard(service: dict) -> None:
 def _worker(settings: Settings, name: str) -> store.WorkerInfo | None:
     with session_scope(settings) as s:
         return next((w for w in store.list_workers(s) if w.worker == name), None)
+
+
+def _tad_requeue(service: dict, job_id: int) -> str:
+    """The real CLI, with the deployment's heartbeat interval (it decides when a worker counts as silent)."""
+    res = subprocess.run([str(Path(sys.executable).with_name("tad")), "requeue", str(job_id)],
+                         env={**service["env"], "TAD_HEARTBEAT_INTERVAL": "0.5"}, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_requeue_after_the_broker_lost_the_shards(service: dict) -> None:
+    """`tad requeue` sends again what a broker lost: queued shards, and a running shard whose worker stopped
+    beating; a shard whose worker is alive is left alone. The job then completes with every row exactly once."""
+    settings = service["settings"]
+    lost = _submit(service, 12, name="lost", enqueue=False)  # stored, never reached the broker (as after a flush)
+    busy = _submit(service, 24, name="busy", shard_size=24)
+    a = service["start_worker"]("a", TAD_HEARTBEAT_INTERVAL="0.5")
+    _wait(lambda: (sh := _shards(settings, busy)[0]).status == "running" and sh.samples_done >= 2, 90,
+          "the busy shard mid-way", service)
+    assert _job(settings, lost).status == "queued"  # nothing will ever run it by itself
+    assert f"job {busy}: 0 shard(s) sent" in _tad_requeue(service, busy)  # its worker is alive
+    a.kill()
+    time.sleep(2.0)  # > 3 heartbeat intervals: the running shard's worker is now silent
+    assert f"job {busy}: 1 shard(s) sent" in _tad_requeue(service, busy)
+    assert f"job {lost}: 3 shard(s) sent" in _tad_requeue(service, lost)
+    service["start_worker"]("b", TAD_HEARTBEAT_INTERVAL="0.5")
+    for job_id, n in ((lost, 12), (busy, 24)):
+        assert _wait_finished(service, job_id).status == "done"
+        _assert_complete(settings, job_id, n)
+    assert f"job {lost}: 0 shard(s) sent" in _tad_requeue(service, lost)  # a finished job has nothing to send
 
 
 def test_redis_restart_mid_job(service: dict) -> None:
