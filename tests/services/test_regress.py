@@ -223,6 +223,26 @@ def test_gate_statistics_reuse_and_force(env: dict) -> None:
     assert "baseline acc" in out and "McNemar p" in out and ("PASSED" in out or "REGRESSED" in out)
 
 
+def test_suite_with_the_baselines_gates_dola_and_svdecode(env: dict) -> None:
+    """A suite can include the two baselines: dola, and svdecode calibrated per adapter on the dataset's train
+    split (each adapter's run records the mu it used), with the gate's statistics as for any strategy."""
+    suite = env["tmp"] / "baselines.yaml"
+    suite.write_text("name: baselines\nversion: 1\ndatasets:\n  - {dataset: arc_easy, split: val, limit: 8}\n"
+                     "strategies: [ft, dola, svdecode]\nconfig: {batch_size: 4}\n")
+    _setup_family(env)
+    _ok(["suites", "add", str(suite)])
+    code, payload = _gate(["fam:2", "--suite", "baselines"])
+    assert {r["strategy"] for r in payload["rows"]} == {"ft", "dola(layers=high,repetition_penalty=1.2)",
+                                                        "svdecode(beta=0.1,mu=auto)"}
+    _check_rows_independently(env["settings"], payload)
+    with session_scope(env["settings"]) as s:
+        info = {r.run_id: r.info for r in store.leaderboard(s)}
+    (row,) = [r for r in payload["rows"] if r["strategy"].startswith("svdecode")]
+    sv = [info[row["baseline_run_id"]], info[row["candidate_run_id"]]]
+    assert all(i["calibration_dataset"] == "arc_easy:train" and i["calibration_n_samples"] == 128 for i in sv)
+    assert sv[0]["calibration"] != sv[1]["calibration"]  # one calibration per adapter
+
+
 def test_gate_is_a_mirror_and_can_fail(env: dict) -> None:
     """With --alpha 1 --min-effect 0 any observed drop fails the gate: of fam:2 vs fam:1 and fam:1 vs fam:2 at
     least one must exit 1 (the two adapters do not score identically), and each row is the other's mirror."""
