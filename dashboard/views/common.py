@@ -24,7 +24,7 @@ def model_label(base: str, adapter: str | None) -> str:
 
 
 def run_label(r: RunRow) -> str:
-    return f"run {r.run_id} · job {r.job_id} · {model_label(r.base, r.adapter_label)} · {r.key} · acc {pm(r.acc, r.acc_stderr, 3)} (n={r.n})"
+    return f"run {r.run_id} · job {r.job_id} · {model_label(r.base, r.adapter_label)} · {r.label} · acc {pm(r.acc, r.acc_stderr, 3)} (n={r.n})"
 
 
 def ago(t: datetime | None, now: datetime | None = None) -> str:

@@ -81,8 +81,8 @@ def render() -> None:
     acc_a = sum(p.a_correct for p in pairs) / n
     acc_b = sum(p.b_correct for p in pairs) / n
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("acc A", f"{acc_a:.4f}", help=f"{a.key} on the {n} paired samples")
-    m2.metric("acc B", f"{acc_b:.4f}", help=f"{b.key} on the {n} paired samples")
+    m1.metric("acc A", f"{acc_a:.4f}", help=f"{a.label} on the {n} paired samples")
+    m2.metric("acc B", f"{acc_b:.4f}", help=f"{b.label} on the {n} paired samples")
     m3.metric("acc B − A", f"{res.diff:+.4f}", help=f"paired bootstrap {level:.0%} CI")
     m4.metric("McNemar p", f"{res.p_value:.4g}", help="exact two-sided McNemar test on the discordant pairs")
     st.markdown(f"**Difference** {res.diff:+.4f}, {level:.0%} CI [{res.diff_ci_low:+.4f}, {res.diff_ci_high:+.4f}]"

@@ -23,7 +23,7 @@ def long_frame(rows: Sequence[LeaderboardRow], metric: str = "acc") -> pd.DataFr
         adapter = r.adapter or "–"
         records.append({
             "base": r.base, "adapter": adapter, "family": adapter.split(":")[0] if r.adapter else "–",
-            "strategy": r.key, "strategy_name": r.strategy, "dataset": f"{r.dataset}:{r.split}",
+            "strategy": r.label, "strategy_name": r.strategy, "dataset": f"{r.dataset}:{r.split}",
             "value": value, "stderr": se, "n": r.n, "job_id": r.job_id, "run_id": r.run_id,
             "job_status": r.job_status})
     cols = ["base", "adapter", "family", "strategy", "strategy_name", "dataset", "value", "stderr", "n", "job_id",

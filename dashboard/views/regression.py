@@ -46,7 +46,7 @@ def latest_per_version(rows: Sequence[RunRow]) -> dict[tuple[int, str], dict[int
     for r in rows:  # newest job first
         if r.adapter_version is None or r.n == 0 or r.acc is None:
             continue
-        out.setdefault((r.dataset_id, r.key), {}).setdefault(r.adapter_version, r)
+        out.setdefault((r.dataset_id, r.label), {}).setdefault(r.adapter_version, r)
     return out
 
 

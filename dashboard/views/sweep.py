@@ -24,6 +24,7 @@ def sweep_frame(rows: Sequence[RunRow], metric: str = "acc") -> tuple[pd.DataFra
             continue
         alpha, beta = float(r.params["alpha"]), r.params.get("beta")
         series = f"{r.strategy} (beta={beta})" if beta is not None else r.strategy
+        series += f" [{r.variant}]" if r.variant else ""
         if (series, alpha) in seen:
             continue
         seen.add((series, alpha))

@@ -119,7 +119,7 @@ def _print_leaderboard(rows: list[Any], title: str) -> None:
     notes = []
     for r in rows:
         vs = f"{r.fixed}/{r.broken}" if r.fixed is not None else "-"
-        key = r.key
+        key = r.label
         if "mu" in (r.info or {}):  # a calibrated svdecode: the mu it ran with, where it came from below the table
             key += f" mu={r.info['mu']:.4g}"
             notes.append(f"run {r.run_id}: mu={r.info['mu']:.6g} calibrated on {r.info.get('calibration_dataset', '?')}"

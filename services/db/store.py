@@ -6,7 +6,7 @@ the caller's `session_scope()` decides. Writes that can be repeated (a redeliver
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -178,6 +178,12 @@ class LeaderboardRow:
     mcnemar_p: float | None
     metrics: dict[str, float | None] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # values fixed at run time (e.g. SVDecode's calibrated mu)
+    variant: str = ""  # scoring settings that change results for the same strategy key (see scoring_variant)
+
+    @property
+    def label(self) -> str:
+        """The strategy key, with the scoring variant when there is one: how a run is named in tables."""
+        return f"{self.key} [{self.variant}]" if self.variant else self.key
 
 
 @dataclass(frozen=True)
@@ -767,6 +773,14 @@ def count_sample_rows(session: Session, run_ids: Sequence[int]) -> int:
 # Leaderboard and run diff (the dashboard's two hot queries)
 
 
+def scoring_variant(spec: Mapping[str, Any] | None) -> str:
+    """What in a job's config makes its runs score differently from the same strategy key elsewhere: today the
+    MC floor (`mc_floor=-1000`); "" for the literal definitions. Tables name runs by key + variant so a literal
+    and a floored run of the same strategy never hide one another."""
+    floor = ((spec or {}).get("config") or {}).get("mc_floor")
+    return f"mc_floor={float(floor):g}" if floor is not None else ""
+
+
 def leaderboard(
     session: Session,
     *,
@@ -803,7 +817,8 @@ def leaderboard(
             strategy=run.strategy, key=run.key, params=dict(run.params or {}), n=n,
             acc=get("acc"), acc_stderr=get("acc", 1), acc_norm=get("acc_norm"), acc_norm_stderr=get("acc_norm", 1),
             fixed=int(fixed) if fixed is not None else None, broken=int(broken) if broken is not None else None,
-            mcnemar_p=get("mcnemar_p_vs_ft"), metrics={k: v[0] for k, v in a.items()}, info=dict(run.info or {})))
+            mcnemar_p=get("mcnemar_p_vs_ft"), metrics={k: v[0] for k, v in a.items()}, info=dict(run.info or {}),
+            variant=scoring_variant(spec)))
     rows.sort(key=lambda r: (-r.job_id, -(r.acc if r.acc is not None else -1.0), r.key))
     return rows
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
+from services.db import store
 from services.db.models import (
     Adapter,
     BaseModel,
@@ -56,6 +57,11 @@ class RunRow:
     acc_stderr: float | None
     acc_norm: float | None
     acc_norm_stderr: float | None
+    variant: str = ""  # store.scoring_variant of the run's job
+
+    @property
+    def label(self) -> str:
+        return f"{self.key} [{self.variant}]" if self.variant else self.key
 
     @property
     def adapter_label(self) -> str | None:
@@ -167,7 +173,7 @@ def list_runs(
             n=int(a["n"][2]) if "n" in a else 0,
             acc=a["acc"][0] if "acc" in a else None, acc_stderr=a["acc"][1] if "acc" in a else None,
             acc_norm=a["acc_norm"][0] if "acc_norm" in a else None,
-            acc_norm_stderr=a["acc_norm"][1] if "acc_norm" in a else None))
+            acc_norm_stderr=a["acc_norm"][1] if "acc_norm" in a else None, variant=store.scoring_variant(spec)))
     return rows
 
 

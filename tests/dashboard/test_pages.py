@@ -111,6 +111,43 @@ def test_leaderboard_cells_best_marks_and_filters(app_on, seeded: Seed) -> None:
     assert "No runs match these filters." in at.warning[0].value
 
 
+def test_floored_runs_sit_beside_the_literal_ones(app_on, tmp_path: Path) -> None:
+    """A job scored with --mc-floor has the same strategy keys as a literal one; leaderboard rows and sweep lines
+    name the variant, so neither hides the other (the newest-per-cell rule would otherwise keep one)."""
+    from services.db import store
+    from services.db.schema import upgrade
+    from services.db.session import make_engine, session_scope
+    from tests.dashboard.conftest import _complete_job, _params, seed_database
+
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    seed = seed_database(url)
+    keys = ["ft", TAD1]
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        v1 = next(a for a in store.list_adapters(s) if a.version == 1)
+        base_id = store.get_job(s, seed.jobs["mc-v1"]).base_model_id
+        _complete_job(s, base_id=base_id, adapter_id=v1.id, dataset_id=seed.datasets["toy-mc"], n=N_MC, keys=keys,
+                      rows_for=lambda k, i: {"sample_id": f"q{i}", "pred": 0, "correct": i < 15},
+                      spec={"base": "tiny-base", "config": {"mc_floor": -1000.0},
+                            "strategies": [{"name": k.split("(")[0], "params": _params(k)} for k in keys]})
+    engine.dispose()
+    at = app_on(url)
+    table = at.dataframe[0].value.set_index(["base", "adapter", "strategy"])
+    floored = table.loc[("tiny-base", "qa-lora:1", f"{TAD1} [mc_floor=-1000]"), "toy-mc:val"]
+    literal = table.loc[("tiny-base", "qa-lora:1", TAD1), "toy-mc:val"]
+    assert floored.startswith("0.7500") and literal.startswith(f"{sum(CORRECT[(1, TAD1)](i) for i in range(N_MC)) / N_MC:.4f}")
+    from dashboard.views.sweep import sweep_frame
+    from services.db import views
+
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        rows = [r for r in views.list_runs(s, dataset_id=seed.datasets["toy-mc"]) if r.adapter_version == 1]
+    engine.dispose()
+    series = set(sweep_frame(rows)[0]["series"])
+    assert {"tad (beta=0.0)", "tad (beta=0.0) [mc_floor=-1000]"} <= series
+
+
 def test_leaderboard_csv_export(seeded: Seed) -> None:
     from dashboard.views.leaderboard import latest_per_cell, long_frame
     from services.db import store
