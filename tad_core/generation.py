@@ -134,7 +134,8 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                 nxt[live] = torch.tensor(picked_ids, dtype=torch.long)
                 pair_rows = [k for k, r in enumerate(live) if paired[r]] if cfg.kv_stats else []
                 if pair_rows:
-                    sub = Step(step.z_b[pair_rows], step.z_f[pair_rows])
+                    # every live row paired (the usual case): reuse the step's log-probs, computed once
+                    sub = step if len(pair_rows) == len(live) else Step(step.z_b[pair_rows], step.z_f[pair_rows])
                     st = kvstats.step_stats(sub)
                     flip = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).float()
                     stacked = torch.stack([flip, *st.values()], dim=-1).tolist()  # one device sync
