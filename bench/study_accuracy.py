@@ -4,8 +4,8 @@ For each dataset named, through the real CLI (so the runs land in the results DB
 1. `tad train` a LoRA adapter on the dataset's train split (reused when it exists);
 2. `tad run` ft, base, a TaD alpha sweep, tad_log, contrastive, dola and svdecode on the validation split,
    once with the literal definitions and once with `--mc-floor` (a finite log-prob for an excluded token);
-3. print one markdown table per (dataset, scoring): acc ± stderr, acc_norm, fixed/broken vs ft, exact McNemar p,
-   and how many samples had every choice at -inf (the literal definitions' ties, decided by choice 0).
+3. print one markdown table per (dataset, scoring): acc ± stderr, acc_norm, fixed/broken vs ft, exact McNemar p
+   (raw and Holm-adjusted over the job's comparisons), and how many samples had every choice at -inf (the literal definitions' ties, decided by choice 0).
 
     python bench/study_accuracy.py --dataset arc_easy --dataset openbookqa [--limit 300] [--steps 200]
 
@@ -43,15 +43,16 @@ def all_inf(samples: list[dict]) -> int:
 
 
 def table(payload: dict, title: str) -> list[str]:
-    lines = [f"**{title}**", "", "| strategy | acc ± stderr | acc_norm | fixed/broken vs ft | McNemar p | all choices -inf |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"**{title}**", "", "| strategy | acc ± stderr | acc_norm | fixed/broken vs ft | McNemar p | Holm p | "
+             "all choices -inf |", "|---|---|---|---|---|---|---|"]
     order = {name: i for i, name in enumerate(["ft", "base", "tad", "tad_log", "contrastive", "dola", "svdecode"])}
     rows = sorted(payload["leaderboard"], key=lambda r: (order.get(r["strategy"], 99), r["key"]))
     for r in rows:
         key = r["key"] + (f" (mu={r['info']['mu']:.3g})" if "mu" in (r.get("info") or {}) else "")
         vs = f"{r['fixed']}/{r['broken']}" if r["fixed"] is not None else "-"
         p = "-" if r["mcnemar_p"] is None else f"{r['mcnemar_p']:.2g}"
-        lines.append(f"| {key} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} | {r['acc_norm']:.3f} | {vs} | {p} | "
+        holm = "-" if r["mcnemar_p_holm"] is None else f"{r['mcnemar_p_holm']:.2g}"
+        lines.append(f"| {key} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} | {r['acc_norm']:.3f} | {vs} | {p} | {holm} | "
                      f"{all_inf(payload['samples'][r['key']])} |")
     return lines
 
@@ -84,7 +85,8 @@ def main() -> None:
         for label, extra in (("literal", []), (f"--mc-floor {args.floor:g}", ["--mc-floor", str(args.floor)])):
             payload = json.loads(tad(*common, *extra, capture=True))
             out += table(payload, f"{ds} val (first {payload['job']['n_samples']}), LoRA {steps} steps on "
-                                  f"{size} {manifest['dataset']} train samples (mean loss of the last 10 steps {manifest['mean_loss_last_10']:.2f}), "
+                                  f"{size} {manifest['dataset']} train samples (mean loss of the last 10 steps "
+                                  f"{manifest['mean_loss_last_10']:.2f}), "
                                   f"job {payload['job']['id']}, {label}") + [""]
             print("\n".join(out[-(len(payload['leaderboard']) + 5):]), flush=True)
     print("\n".join(out))

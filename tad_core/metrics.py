@@ -120,6 +120,24 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 5000,
             "p_value": p, "n": int(len(d))}
 
 
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (None entries are skipped and stay None).
+
+    A job compares many strategies (a whole alpha sweep, several baselines) against `ft` on the same samples; at
+    10 comparisons one uncorrected p < 0.05 is likely by chance alone. Holm's step-down adjustment controls the
+    family-wise error rate without assumptions on how the tests depend on each other:
+    adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)) for the sorted p_(1) <= ... <= p_(m).
+    """
+    present = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    m = len(present)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(present)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 def fixed_or_broken(ft_correct: bool | None, correct: bool | None) -> str | None:
     """Whether a strategy fixed (ft wrong, it right) or broke (ft right, it wrong) a sample relative to `ft`."""
     if ft_correct is None or correct is None or ft_correct == correct:

@@ -114,7 +114,8 @@ def _print_leaderboard(rows: list[Any], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("run", "strategy", "acc ± stderr", "acc_norm ± stderr", "n", "fixed/broken vs ft", "McNemar p vs ft"):
+    for col in ("run", "strategy", "acc ± stderr", "acc_norm ± stderr", "n", "fixed/broken vs ft", "McNemar p vs ft",
+                "Holm p"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     notes = []
     for r in rows:
@@ -126,9 +127,12 @@ def _print_leaderboard(rows: list[Any], title: str) -> None:
                          f" ({r.info.get('calibration_n_samples', '?')} samples, "
                          f"{r.info.get('calibration_n_tokens', '?')} tokens), calibration {r.info['calibration']}")
         table.add_row(str(r.run_id), escape(key), _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr),
-                      str(r.n), vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}")
-    console = Console(width=160)
+                      str(r.n), vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}",
+                      "-" if r.mcnemar_p_holm is None else f"{r.mcnemar_p_holm:.4g}")
+    console = Console(width=170)
     console.print(table)
+    if any(r.mcnemar_p_holm is not None for r in rows):
+        console.print("Holm p: the McNemar p-values adjusted (Holm-Bonferroni) over this job's comparisons with ft")
     for line in notes:
         console.print(escape(line))
 

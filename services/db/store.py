@@ -177,6 +177,7 @@ class LeaderboardRow:
     broken: int | None
     mcnemar_p: float | None
     metrics: dict[str, float | None] = field(default_factory=dict)
+    mcnemar_p_holm: float | None = None  # Holm-adjusted over the job's comparisons with ft (tad_core.metrics.holm)
     info: dict[str, Any] = field(default_factory=dict)  # values fixed at run time (e.g. SVDecode's calibrated mu)
     variant: str = ""  # scoring settings that change results for the same strategy key (see scoring_variant)
 
@@ -819,8 +820,25 @@ def leaderboard(
             fixed=int(fixed) if fixed is not None else None, broken=int(broken) if broken is not None else None,
             mcnemar_p=get("mcnemar_p_vs_ft"), metrics={k: v[0] for k, v in a.items()}, info=dict(run.info or {}),
             variant=scoring_variant(spec)))
+    rows = _with_holm(rows)
     rows.sort(key=lambda r: (-r.job_id, -(r.acc if r.acc is not None else -1.0), r.key))
     return rows
+
+
+def _with_holm(rows: list[LeaderboardRow]) -> list[LeaderboardRow]:
+    """Each row's McNemar p adjusted (Holm) over the comparisons with ft of its own job: one family per job."""
+    from dataclasses import replace
+
+    from tad_core.metrics import holm
+
+    by_job: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_job.setdefault(r.job_id, []).append(i)
+    out = list(rows)
+    for idx in by_job.values():
+        for i, adj in zip(idx, holm([rows[i].mcnemar_p for i in idx])):
+            out[i] = replace(rows[i], mcnemar_p_holm=adj)
+    return out
 
 
 def run_diff(session: Session, run_a: int, run_b: int, *, only_changed: bool = True, limit: int = 200) -> RunDiff:

@@ -103,8 +103,9 @@ def test_leaderboard_shows_the_calibrated_mu_and_its_calibration(capsys: pytest.
     row = LeaderboardRow(job_id=1, run_id=11, job_status="done", dataset="arc_easy", split="val", base="b",
                          adapter="a:1", strategy="svdecode", key="svdecode(beta=0.1,mu=auto)", params={}, n=300,
                          acc=0.49, acc_stderr=0.0289, acc_norm=0.4933, acc_norm_stderr=0.0289, fixed=21, broken=61,
-                         mcnemar_p=1.13e-05, info=info)
+                         mcnemar_p=1.13e-05, info=info, mcnemar_p_holm=4.52e-05)
     _print_leaderboard([row], "job [1]")
     out = capsys.readouterr().out
     assert "svdecode(beta=0.1,mu=auto) mu=0.981" in out and "21/61" in out and "job [1]" in out
+    assert "4.52e-05" in out and "Holm-Bonferroni" in out
     assert "run 11: mu=0.981002 calibrated on arc_easy:train (128 samples, 597 tokens), calibration 9c483289e9ea395f" in out

@@ -73,6 +73,13 @@ def test_embedded_run_streams_rows_and_finishes(migrated_url, tiny_model_dir, ti
         board = {r.key: r for r in store.leaderboard(s, job_ids=[plan.job.id])}
         assert board["ft"].n == 10 and board["ft"].acc is not None and board["ft"].mcnemar_p is None
         assert board["tad(alpha=2.0,beta=0.0)"].mcnemar_p is not None
+        # Holm over the job's 3 comparisons with ft, recomputed here from the raw p-values
+        raw = sorted((r.mcnemar_p, k) for k, r in board.items() if k != "ft")
+        running = 0.0
+        for rank, (p, k) in enumerate(raw):
+            running = max(running, min(1.0, (3 - rank) * p))
+            assert board[k].mcnemar_p_holm == pytest.approx(running)
+        assert board["ft"].mcnemar_p_holm is None
         rows = store.sample_rows(s, runs[2].id)
         assert [r["sample_index"] for r in rows] == list(range(10))
         assert all(len(r["scores"]) == 2 + i % 3 for i, r in enumerate(rows))

@@ -60,3 +60,18 @@ def test_fixed_or_broken():
     assert fixed_or_broken(False, True) == "fixed"
     assert fixed_or_broken(True, False) == "broken"
     assert fixed_or_broken(True, True) is None
+
+
+def test_holm_adjustment():
+    from tad_core.metrics import holm
+
+    # textbook: sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(0.06, 1*0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, None, 0.9]) == [pytest.approx(1.0), None, pytest.approx(1.0)]
+    assert holm([]) == [] and holm([None]) == [None] and holm([0.2]) == [0.2]
+    rng = np.random.default_rng(0)
+    raw = list(rng.uniform(0, 0.2, size=12))
+    adj = holm(raw)
+    assert all(a >= p for a, p in zip(adj, raw)) and max(adj) <= 1.0
+    order = np.argsort(raw)
+    assert all(adj[order[k]] <= adj[order[k + 1]] for k in range(len(raw) - 1))  # keeps the order of the raw p
