@@ -1,5 +1,6 @@
 """Leaderboard: rows = (base model, adapter:version, strategy with parameters), columns = datasets,
-cells = accuracy ± stderr (n); the best cell of each column is marked ★."""
+cells = accuracy ± stderr (n); the best cell of each column is marked ★, and ▲ / ▼ mark a run significantly better
+/ worse than `ft` of the same job (exact McNemar, Holm-adjusted over the job's comparisons, p < 0.05)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,6 +14,14 @@ from services.db.store import LeaderboardRow
 
 ROW_KEYS = ["base", "adapter", "strategy"]
 STAR = " ★"
+SIGNIFICANT = 0.05
+
+
+def vs_ft_mark(r: LeaderboardRow) -> str:
+    """▲ / ▼ when the run differs from its job's ft on `acc` after Holm's correction (p < 0.05), else ""."""
+    if r.mcnemar_p_holm is None or r.mcnemar_p_holm >= SIGNIFICANT or r.fixed is None or r.fixed == r.broken:
+        return ""
+    return "▲" if r.fixed > r.broken else "▼"
 
 
 def long_frame(rows: Sequence[LeaderboardRow], metric: str = "acc") -> pd.DataFrame:
@@ -25,9 +34,10 @@ def long_frame(rows: Sequence[LeaderboardRow], metric: str = "acc") -> pd.DataFr
             "base": r.base, "adapter": adapter, "family": adapter.split(":")[0] if r.adapter else "–",
             "strategy": r.label, "strategy_name": r.strategy, "dataset": f"{r.dataset}:{r.split}",
             "value": value, "stderr": se, "n": r.n, "job_id": r.job_id, "run_id": r.run_id,
-            "job_status": r.job_status})
+            "job_status": r.job_status, "holm_p_vs_ft": r.mcnemar_p_holm,
+            "vs_ft": vs_ft_mark(r) if metric == "acc" else ""})  # the paired tests are on acc
     cols = ["base", "adapter", "family", "strategy", "strategy_name", "dataset", "value", "stderr", "n", "job_id",
-            "run_id", "job_status"]
+            "run_id", "job_status", "holm_p_vs_ft", "vs_ft"]
     return pd.DataFrame.from_records(records, columns=cols)
 
 
@@ -36,11 +46,11 @@ def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("job_id", ascending=False).drop_duplicates(ROW_KEYS + ["dataset"], keep="first")
 
 
-def cell_text(value: float | None, se: float | None, n: int) -> str:
+def cell_text(value: float | None, se: float | None, n: int, mark: str = "") -> str:
     if value is None or pd.isna(value):
         return f"– (n={n})"
     se_text = f" ± {se:.4f}" if se is not None and not pd.isna(se) else ""
-    return f"{value:.4f}{se_text} (n={n})"
+    return f"{value:.4f}{se_text} (n={n})" + (f" {mark}" if mark else "")
 
 
 def wide_table(df: pd.DataFrame, sort_by: str | None = None) -> tuple[pd.DataFrame, dict[str, list[int]]]:
@@ -65,7 +75,7 @@ def wide_table(df: pd.DataFrame, sort_by: str | None = None) -> tuple[pd.DataFra
             if row is None:
                 cells.append("")
                 continue
-            cells.append(cell_text(row.value, row.stderr, row.n) + (STAR if i in best[ds] else ""))
+            cells.append(cell_text(row.value, row.stderr, row.n, row.vs_ft) + (STAR if i in best[ds] else ""))
         text[ds] = cells
     text["mean"] = [f"{v:.4f}" if pd.notna(v) else "" for v in values["mean"]]
     return text.reset_index(), best
@@ -122,8 +132,10 @@ def render() -> None:
         return ["font-weight: bold; background-color: rgba(33, 195, 84, 0.18)" if i in marks else ""
                 for i in range(len(col))]
 
-    st.caption(f"{metric} ± stderr (n) of the newest run per cell; ★ = best in the column. "
-               f"{len(df)} runs, {df['job_id'].nunique()} jobs.")
+    st.caption(f"{metric} ± stderr (n) of the newest run per cell; ★ = best in the column"
+               + ("; ▲ / ▼ = significantly better / worse than ft of the same job (exact McNemar, Holm-adjusted "
+                  "over the job's comparisons, p < 0.05)" if metric == "acc" else "")
+               + f". {len(df)} runs, {df['job_id'].nunique()} jobs.")
     st.dataframe(table.style.apply(_highlight, axis=0), hide_index=True, width="stretch",
                  column_config={ds: st.column_config.TextColumn(ds, width="medium") for ds in best})
     st.markdown("**Best per dataset** · " + " · ".join(best_summary(df)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,9 +95,11 @@ def test_dashboard_renders_leaderboard_in_chromium(own_seed: Seed, tmp_path: Pat
                 grid = page.locator('[data-testid="stDataFrame"]').first
                 grid.wait_for(state="visible", timeout=60_000)
                 # the grid paints on a canvas; its accessible cells carry the values
-                best_cells = grid.locator('[role="gridcell"]', has_text="0.7000 ± 0.1051 (n=20) ★")
+                best_cells = grid.locator('[role="gridcell"]', has_text=re.compile(r"0\.7000 ± 0\.1051 \(n=20\)( ▲)? ★"))
                 best_cells.first.wait_for(state="attached", timeout=60_000)
                 assert best_cells.count() == 2
+                # v2's tad beats its weak ft significantly (Holm-adjusted McNemar): marked ▲
+                assert grid.locator('[role="gridcell"]', has_text="0.7000 ± 0.1051 (n=20) ▲ ★").count() == 1
                 assert grid.locator('[role="gridcell"]', has_text="tad(alpha=1.0,beta=0.0)").count() >= 2
                 page.wait_for_timeout(1500)  # let the canvas paint before the screenshot
                 page.screenshot(path=str(shot), full_page=True)

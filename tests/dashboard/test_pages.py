@@ -111,6 +111,34 @@ def test_leaderboard_cells_best_marks_and_filters(app_on, seeded: Seed) -> None:
     assert "No runs match these filters." in at.warning[0].value
 
 
+def test_leaderboard_marks_runs_significantly_different_from_ft(app_on, seeded: Seed) -> None:
+    """▲ / ▼ follow the exact McNemar p vs the job's ft, Holm-adjusted over the job's comparisons (recomputed
+    here from the seed's correctness patterns); acc_norm has no paired test, so no marks."""
+    from tad_core.metrics import mcnemar
+
+    at = app_on(seeded.url)
+    table = at.dataframe[0].value.set_index(["base", "adapter", "strategy"])
+    marks = set()
+    for v in (1, 2):
+        ft = [CORRECT[(v, "ft")](i) for i in range(N_MC)]
+        tests = {k: mcnemar(ft, [CORRECT[k](i) for i in range(N_MC)]) for k in CORRECT if k[0] == v and k[1] != "ft"}
+        order = sorted(tests, key=lambda k: tests[k].p_value)
+        running, adjusted = 0.0, {}
+        for rank, k in enumerate(order):
+            running = max(running, min(1.0, (len(order) - rank) * tests[k].p_value))
+            adjusted[k] = running
+        for (_, key), res in tests.items():
+            want = "" if adjusted[(v, key)] >= 0.05 else ("▲" if res.fixed > res.broken else "▼")
+            cell = table.loc[("tiny-base", f"qa-lora:{v}", key), "toy-mc:val"].removesuffix(" ★")
+            assert cell.endswith(f"(n={N_MC}) {want}".rstrip()), (v, key, cell, adjusted[(v, key)])
+            marks.add(want)
+    assert {"", "▲"} <= marks  # the seed has both: v1 nothing significant, v2's weak ft beaten
+    assert "significantly better / worse than ft" in _texts(at)
+    at.radio(key="lb_metric").set_value("acc_norm").run()
+    cells = at.dataframe[0].value["toy-mc:val"].astype(str)
+    assert not cells.str.contains("▲|▼").any()
+
+
 def test_floored_runs_sit_beside_the_literal_ones(app_on, tmp_path: Path) -> None:
     """A job scored with --mc-floor has the same strategy keys as a literal one; leaderboard rows and sweep lines
     name the variant, so neither hides the other (the newest-per-cell rule would otherwise keep one)."""
