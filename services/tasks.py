@@ -8,7 +8,6 @@ across fork.
 from __future__ import annotations
 
 import logging
-import os
 
 from celery import signals
 
