@@ -390,6 +390,8 @@ def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob
 
 def plan_validated(v: ValidatedRequest, settings: Settings | None = None) -> PlannedJob:
     """Store a validated request: dataset/adapter (if new), the job, its runs and shards."""
+    from tad_core.models import model_licence
+
     settings = settings or get_settings()
     req, specs, side, data, n = v.req, v.specs, v.side, v.data, v.n_samples
     with session_scope(settings) as s:
@@ -405,7 +407,8 @@ def plan_validated(v: ValidatedRequest, settings: Settings | None = None) -> Pla
                 raise SubmissionError([f"adapter {adapter.label} belongs to base model {adapter.base_model!r}, "
                                        f"not {req.base!r}"])
             resolve_under_roots(adapter.path, settings, "adapter")
-        base = store.get_or_create_base_model(s, req.base, side.base_path, side.base_fingerprint)
+        base = store.get_or_create_base_model(s, req.base, side.base_path, side.base_fingerprint,
+                                              model_licence(req.base, Path(side.base_path)))
         if side.adapter_dir is not None:
             adapter, adapter_created = store.register_adapter(
                 s, name=req.adapter_name or side.adapter_dir.name, path=str(side.adapter_dir),

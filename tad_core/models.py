@@ -150,6 +150,15 @@ def licence_info(model_dir: Path) -> dict[str, Any]:
     return {k: info[k] for k in ("licence", "licence_file") if k in info}
 
 
+def model_licence(name_or_path: str, model_dir: Path) -> str | None:
+    """The base model's licence: recorded beside the converted model, else the registered entry's, else None."""
+    recorded = licence_info(model_dir).get("licence")
+    if recorded:
+        return str(recorded)
+    known = KNOWN_MODELS.get(name_or_path)
+    return known.licence if known is not None and known.licence else None
+
+
 def resolve_base_dir(name_or_path: str) -> Path:
     """Return a local Hugging Face model directory for a registered name, a model directory or a GGUF file."""
     if name_or_path in KNOWN_MODELS:

@@ -418,7 +418,10 @@ def _print_results(settings: Any, job_id: int) -> None:
     with session_scope(settings) as s:
         job = store.get_job(s, job_id)
         rows = store.leaderboard(s, job_ids=[job_id])
+        base = store.get_base_model(s, job.base_model_id)
     model = job.spec.get("adapter_label") or job.spec.get("finetuned") or job.spec.get("base")
     _print_leaderboard(rows, f"job {job.id} ({job.status}): {model} on {job.spec.get('dataset')}:"
                              f"{job.spec.get('split')}, {job.samples_done}/{job.n_samples} samples")
+    if base.licence:
+        typer.echo(f"base model {base.name} is used under its licence: {base.licence}")
 

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
                                                     "in tad_manifest.json, else smollm2-135m-instruct)")] = None,
     ) -> None:
         """Register an adapter directory as a new version of NAME (identical weights: nothing to do)."""
-        from tad_core.models import DEFAULT_BASE, check_adapter_fits
+        from tad_core.models import DEFAULT_BASE, check_adapter_fits, model_licence
 
         from services.db import store
         from services.db.session import session_scope
@@ -105,7 +105,8 @@ def register(app: typer.Typer) -> None:
                             f"{str(found.manifest['adapter_sha256'])[:12]}) than the directory holds "
                             f"({found.sha256[:12]})", err=True, fg=typer.colors.YELLOW)
             with session_scope(settings) as s:
-                base_row = store.get_or_create_base_model(s, base_name, resolved[0], resolved[1])
+                base_row = store.get_or_create_base_model(s, base_name, resolved[0], resolved[1],
+                                                          model_licence(base_name, Path(resolved[0])))
                 same = [a for a in store.list_adapters(s) if a.sha256 == found.sha256]
                 try:
                     info, created = store.register_adapter(

@@ -66,6 +66,7 @@ class BaseModel(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    licence: Mapped[str | None] = mapped_column(Text)  # e.g. "Gemma Terms of Use"; recorded when the model is fetched
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

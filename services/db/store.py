@@ -50,6 +50,7 @@ class BaseModelInfo:
     name: str
     path: str
     sha256: str | None
+    licence: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ class WorkerInfo:
 
 
 def _base_info(m: BaseModel) -> BaseModelInfo:
-    return BaseModelInfo(m.id, m.name, m.path, m.sha256)
+    return BaseModelInfo(m.id, m.name, m.path, m.sha256, m.licence)
 
 
 def _adapter_info(a: Adapter, base_name: str) -> AdapterInfo:
@@ -301,15 +302,26 @@ def _locked(session: Session, stmt: Any) -> Any:
 # Models, adapters, datasets
 
 
-def get_or_create_base_model(session: Session, name: str, path: str, sha256: str | None = None) -> BaseModelInfo:
-    """The base model row for `name`, created on first use."""
+def get_base_model(session: Session, base_model_id: int) -> BaseModelInfo:
+    row = session.get(BaseModel, base_model_id)
+    if row is None:
+        raise NotFound(f"base model {base_model_id} does not exist")
+    return _base_info(row)
+
+
+def get_or_create_base_model(session: Session, name: str, path: str, sha256: str | None = None,
+                             licence: str | None = None) -> BaseModelInfo:
+    """The base model row for `name`, created on first use; a sha256 or licence learnt later is filled in."""
     row = session.scalar(select(BaseModel).where(BaseModel.name == name))
     if row is None:
-        row = BaseModel(name=name, path=path, sha256=sha256)
+        row = BaseModel(name=name, path=path, sha256=sha256, licence=licence)
         session.add(row)
         session.flush()
-    elif sha256 and not row.sha256:
-        row.sha256 = sha256
+    else:
+        if sha256 and not row.sha256:
+            row.sha256 = sha256
+        if licence and not row.licence:
+            row.licence = licence
     return _base_info(row)
 
 

@@ -119,3 +119,27 @@ def test_cancel_at_batch_boundary(sqlite_url, tiny_model_dir, tiny_lora_dir, roo
     with session_scope(settings) as s:
         assert [x.status for x in store.job_shards(s, plan.job.id)] == ["cancelled", "cancelled"]
         assert store.count_sample_rows(s, [plan.runs[0].id]) == 2
+
+
+def test_base_model_licence_is_recorded(migrated_url, tiny_model_dir, tmp_path, capsys):
+    """The licence fetched with a model (tad_source.json beside the converted weights) lands in its DB row; a
+    registered name without a recorded file falls back to the registry entry."""
+    import json
+    import shutil
+
+    from tad_core.models import model_licence
+
+    model = tmp_path / "models" / "licensed"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "tad_source.json").write_text(json.dumps({"licence": "Test Terms", "licence_file": "LICENCE.txt"}))
+    settings = make_settings(migrated_url, [tmp_path])
+    data = write_mc_dataset(tmp_path / "d.jsonl", 4)
+    plan = plan_job(SubmitRequest(dataset=str(data), base=str(model), strategies=["base"]), settings)
+    with session_scope(settings) as s:
+        assert store.get_base_model(s, plan.job.base_model_id).licence == "Test Terms"
+    from services.cli.jobs_cmd import _print_results
+
+    _print_results(settings, plan.job.id)  # the results table names the base model's licence
+    assert "Test Terms" in capsys.readouterr().out
+    assert model_licence("smollm2-135m-instruct", tmp_path) == "Apache-2.0"
+    assert model_licence(str(tiny_model_dir), tiny_model_dir) is None
