@@ -60,6 +60,7 @@ def table(payload: dict, title: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", action="append", required=True)
+    ap.add_argument("--base", default="smollm2-135m-instruct", help="registered base model or local model dir")
     ap.add_argument("--limit", type=int, default=300, help="first N validation samples")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--train-size", type=int, default=500)
@@ -71,20 +72,21 @@ def main() -> None:
     given = dict(a.split("=", 1) for a in args.adapter)
     out: list[str] = []
     for ds in args.dataset:
+        tag = "" if args.base == "smollm2-135m-instruct" else f"{Path(args.base).name}-"
         adapter = Path(given[ds]) if ds in given else (
-            cache_subdir("adapters") / f"study-{ds}-lora-{args.steps}steps-{args.train_size}")
+            cache_subdir("adapters") / f"study-{tag}{ds}-lora-{args.steps}steps-{args.train_size}")
         if not (adapter / "tad_manifest.json").exists():
-            tad("train", "--dataset", ds, "--method", "lora", "--steps", str(args.steps), "--train-size",
-                str(args.train_size), "--seed", "0", "--threads", str(args.threads), "--out", str(adapter))
+            tad("train", "--base", args.base, "--dataset", ds, "--method", "lora", "--steps", str(args.steps),
+                "--train-size", str(args.train_size), "--seed", "0", "--threads", str(args.threads), "--out", str(adapter))
         manifest = json.loads((adapter / "tad_manifest.json").read_text())
         steps, size = manifest["steps"], manifest["train_size"]
-        common = ["run", "--adapter", str(adapter), "--adapter-name", f"study-{ds}-lora", "--dataset", ds,
-                  "--split", "val", "--limit", str(args.limit), "--json"]
+        common = ["run", "--base", args.base, "--adapter", str(adapter), "--adapter-name", f"study-{tag}{ds}-lora",
+                  "--dataset", ds, "--split", "val", "--limit", str(args.limit), "--json"]
         for s in STRATEGIES:
             common += ["--strategy", s]
         for label, extra in (("literal", []), (f"--mc-floor {args.floor:g}", ["--mc-floor", str(args.floor)])):
             payload = json.loads(tad(*common, *extra, capture=True))
-            out += table(payload, f"{ds} val (first {payload['job']['n_samples']}), LoRA {steps} steps on "
+            out += table(payload, f"{args.base}: {ds} val (first {payload['job']['n_samples']}), LoRA {steps} steps on "
                                   f"{size} {manifest['dataset']} train samples (mean loss of the last 10 steps "
                                   f"{manifest['mean_loss_last_10']:.2f}), "
                                   f"job {payload['job']['id']}, {label}") + [""]
