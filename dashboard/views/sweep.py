@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.views.common import all_runs, model_label, pick_dataset
+from services.db.store import with_variant
 from services.db.views import RunRow
 
 SWEPT = ("tad", "tad_log")
@@ -23,8 +24,7 @@ def sweep_frame(rows: Sequence[RunRow], metric: str = "acc") -> tuple[pd.DataFra
         if r.strategy not in SWEPT or "alpha" not in r.params or value is None:
             continue
         alpha, beta = float(r.params["alpha"]), r.params.get("beta")
-        series = f"{r.strategy} (beta={beta})" if beta is not None else r.strategy
-        series += f" [{r.variant}]" if r.variant else ""
+        series = with_variant(f"{r.strategy} (beta={beta})" if beta is not None else r.strategy, r.variant)
         if (series, alpha) in seen:
             continue
         seen.add((series, alpha))

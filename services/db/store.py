@@ -184,8 +184,7 @@ class LeaderboardRow:
 
     @property
     def label(self) -> str:
-        """The strategy key, with the scoring variant when there is one: how a run is named in tables."""
-        return f"{self.key} [{self.variant}]" if self.variant else self.key
+        return with_variant(self.key, self.variant)
 
 
 @dataclass(frozen=True)
@@ -792,6 +791,11 @@ def scoring_variant(spec: Mapping[str, Any] | None) -> str:
     and a floored run of the same strategy never hide one another."""
     floor = ((spec or {}).get("config") or {}).get("mc_floor")
     return f"mc_floor={float(floor):g}" if floor is not None else ""
+
+
+def with_variant(name: str, variant: str) -> str:
+    """A strategy key (or series name) with the scoring variant when there is one: how runs are named in tables."""
+    return f"{name} [{variant}]" if variant else name
 
 
 def leaderboard(

@@ -61,7 +61,7 @@ class RunRow:
 
     @property
     def label(self) -> str:
-        return f"{self.key} [{self.variant}]" if self.variant else self.key
+        return store.with_variant(self.key, self.variant)
 
     @property
     def adapter_label(self) -> str | None:
