@@ -137,17 +137,16 @@ class PairedRunner:
             rows = ft + base
             gate = RowGate.for_pair(pair)
             few = SmallRowsLinear.for_pair(pair)
+            routing: dict[str, Any] = {}
+            if gate is not None:
+                gate.mask = torch.cat([torch.ones(len(ft)), torch.zeros(len(base))]).view(-1, 1, 1).to(device)
+            else:
+                routing["adapter_names"] = ["default"] * len(ft) + ["__base__"] * len(base)
             if few is not None:
                 few.active = True
             try:
-                if gate is not None:
-                    gate.mask = torch.cat([torch.ones(len(ft)), torch.zeros(len(base))]).view(-1, 1, 1).to(device)
-                    out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
-                                     logits_to_keep, output_hidden_states=hs)
-                else:
-                    names = ["default"] * len(ft) + ["__base__"] * len(base)
-                    out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
-                                     logits_to_keep, adapter_names=names, output_hidden_states=hs)
+                out = self._call(pair.model, "all", input_ids[rows], attention_mask[rows], position_ids[rows],
+                                 logits_to_keep, output_hidden_states=hs, **routing)
             finally:
                 if gate is not None:
                     gate.mask = None
