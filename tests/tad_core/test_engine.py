@@ -8,7 +8,8 @@ import torch
 
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.evaluate import EvalConfig, evaluate, evaluate_batch, generate
-from tad_core.generation import GenConfig, answers_match, extract_answer, generate_texts
+from tad_core.extraction import answers_match, extract_answer
+from tad_core.generation import GenConfig, generate_texts
 from tad_core.models import ModelLoadError, load_pair
 from tad_core.samples import Sample
 from tad_core.scoring import _encode, score_mc
