@@ -317,6 +317,22 @@ def _check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) ->
     return _DatasetData(name, req.split, content_hash, task_type, source, [s.to_dict() for s in samples])
 
 
+def _check_format(fmt_key: str, data: _DatasetData, limit: int | None, errors: list[str]) -> None:
+    """Every sample the job will evaluate must render in the prompt format (the first few problems listed)."""
+    from tad_core.formats import FormatError, parse_format
+    from tad_core.samples import Sample
+
+    fmt = parse_format(fmt_key)
+    bad: list[str] = []
+    for i, d in enumerate(data.samples[:limit]):
+        try:
+            fmt.check(Sample.from_dict(d), data.name)
+        except FormatError as e:
+            bad.append(f"--format {fmt_key}: sample {i + 1} ({d.get('id')!r}): {e}")
+    errors.extend(bad[:5] + ([f"--format {fmt_key}: {len(bad) - 5} more samples cannot be rendered"]
+                             if len(bad) > 5 else []))
+
+
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of at most `size` samples covering 0..n."""
     return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -370,6 +386,8 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
         if req.dataset not in REGISTRY or "train" not in REGISTRY[req.dataset].splits:
             errors.append("svdecode with mu=auto calibrates on the train split of a registered dataset; "
                           f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
+    if data is not None and config is not None:
+        _check_format(config.format, data, req.limit, errors)
     size = req.shard_size or settings.shard_size
     if size < 1:
         errors.append(f"shard size must be positive, got {size}")
@@ -509,6 +527,7 @@ def result_rows(results: Sequence[Any], first_index: int, run_ids: dict[str, int
                 "scores": _json_safe(list(o.scores)) if o.scores is not None else None,
                 "correct": o.correct, "correct_norm": o.correct_norm, "flip_rate": _json_safe(o.flip_rate),
                 "vs_ft": o.vs_ft, "latency_s": float(o.latency_s or 0.0), "tokens": int(o.tokens or 0), "kv": kv,
+                "tie": getattr(o, "tie", None),
             })
     return rows
 
@@ -568,6 +587,7 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
     run_ids = {r.key: r.id for r in runs}
     specs, run_ids = _resolve_calibrations(job, runs, specs, run_ids, pair, settings)
     samples = [Sample.from_dict(d) for d in raw]
+    context = _format_context(job, config.format, settings)
     bs = max(1, int(getattr(config, "batch_size", 8) or 8))
     done = 0
     for i in range(0, len(samples), bs):
@@ -577,7 +597,7 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
                     return done
         batch = samples[i:i + bs]
         _test_fault(batch)
-        results = evaluate_batch(pair, batch, specs, config)
+        results = evaluate_batch(pair, batch, specs, config, context)
         rows = result_rows(results, start + i, run_ids)
         with session_scope(settings) as s:
             store.upsert_sample_results(s, rows)
@@ -586,6 +606,23 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
         if progress is not None:
             progress(len(batch))
     return done
+
+
+def _format_context(job: store.JobInfo, fmt: str, settings: Settings) -> Any:
+    """The job's prompt-format context: its dataset's name (per-dataset wording) and, for k-shot, the
+    demonstration pool (the registered train split, else the job's whole dataset from the DB)."""
+    from tad_core.formats import format_context, parse_format
+    from tad_core.samples import Sample
+
+    name = str(job.spec.get("dataset", ""))
+    pool: list[Any] = []
+    if parse_format(fmt).needs_pool:
+        from tad_core.datasets import REGISTRY
+
+        if name not in REGISTRY:
+            with session_scope(settings) as s:
+                pool = [Sample.from_dict(d) for d in store.load_samples(s, job.dataset_id, 0, 1 << 30)]
+    return format_context(fmt, name, pool)
 
 
 def _resolve_calibrations(job: store.JobInfo, runs: list[store.RunInfo], specs: list[Any], run_ids: dict[str, int],
