@@ -91,11 +91,14 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
         need_ft = need_base = [True] * len(seqs)
     paired = [a and b for a, b in zip(need_ft, need_base)]
     hidden_layers = hidden_layers_for(pair, strategies)
-    runner = PairedRunner(pair, need_ft, need_base, output_hidden_states=bool(hidden_layers))
+    # One prefill per prompt: the prompts are encoded once (each side any strategy needs), then every strategy's
+    # sequence continues from a copy of its prompt's cache, keeping only the sides that strategy needs.
+    prompt_ft = [any(need_ft[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+    prompt_base = [any(need_base[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+    runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers))
     head = output_head(pair.model) if hidden_layers else None
-    ft_index = {r: i for i, r in enumerate(runner.ft_rows)}  # runner.hidden holds the fine-tuned rows only
     enc = [tok(p)["input_ids"] for p in prompts]
-    ids, mask = left_pad([enc[pi] for pi, _ in seqs], tok.pad_token_id)
+    ids, mask = left_pad(enc, tok.pad_token_id)
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
     row_stops = [tuple(cfg.stop) + tuple(stops[pi] if stops is not None else ()) for pi, _ in seqs]
@@ -111,6 +114,12 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     seen: torch.Tensor | None = None  # tokens of prompt + output so far, for strategies that read history
     with torch.no_grad():
         z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
+        expand = [pi for pi, _ in seqs]
+        runner.select(expand, need_ft, need_base)
+        z_b = None if z_b is None else z_b[expand]
+        z_f = None if z_f is None else z_f[expand]
+        mask, pos = mask[expand], pos[expand]
+        ft_index = {r: i for i, r in enumerate(runner.ft_rows)}  # runner.hidden holds the fine-tuned rows only
         if any(s.needs_history for s in strategies):
             z = z_f if z_f is not None else z_b
             seen = torch.zeros((n, z.shape[-1]), dtype=torch.bool, device=z.device)
