@@ -194,9 +194,17 @@ def decode(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[An
         return generate_texts(pair, prompts, strategies, cfg, stops=stops)
     from tad_core.beam import beam_search
 
-    per_strategy = [beam_search(pair, prompts, strat, num_beams=num_beams, max_new_tokens=cfg.max_new_tokens,
-                                stops=stops, stop=cfg.stop, ignore_eos=cfg.ignore_eos) for strat in strategies]
-    return [[per_strategy[si][pi] for si in range(len(strategies))] for pi in range(len(samples))]
+    out: list[list[Generated]] = [[None] * len(strategies) for _ in samples]  # type: ignore[list-item]
+    groups: dict[tuple[str, ...], list[int]] = {}  # samples with the same stop sequences decode together
+    for i, st in enumerate(stops):
+        groups.setdefault(tuple(cfg.stop) + tuple(st), []).append(i)
+    for stop, idx in groups.items():
+        for si, strat in enumerate(strategies):
+            for i, g in zip(idx, beam_search(pair, [prompts[i] for i in idx], strat, num_beams=num_beams,
+                                             max_new_tokens=cfg.max_new_tokens, stop=stop,
+                                             ignore_eos=cfg.ignore_eos)):
+                out[i][si] = g
+    return out
 
 
 @dataclass

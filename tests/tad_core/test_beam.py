@@ -11,7 +11,7 @@ from tad_core.beam import beam_search, strategy_log_scores
 from tad_core.early_exit import output_head, step_extras
 from tad_core.generation import GenConfig, Generated, _eos_ids, generate_texts
 from tad_core.models import PairedModel, load_pair
-from tad_core.strategies import Step, Strategy, StrategySpec, build, parse_strategy_arg
+from tad_core.strategies import Step, Strategy, StrategySpec, build, canonical, parse_strategy_arg
 
 PROMPTS = ["Hello there, how are", "The capital of France is a city called", "1+1="]
 MAX_NEW = 8
@@ -227,3 +227,22 @@ def test_bad_num_beams_is_refused(tiny_pair, bad):
 def test_bad_early_stopping_is_refused(tiny_pair):
     with pytest.raises(ValueError, match="early_stopping"):
         beam_search(tiny_pair, PROMPTS, build(StrategySpec("ft")), 2, MAX_NEW, early_stopping="sometimes")
+
+
+def test_evaluate_batch_with_num_beams_uses_beam_search(tiny_pair):
+    """`EvalConfig(num_beams=K)` routes every strategy of a generation batch through beam search."""
+    from tad_core.evaluate import EvalConfig, evaluate_batch
+    from tad_core.samples import Sample
+    from tad_core.strategies import StrategySpec
+
+    pair = tiny_pair
+    samples = [Sample("a", "one two", reference="x"), Sample("b", "three", reference="y", stop=("\n",))]
+    specs = [StrategySpec("ft"), StrategySpec("tad", {"alpha": 1.0})]
+    beams = evaluate_batch(pair, samples, specs, EvalConfig(max_new_tokens=4, num_beams=3))
+    for res, sample in zip(beams, samples):
+        for spec in specs:
+            strat = build(spec)
+            (ref,) = beam_search(pair, [sample.prompt], strat, num_beams=3, max_new_tokens=4, stop=sample.stop)
+            assert res.outcomes[canonical(spec).key].output == ref.text
+    with pytest.raises(ValueError, match="num_beams"):
+        EvalConfig(num_beams=0)

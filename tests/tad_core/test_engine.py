@@ -265,3 +265,24 @@ def test_mc_floor_replaces_excluded_tokens(tiny_pair):
                 assert y == pytest.approx(x)
     with pytest.raises(ValueError, match="mc_floor"):
         EvalConfig(mc_floor=float("nan"))
+
+
+def test_one_prefill_per_prompt_serves_every_strategy(tiny_pair):
+    """Three strategies on two prompts: the prompts are encoded once (one model call whose batch has one row
+    per prompt and side), and each strategy's output equals decoding it alone."""
+    from tad_core.strategies import build, parse_strategy_arg
+
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad:alpha=1,2"))]
+    prompts = ["one two three", "four"]
+    batch_rows: list[int] = []
+    hook = tiny_pair.model.register_forward_pre_hook(
+        lambda _m, _a, kw: batch_rows.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
+    try:
+        together = generate_texts(tiny_pair, prompts, strategies, GenConfig(max_new_tokens=5, ignore_eos=True))
+    finally:
+        hook.remove()
+    assert batch_rows[0] == 2 * len(prompts)  # prefill: each prompt once per side (ft and base), not per strategy
+    assert batch_rows[1] == len(prompts) * (1 + 2 * 2)  # decode: ft rows for ft, both sides for each TaD
+    for si, strat in enumerate(strategies):
+        alone = generate_texts(tiny_pair, prompts, [strat], GenConfig(max_new_tokens=5, ignore_eos=True))
+        assert [row[si].token_ids for row in together] == [row[0].token_ids for row in alone]
