@@ -73,11 +73,11 @@ def main() -> None:
                     "--dataset", name, "--split", "val", "--limit", str(args.limit), "--format", "llm-adapters",
                     "--max-new-tokens", "12", "--batch-size", str(args.batch_size), *strategy_args)
     from services.db.session import session_scope
-    from services.study import markdown_tables, study_rows
+    from services.study import markdown_tables, study_cells
 
     with session_scope() as s:
-        rows = study_rows(s, base=args.base, fmt="llm-adapters@1")
-    print("\n".join(markdown_tables(rows, sets)))
+        cells = study_cells(s, base=args.base, fmt="llm-adapters@1")
+    print("\n".join(markdown_tables(cells, sets)))
 
 
 if __name__ == "__main__":
