@@ -286,3 +286,22 @@ def test_one_prefill_per_prompt_serves_every_strategy(tiny_pair):
     for si, strat in enumerate(strategies):
         alone = generate_texts(tiny_pair, prompts, [strat], GenConfig(max_new_tokens=5, ignore_eos=True))
         assert [row[si].token_ids for row in together] == [row[0].token_ids for row in alone]
+
+
+def test_mc_outcomes_flag_all_inf_ties(tiny_pair):
+    """A strategy that excludes every choice's tokens scores every choice -inf: the outcome says it was a tie
+    (predicted by the tie-break to choice 0); ft never ties."""
+    from tad_core.evaluate import EvalConfig, evaluate_batch
+    from tad_core.strategies import parse_strategy_arg
+
+    samples = [Sample(f"m{i}", f"Question {i}: pick", choices=(" alpha beta", " gamma delta", " eps"), answer=1)
+               for i in range(4)]
+    specs = [*parse_strategy_arg("ft"), *parse_strategy_arg("tad:alpha=1,beta=0.9")]
+    res = evaluate_batch(tiny_pair, samples, specs, EvalConfig())
+    for r in res:
+        ft, tad = r.outcomes["ft"], r.outcomes[specs[1].key]
+        assert ft.tie is False
+        assert tad.tie == all(x == float("-inf") for x in tad.scores)
+        if tad.tie:
+            assert tad.pred == 0
+    assert any(r.outcomes[specs[1].key].tie for r in res)
