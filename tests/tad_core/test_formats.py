@@ -115,3 +115,20 @@ def test_parse_errors_name_the_problem() -> None:
         parse_format("k-shot:k=0")
     with pytest.raises(ValueError, match="takes no parameters"):
         parse_format("mc-loglik:x=1")
+
+
+@pytest.mark.integration
+def test_chat_format_uses_the_models_own_template() -> None:
+    from tad_core.models import load_tokenizer, resolve_base_dir
+
+    tok = load_tokenizer(resolve_base_dir("smollm2-135m-instruct"))
+    sample = load_dataset("siqa", "val").samples[0]
+    rendered = parse_format("chat").render(sample, FormatContext("siqa", tokenizer=tok))
+    instruction, label = EXPECTED["siqa"]
+    assert rendered.prompt == tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                                      add_generation_prompt=True)
+    assert rendered.prompt.rstrip().endswith("assistant") and rendered.reference == label
+    ctx, target = parse_format("chat").training_pair(sample, FormatContext("siqa", tokenizer=tok))
+    assert ctx == rendered.prompt and target == f"the correct answer is {label}{tok.eos_token}"
+    with pytest.raises(FormatError, match="no chat template"):
+        parse_format("chat").render(sample, FormatContext("siqa"))
