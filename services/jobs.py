@@ -40,7 +40,7 @@ from services.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"  # bump when a change alters results, so reuse by run hash never mixes code versions
+CODE_VERSION = "2"  # 2: acc_norm divides by the choice without its delimiter (lm-eval). Bump when a change alters results, so reuse by run hash never mixes code versions
 
 
 class SubmissionError(ValueError):

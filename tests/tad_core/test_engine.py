@@ -305,3 +305,15 @@ def test_mc_outcomes_flag_all_inf_ties(tiny_pair):
         if tad.tie:
             assert tad.pred == 0
     assert any(r.outcomes[specs[1].key].tie for r in res)
+
+
+def test_acc_norm_divides_by_the_choice_text_as_lm_eval(tiny_pair):
+    """lm-evaluation-harness normalises by `len(choice)` of the choice as listed, not by the continuation with
+    its target delimiter: " blue" is scored but 4 characters count."""
+    from tad_core.scoring import score_mc
+    from tad_core.strategies import build, parse_strategy_arg
+
+    samples = [Sample("c", "Sky colour:", choices=("blue", "dark red", " grey"), answer=0),
+               Sample("w", choice_prompts=("Ann won so Ann", "Ann won so Bo"), continuation="was glad.", answer=0)]
+    (mc, wino) = score_mc(tiny_pair, samples, [build(s) for s in parse_strategy_arg("ft")])
+    assert mc.cont_chars == [4, 8, 5] and wino.cont_chars == [9, 9]
