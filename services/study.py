@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from services.db import store
-from tad_core.metrics import holm
+from tad_core.metrics import holm, mcnemar_p
 
 AVERAGE = "average"
 
@@ -84,7 +84,7 @@ def _averages(cells: Sequence[StudyCell]) -> list[StudyCell]:
         out.append(StudyCell(size, adapter, AVERAGE, strategy, sum(accs) / len(accs) if accs else None,
                              math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None,
                              sum(c.n for c in cs), sum(c.unparsed for c in cs), fixed, broken,
-                             store.mcnemar_p(fixed, broken) if fixed is not None else None, None,
+                             mcnemar_p(fixed, broken) if fixed is not None else None, None,
                              cs[0].final_loss))
     by_adapter: dict[str, list[int]] = {}
     for i, c in enumerate(out):

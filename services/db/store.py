@@ -15,6 +15,8 @@ from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from tad_core.metrics import mcnemar_p
+
 from services.db.models import (
     Adapter,
     BaseModel,
@@ -743,15 +745,6 @@ def _paired_counts(session: Session, run_a: int, run_b: int) -> tuple[int, int, 
     if not counts:
         return None
     return counts.get((True, True), 0), counts.get((True, False), 0), counts.get((False, True), 0), counts.get((False, False), 0)
-
-
-def mcnemar_p(fixed: int, broken: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant counts (binomial test, p = 0.5)."""
-    if fixed + broken == 0:
-        return 1.0
-    from scipy.stats import binomtest
-
-    return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 
 def _kv_aggregates(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Any]]) -> None:
