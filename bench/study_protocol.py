@@ -8,8 +8,9 @@ run lands in the results DB and the dashboard's Study page shows it):
 1. for each train size S (samples per set, seeded): `tad train --datasets <8 sets> --format llm-adapters
    --train-size S --steps T` (reused when the adapter exists);
 2. for each set: `tad run --format llm-adapters --split val --limit N` with ft, base, a TaD alpha sweep, tad_log,
-   contrastive, dola and svdecode, greedy, `--max-new-tokens 12` (the target is 6-7 tokens; an output with no
-   label by then is unparsed and counted wrong);
+   contrastive, dola and svdecode (mu calibrated on 16 train samples of the set by default: the forward over
+   BoolQ/HellaSwag train contexts makes the usual 128 cost hours per adapter on a CPU), greedy,
+   `--max-new-tokens 12` (the target is 6-7 tokens; an output with no label by then is unparsed and wrong);
 3. prints the study tables (services.study): per set and 8-set average per strategy, acc ± stderr, unparsed rate,
    fixed/broken vs ft and McNemar p (Holm-adjusted over the strategies of one train size).
 
@@ -21,6 +22,7 @@ Whether TaD wins is the finding this prints, not something tuned for.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +35,10 @@ SETS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_cha
 STRATEGIES = ["ft", "base", "tad:alpha=0.5,1,2", "tad_log", "contrastive", "dola", "svdecode"]
 
 
-def tad(*args: str) -> None:
+def tad(*args: str, env: dict[str, str] | None = None) -> None:
     cmd = [str(Path(sys.executable).with_name("tad")), *args]
     print("$ tad " + " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
 def adapter_dir(base: str, size: int, steps: int, seed: int) -> Path:
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--calibration-samples", type=int, default=16,
+                    help="train samples svdecode's mu is calibrated on, per set and adapter (TAD_CALIBRATION_SAMPLES)")
     ap.add_argument("--tables-only", action="store_true")
     args = ap.parse_args()
     sets = [s for s in args.sets.split(",") if s]
@@ -71,7 +75,8 @@ def main() -> None:
                 strategy_args = [x for s in STRATEGIES for x in ("-s", s)]
                 tad("run", "--base", args.base, "--adapter", str(out), "--adapter-name", out.name,
                     "--dataset", name, "--split", "val", "--limit", str(args.limit), "--format", "llm-adapters",
-                    "--max-new-tokens", "12", "--batch-size", str(args.batch_size), *strategy_args)
+                    "--max-new-tokens", "12", "--batch-size", str(args.batch_size), *strategy_args,
+                    env={"TAD_CALIBRATION_SAMPLES": str(args.calibration_samples)})
     from services.db.session import session_scope
     from services.study import markdown_tables, study_cells
 

@@ -644,7 +644,8 @@ def _resolve_calibrations(job: store.JobInfo, runs: list[store.RunInfo], specs: 
             continue
         run = by_key[sp.key]
         if "mu" not in (run.info or {}):
-            cal = cached_calibration(pair, job.spec["dataset"], "train", beta=sp.params["beta"])
+            cal = cached_calibration(pair, job.spec["dataset"], "train", n=settings.calibration_samples,
+                                     beta=sp.params["beta"])
             with session_scope(settings) as s:  # first writer wins: a racing shard keeps the recorded values
                 if "mu" not in (next(r for r in store.job_runs(s, job.id) if r.id == run.id).info or {}):
                     store.set_run_info(s, run.id, {"mu": float(f"{cal.mu:.6g}"), "calibration": cal.key,

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     restore_interval: int = Field(default=30, ge=1)
     # Worker heartbeat period (seconds) written to worker_heartbeats.
     heartbeat_interval: float = Field(default=10.0, gt=0)
+    # Train samples svdecode(mu=auto) calibrates on (the split's first N with a gold continuation); part of the
+    # calibration key. Lower it where the forward over long train contexts is slow (a CPU).
+    calibration_samples: int = Field(default=128, ge=1)
     # Dataset limits enforced on submission.
     max_dataset_rows: int = Field(default=100_000, ge=1)
     max_sample_chars: int = Field(default=32_768, ge=1)

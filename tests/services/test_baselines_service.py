@@ -37,3 +37,16 @@ def test_svdecode_auto_is_calibrated_once_and_recorded_on_the_run(sqlite_url, ti
         assert store.count_sample_rows(s, [r.id for r in runs.values()]) == 4 * 3
         board = {r.key: r for r in store.leaderboard(s, job_ids=[plan.job.id])}
         assert board[sv.key].info["mu"] == sv.info["mu"] and board[sv.key].n == 4
+
+
+def test_calibration_samples_setting_sizes_svdecode_calibration(sqlite_url, tiny_model_dir: Path,
+                                                                 tiny_lora_dir: Path, tmp_path: Path):
+    """TAD_CALIBRATION_SAMPLES: mu calibrated on that many train samples, recorded with the run (own cache key)."""
+    upgrade(sqlite_url)
+    settings = make_settings(sqlite_url, [tiny_model_dir.parent.parent, tmp_path], calibration_samples=6)
+    plan = plan_job(SubmitRequest(dataset="arc_easy", base=str(tiny_model_dir), adapter=str(tiny_lora_dir),
+                                  strategies=["ft", "svdecode:mu=auto"], limit=2, config={"batch_size": 2}), settings)
+    assert run_job_embedded(plan.job.id, settings).status == "done"
+    with session_scope(settings) as s:
+        sv = next(r for r in store.job_runs(s, plan.job.id) if r.strategy == "svdecode")
+    assert sv.info["calibration_n_samples"] == 6 and load_calibration(sv.info["calibration"]).n_samples == 6
