@@ -222,6 +222,7 @@ class _Task:
     sampler: str
     until: tuple[str, ...]
     filter_pattern: str | None
+    filter_name: str
     version: Any
     notes: tuple[str, ...]
 
@@ -322,13 +323,14 @@ def _generation(config: dict[str, Any], fewshot_delimiter: str, source: Path) ->
     return tuple(until)
 
 
-def _filters(config: dict[str, Any], output_type: str, filter_name: str | None, source: Path) -> str | None:
-    """The regex of the one `regex` (+ `take_first`) filter pipeline, or None when the task has no filter."""
+def _filters(config: dict[str, Any], output_type: str, filter_name: str | None,
+             source: Path) -> tuple[str | None, str]:
+    """The regex of the one `regex` (+ `take_first`) filter pipeline and its name; (None, "none") without one."""
     pipelines = _opt(config, "filter_list", list, [], source)
     if not pipelines:
         if filter_name is not None:
             raise LmEvalTaskError("filter_list", f"no filter named {filter_name!r}: the task has none", source)
-        return None
+        return None, "none"
     if output_type != "generate_until":
         raise LmEvalTaskError("filter_list", "filters apply to generate_until tasks only", source)
     names = [p.get("name") if isinstance(p, dict) else None for p in pipelines]
@@ -364,7 +366,7 @@ def _filters(config: dict[str, Any], output_type: str, filter_name: str | None, 
             raise LmEvalTaskError(f"{key}.regex_pattern", f"not a valid regular expression: {e}", source) from None
     if pattern is None:
         raise LmEvalTaskError("filter_list", "the pipeline has no regex filter", source)
-    return pattern
+    return pattern, str(chosen.get("name", "none"))
 
 
 def _metrics(config: dict[str, Any], output_type: str, source: Path) -> list[str]:
@@ -419,7 +421,7 @@ def check_task(config: dict[str, Any], source: Path, filter_name: str | None = N
         until = _generation(config, fewshot_delimiter, source)
     elif config.get("generation_kwargs") is not None:
         raise LmEvalTaskError("generation_kwargs", "only generate_until tasks generate", source)
-    pattern = _filters(config, output_type, filter_name, source)
+    pattern, filter_key = _filters(config, output_type, filter_name, source)
     notes = _metrics(config, output_type, source)
     if output_type == "generate_until":
         notes.append("exact_match here strips both sides, ignores case and compares numbers by value")
@@ -427,7 +429,7 @@ def check_task(config: dict[str, Any], source: Path, filter_name: str | None = N
     return _Task(name, output_type, files, file_format, splits["test_split"], splits["validation_split"],
                  splits["training_split"], splits["fewshot_split"], doc_to_text, doc_to_choice, doc_to_target,
                  _opt(config, "description", str, "", source), target_delimiter, fewshot_delimiter, num_fewshot,
-                 sampler, until, pattern, metadata.get("version"), tuple(notes))
+                 sampler, until, pattern, filter_key, metadata.get("version"), tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -664,7 +666,8 @@ def convert_task(path: str | Path, split: str | None = None, include_paths: Sequ
                         for d in (sampler.draw(doc, task.num_fewshot) if task.num_fewshot else []))
         prompt = render.description(doc, doc_id) + shots + render.text(doc, doc_id)
         meta = {"lmeval": {"task": task.name, "split": eval_split, "doc_id": doc_id, "num_fewshot": task.num_fewshot,
-                           "yaml": yaml_path.name, "yaml_sha256": sources[0].sha256, "version": task.version},
+                           "yaml": yaml_path.name, "yaml_sha256": sources[0].sha256, "version": task.version,
+                           "filter": task.filter_name},
                 "doc": doc}
         sid = f"{task.name}/{eval_split}/{doc_id}"
         if task.output_type == "multiple_choice":
