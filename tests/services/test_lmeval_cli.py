@@ -154,3 +154,20 @@ def test_generation_task_end_to_end_and_lmeval_export(env: dict) -> None:
 def test_results_export_options_are_exclusive(env: dict) -> None:
     r = runner.invoke(app, ["results", "1", "--csv", "--lmeval", str(env["tmp"] / "x")])
     assert r.exit_code == 2 and "one of --csv, --json, --lmeval" in r.output
+
+
+def test_any_job_exports_a_plain_jsonl_dataset_as_its_own_task(env: dict) -> None:
+    """A job on our own JSONL (not an lm-eval task) exports too: the canonical sample is the document."""
+    from tests.services.helpers import write_mc_dataset
+
+    data = write_mc_dataset(env["tmp"] / "colours.jsonl", 3)
+    r = runner.invoke(app, ["run", "--dataset", str(data), "--base", env["model"], "--adapter", env["lora"],
+                            "-s", "ft", "--json"])
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout.strip().splitlines()[-1])
+    results, records = _export(env, payload["job"]["id"], "colours")["ft"]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [rec["doc"] for rec in records] == rows and [rec["target"] for rec in records] == ["0", "1", "0"]
+    assert [len(rec["arguments"]) for rec in records] == [2, 3, 4]
+    assert results["n-shot"] == {"colours": 0} and results["results"]["colours"]["acc,none"] == pytest.approx(
+        payload["leaderboard"][0]["acc"])
