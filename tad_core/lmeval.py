@@ -701,19 +701,31 @@ def parse_reference(name: str) -> str | None:
     return name[len(LMEVAL_PREFIX):] if name.startswith(LMEVAL_PREFIX) else None
 
 
+def validated(conv: TaskConversion, limits: Any = None) -> tuple[bytes, list[Sample]]:
+    """The canonical bytes and samples after the canonical validator (a converted task obeys every rule a JSONL
+    file does); its errors name the lm-eval document (`document 3`), since the user never saw our line numbers."""
+    from tad_core.datasets.validate import DatasetLimits, DatasetValidationError, dumps_jsonl, validate_jsonl
+
+    data = dumps_jsonl(conv.samples)
+    try:
+        return data, validate_jsonl(data, limits or DatasetLimits())
+    except DatasetValidationError as e:
+        where = f"{conv.task} ({conv.yaml_path}) split {conv.split}"
+        raise DatasetValidationError([re.sub(r"^line (\d+):", lambda m: f"{where} document {int(m.group(1)) - 1}:", x)
+                                      for x in e.errors]) from None
+
+
 def load_lmeval_dataset(name: str, split: str = "val", limit: int | None = None,
                         limits: Any = None) -> Any:
-    """`lmeval:TASK.yaml` as a LoadedDataset: converted, then checked by the canonical validator (so it obeys
-    every rule a JSONL file does); named by the YAML's `task`, hashed over the canonical bytes."""
+    """`lmeval:TASK.yaml` as a LoadedDataset: converted and validated; named by the YAML's `task`, hashed over
+    the canonical bytes (so the same task and data give the same stored dataset wherever the files live)."""
     from tad_core.datasets.catalog import LoadedDataset, _task_type
-    from tad_core.datasets.validate import DatasetLimits, dumps_jsonl, validate_jsonl
 
     path = parse_reference(name)
     if not path:
         raise LmEvalTaskError("dataset", f"{name!r}: expected lmeval:PATH/TO/TASK.yaml")
     conv = convert_task(path, split)
-    data = dumps_jsonl(conv.samples)
-    samples = validate_jsonl(data, limits or DatasetLimits())
+    data, samples = validated(conv, limits)
     if limit is not None:
         samples = samples[:limit]
     return LoadedDataset(name=conv.task, split=split, samples=samples, content_hash=_sha256(data),

@@ -81,13 +81,12 @@ def register(app: typer.Typer) -> None:
                                                   "when the task has several"),
     ) -> None:
         """Convert a local lm-eval task YAML into a canonical JSONL file; exit code 2 naming the key on bad YAML."""
-        from tad_core.datasets import DatasetValidationError, validate_jsonl, write_jsonl
-        from tad_core.datasets.validate import dumps_jsonl
-        from tad_core.lmeval import LmEvalTaskError, convert_task
+        from tad_core.datasets import DatasetValidationError, write_jsonl
+        from tad_core.lmeval import LmEvalTaskError, convert_task, validated
 
         try:
             conv = convert_task(task_yaml, split, include_path or (), fewshot_seed, filter_name)
-            validate_jsonl(dumps_jsonl(conv.samples))  # the file must load anywhere a dataset is accepted
+            validated(conv)  # the file must load anywhere a dataset is accepted
         except (LmEvalTaskError, DatasetValidationError, OSError) as e:
             _fail(str(e), code=2)
         write_jsonl(conv.samples, out)

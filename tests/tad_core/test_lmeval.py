@@ -275,3 +275,12 @@ def test_sandboxed_templates(tmp_path: Path) -> None:
     with pytest.raises(LmEvalTaskError, match="unsafe") as e:
         convert_task(write_task(tmp_path, MC.replace('"Q: {{q}}\\nA:"', '"{{ q.__class__.__mro__[1].__subclasses__() }}"')))
     assert e.value.key == "doc_to_text"
+
+
+def test_canonical_rules_apply_and_name_the_document(tmp_path: Path) -> None:
+    """A converted task obeys every canonical rule; the error names the lm-eval document, not our line."""
+    from tad_core.datasets import DatasetValidationError
+
+    docs = [*DOCS[:2], {**DOCS[2], "opts": ["only one"], "label": 0}]
+    with pytest.raises(DatasetValidationError, match=r"split test document 2: field 'choices': needs at least 2"):
+        load_dataset(f"lmeval:{write_task(tmp_path, MC, docs)}", split="test")
