@@ -284,3 +284,35 @@ def test_canonical_rules_apply_and_name_the_document(tmp_path: Path) -> None:
     docs = [*DOCS[:2], {**DOCS[2], "opts": ["only one"], "label": 0}]
     with pytest.raises(DatasetValidationError, match=r"split test document 2: field 'choices': needs at least 2"):
         load_dataset(f"lmeval:{write_task(tmp_path, MC, docs)}", split="test")
+
+
+def test_arc_style_yaml_from_lmeval(tmp_path: Path) -> None:
+    """lm-eval's own arc_easy.yaml wording (templates over nested fields, `.index` in doc_to_target), local data."""
+    doc = {"id": "Mercury_1", "question": "Which is a mammal?", "answerKey": "B",
+           "choices": {"text": ["shark", "whale", "trout"], "label": ["A", "B", "C"]}}
+    yaml_text = """task: arc_easy_local
+tag: [ai2_arc]
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: docs.jsonl
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+should_decontaminate: false
+doc_to_decontamination_query: "Question: {{question}}\\nAnswer:"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+    [s] = convert_task(write_task(tmp_path, yaml_text, [doc])).samples
+    assert (s.prompt, s.choices, s.answer) == ("Question: Which is a mammal?\nAnswer:", ("shark", "whale", "trout"), 1)
