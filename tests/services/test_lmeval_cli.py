@@ -171,3 +171,14 @@ def test_any_job_exports_a_plain_jsonl_dataset_as_its_own_task(env: dict) -> Non
     assert [len(rec["arguments"]) for rec in records] == [2, 3, 4]
     assert results["n-shot"] == {"colours": 0} and results["results"]["colours"]["acc,none"] == pytest.approx(
         payload["leaderboard"][0]["acc"])
+
+
+def test_suites_accept_lmeval_tasks_relative_to_the_suite() -> None:
+    from services.suites import SuiteError, parse_suite
+
+    suite = parse_suite({"name": "s", "version": 1, "strategies": ["ft"],
+                         "datasets": [{"dataset": "lmeval:science_mc.yaml", "split": "test"}]}, base_dir=FIXTURES)
+    assert suite.datasets[0].dataset == f"lmeval:{(FIXTURES / 'science_mc.yaml').resolve()}"
+    with pytest.raises(SuiteError, match="does not exist"):
+        parse_suite({"name": "s", "version": 1, "strategies": ["ft"], "datasets": ["lmeval:nowhere.yaml"]},
+                    base_dir=FIXTURES)
