@@ -113,6 +113,9 @@ def sample_record(doc_id: int, raw: dict[str, Any], rendered: Any, row: dict[str
     metrics = [m for m in ("acc", "acc_norm", "exact_match") if m in body]
     first_ctx = body["arguments"][0][0]
     target = body.pop("target")
+    lm = (raw.get("metadata") or {}).get("lmeval") or {}
+    if "target" in lm:  # an imported task: lm-eval's own doc_to_target value (a choice text stays text)
+        target = lm["target"]
     record = {
         "doc_id": doc_id,
         "doc": doc,

@@ -665,9 +665,10 @@ def convert_task(path: str | Path, split: str | None = None, include_paths: Sequ
         shots = "".join(render.text(d, -1) + task.target_delimiter + render.target_text(d, -1) + task.fewshot_delimiter
                         for d in (sampler.draw(doc, task.num_fewshot) if task.num_fewshot else []))
         prompt = render.description(doc, doc_id) + shots + render.text(doc, doc_id)
+        target = render.target(doc, doc_id)  # as lm-eval logs it (an index, or the text the YAML gives)
         meta = {"lmeval": {"task": task.name, "split": eval_split, "doc_id": doc_id, "num_fewshot": task.num_fewshot,
                            "yaml": yaml_path.name, "yaml_sha256": sources[0].sha256, "version": task.version,
-                           "filter": task.filter_name},
+                           "filter": task.filter_name, "target": _json_safe(target)},
                 "doc": doc}
         sid = f"{task.name}/{eval_split}/{doc_id}"
         if task.output_type == "multiple_choice":
@@ -675,7 +676,6 @@ def convert_task(path: str | Path, split: str | None = None, include_paths: Sequ
             samples.append(_mc_sample(sid, prompt, choices, render.gold_index(doc, doc_id, choices), task, doc_id,
                                       meta))
         else:
-            target = render.target(doc, doc_id)
             if isinstance(target, (list, dict)) or target is None:
                 raise LmEvalTaskError("doc_to_target", f"document {doc_id}: expected one answer, got {target!r}")
             samples.append(Sample(id=sid, prompt=prompt, reference=str(target), stop=task.until,

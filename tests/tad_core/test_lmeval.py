@@ -70,9 +70,10 @@ def test_field_names_templates_lists_and_targets(tmp_path: Path) -> None:
     path = write_task(tmp_path, MC)
     assert [s.answer for s in convert_task(path).samples] == [0, 1, 0, 1, 0]
     # doc_to_target as the choice text (a field), as a template giving digits, and as a template giving the text
-    for target in ("name", '"{{label}}"', '"{{opts[label]}}"'):
+    for target, logged in (("name", "eight"), ('"{{label}}"', 1), ('"{{opts[label]}}"', "eight")):
         conv = convert_task(write_task(tmp_path, MC.replace("doc_to_target: label", f"doc_to_target: {target}")))
         assert [s.answer for s in conv.samples] == [0, 1, 0, 1, 0], target
+        assert conv.samples[1].metadata["lmeval"]["target"] == logged  # what lm-eval logs as the target
     # doc_to_choice as a YAML list and as a template rendering a list literal; doc_to_text as a field name
     conv = convert_task(write_task(tmp_path, MC.replace("doc_to_choice: opts", "doc_to_choice: ['yes', 'no']")
                                    .replace('doc_to_text: "Q: {{q}}\\nA:"', "doc_to_text: q")))
