@@ -510,7 +510,7 @@ class _Renderer:
         self.env = _environment()
         self._templates: dict[str, Any] = {}
 
-    def _render(self, key: str, template: str, doc: dict[str, Any], doc_id: int) -> str:
+    def _render(self, key: str, template: str, doc: dict[str, Any], where: str) -> str:
         from jinja2 import TemplateError
 
         try:
@@ -518,17 +518,17 @@ class _Renderer:
                 self._templates[template] = self.env.from_string(template)
             return self._templates[template].render(**doc)
         except TemplateError as e:
-            raise LmEvalTaskError(key, f"document {doc_id}: template error: {e}") from None
+            raise LmEvalTaskError(key, f"{where}: template error: {e}") from None
 
-    def text(self, doc: dict[str, Any], doc_id: int) -> str:
+    def text(self, doc: dict[str, Any], where: str) -> str:
         spec = self.task.doc_to_text
-        value = doc[spec] if spec in self.features else self._render("doc_to_text", spec, doc, doc_id)
+        value = doc[spec] if spec in self.features else self._render("doc_to_text", spec, doc, where)
         if not isinstance(value, str):
-            raise LmEvalTaskError("doc_to_text", f"document {doc_id}: expected text, got {type(value).__name__} "
+            raise LmEvalTaskError("doc_to_text", f"{where}: expected text, got {type(value).__name__} "
                                   f"{value!r} (multiple-input tasks are not supported)")
         return value
 
-    def choices(self, doc: dict[str, Any], doc_id: int) -> list[str]:
+    def choices(self, doc: dict[str, Any], where: str) -> list[str]:
         spec = self.task.doc_to_choice
         if isinstance(spec, dict):
             value: Any = list(spec.values())
@@ -537,50 +537,50 @@ class _Renderer:
         elif spec in self.features:
             value = doc[spec]
         else:
-            rendered = self._render("doc_to_choice", spec, doc, doc_id)
+            rendered = self._render("doc_to_choice", spec, doc, where)
             try:
                 value = ast.literal_eval(rendered)
             except (ValueError, SyntaxError):
-                raise LmEvalTaskError("doc_to_choice", f"document {doc_id}: the template gave {rendered!r}, not a "
+                raise LmEvalTaskError("doc_to_choice", f"{where}: the template gave {rendered!r}, not a "
                                       "list literal") from None
         if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            raise LmEvalTaskError("doc_to_choice", f"document {doc_id}: expected a list of strings, got {value!r}")
+            raise LmEvalTaskError("doc_to_choice", f"{where}: expected a list of strings, got {value!r}")
         return value
 
-    def target(self, doc: dict[str, Any], doc_id: int) -> Any:
+    def target(self, doc: dict[str, Any], where: str) -> Any:
         """lm-eval's doc_to_target: a field's raw value, an int, or a rendered template (digits -> int for MC)."""
         spec = self.task.doc_to_target
         if isinstance(spec, int):
             return spec
         if spec in self.features:
             return doc[spec]
-        rendered = self._render("doc_to_target", spec, doc, doc_id)
+        rendered = self._render("doc_to_target", spec, doc, where)
         if rendered.isdigit() and self.task.doc_to_choice is not None:
             return int(rendered)
         return rendered
 
-    def gold_index(self, doc: dict[str, Any], doc_id: int, choices: list[str]) -> int:
-        target = self.target(doc, doc_id)
+    def gold_index(self, doc: dict[str, Any], where: str, choices: list[str]) -> int:
+        target = self.target(doc, where)
         if isinstance(target, int) and not isinstance(target, bool):
             if 0 <= target < len(choices):
                 return target
         elif isinstance(target, str) and target in choices:
             return choices.index(target)
-        raise LmEvalTaskError("doc_to_target", f"document {doc_id}: {target!r} is neither an index into nor one of "
+        raise LmEvalTaskError("doc_to_target", f"{where}: {target!r} is neither an index into nor one of "
                               f"the {len(choices)} choices {choices!r}")
 
-    def target_text(self, doc: dict[str, Any], doc_id: int) -> str:
+    def target_text(self, doc: dict[str, Any], where: str) -> str:
         """The answer written after a few-shot demonstration (lm-eval's ContextSampler.get_context)."""
-        target = self.target(doc, doc_id)
+        target = self.target(doc, where)
         if isinstance(target, list):
-            raise LmEvalTaskError("doc_to_target", f"document {doc_id}: several targets are not supported")
+            raise LmEvalTaskError("doc_to_target", f"{where}: several targets are not supported")
         if self.task.doc_to_choice is None or isinstance(target, str):
             return str(target)
-        choices = self.choices(doc, doc_id)
-        return choices[self.gold_index(doc, doc_id, choices)]
+        choices = self.choices(doc, where)
+        return choices[self.gold_index(doc, where, choices)]
 
-    def description(self, doc: dict[str, Any], doc_id: int) -> str:
-        return self._render("description", self.task.description, doc, doc_id) if self.task.description else ""
+    def description(self, doc: dict[str, Any], where: str) -> str:
+        return self._render("description", self.task.description, doc, where) if self.task.description else ""
 
 
 def _fewshot_split(task: _Task) -> str:
@@ -599,13 +599,14 @@ class _Sampler:
         self.kind, self.pool, self.drop_self = kind, pool, drop_self
         self.rnd = random.Random(seed)
 
-    def draw(self, doc: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    def draw(self, doc: dict[str, Any], n: int) -> list[int]:
+        """Pool indices of the demonstrations; a draw equal to the document itself is dropped (lm-eval)."""
         k = n + 1 if self.drop_self else n
         if k > len(self.pool):
             raise LmEvalTaskError("num_fewshot", f"{n} demonstrations asked, the few-shot split has {len(self.pool)} "
                                   "documents")
-        chosen = self.pool[:k] if self.kind == "first_n" else self.rnd.sample(self.pool, k)
-        return [d for d in chosen if d != doc][:n]
+        chosen = list(range(k)) if self.kind == "first_n" else self.rnd.sample(range(len(self.pool)), k)
+        return [j for j in chosen if self.pool[j] != doc][:n]
 
 
 def _eval_split(task: _Task, split: str | None) -> str:
@@ -625,7 +626,7 @@ def _eval_split(task: _Task, split: str | None) -> str:
     raise LmEvalTaskError("split", f"{split!r} is not a split of the task (data_files: {', '.join(task.data_files)})")
 
 
-def _mc_sample(sid: str, prompt: str, choices: list[str], answer: int, task: _Task, doc_id: int,
+def _mc_sample(sid: str, prompt: str, choices: list[str], answer: int, task: _Task, where: str,
                metadata: dict[str, Any]) -> Sample:
     """An MC sample whose (context, continuation) pairs are exactly lm-eval's `(ctx, target_delimiter + choice)`.
 
@@ -634,7 +635,7 @@ def _mc_sample(sid: str, prompt: str, choices: list[str], answer: int, task: _Ta
     sample = Sample(id=sid, prompt=prompt, choices=tuple(choices), answer=answer, metadata=metadata)
     for (_, cont), choice in zip(sample.contexts_and_continuations(), choices):
         if cont != task.target_delimiter + choice:
-            raise LmEvalTaskError("target_delimiter", f"document {doc_id}: {task.target_delimiter!r} + choice "
+            raise LmEvalTaskError("target_delimiter", f"{where}: {task.target_delimiter!r} + choice "
                                   f"{choice!r} cannot be represented (the canonical format scores {cont!r})")
     return sample
 
@@ -652,6 +653,7 @@ def convert_task(path: str | Path, split: str | None = None, include_paths: Sequ
     docs, data_sources = load_docs(task, eval_split)
     sources.extend(data_sources)
     pool: list[dict[str, Any]] = []
+    shot_split = ""
     if task.num_fewshot:
         shot_split = _fewshot_split(task)
         pool, shot_sources = (docs, []) if shot_split == eval_split else load_docs(task, shot_split)
@@ -662,22 +664,24 @@ def convert_task(path: str | Path, split: str | None = None, include_paths: Sequ
                        drop_self=task.fewshot_split is not None and task.fewshot_split == task.test_split)
     samples: list[Sample] = []
     for doc_id, doc in enumerate(docs):
-        shots = "".join(render.text(d, -1) + task.target_delimiter + render.target_text(d, -1) + task.fewshot_delimiter
-                        for d in (sampler.draw(doc, task.num_fewshot) if task.num_fewshot else []))
-        prompt = render.description(doc, doc_id) + shots + render.text(doc, doc_id)
-        target = render.target(doc, doc_id)  # as lm-eval logs it (an index, or the text the YAML gives)
+        where = f"{eval_split} document {doc_id}"
+        shots = "".join(render.text(pool[j], f"{shot_split} document {j}") + task.target_delimiter
+                        + render.target_text(pool[j], f"{shot_split} document {j}") + task.fewshot_delimiter
+                        for j in (sampler.draw(doc, task.num_fewshot) if task.num_fewshot else []))
+        prompt = render.description(doc, where) + shots + render.text(doc, where)
+        target = render.target(doc, where)  # as lm-eval logs it (an index, or the text the YAML gives)
         meta = {"lmeval": {"task": task.name, "split": eval_split, "doc_id": doc_id, "num_fewshot": task.num_fewshot,
                            "yaml": yaml_path.name, "yaml_sha256": sources[0].sha256, "version": task.version,
                            "filter": task.filter_name, "target": _json_safe(target)},
                 "doc": doc}
         sid = f"{task.name}/{eval_split}/{doc_id}"
         if task.output_type == "multiple_choice":
-            choices = render.choices(doc, doc_id)
-            samples.append(_mc_sample(sid, prompt, choices, render.gold_index(doc, doc_id, choices), task, doc_id,
+            choices = render.choices(doc, where)
+            samples.append(_mc_sample(sid, prompt, choices, render.gold_index(doc, where, choices), task, where,
                                       meta))
         else:
             if isinstance(target, (list, dict)) or target is None:
-                raise LmEvalTaskError("doc_to_target", f"document {doc_id}: expected one answer, got {target!r}")
+                raise LmEvalTaskError("doc_to_target", f"{where}: expected one answer, got {target!r}")
             samples.append(Sample(id=sid, prompt=prompt, reference=str(target), stop=task.until,
                                   answer_pattern=task.filter_pattern or WHOLE_OUTPUT_PATTERN, extract="first-match",
                                   metadata=meta))

@@ -317,3 +317,14 @@ metadata:
 """
     [s] = convert_task(write_task(tmp_path, yaml_text, [doc])).samples
     assert (s.prompt, s.choices, s.answer) == ("Question: Which is a mammal?\nAnswer:", ("shark", "whale", "trout"), 1)
+
+
+def test_errors_name_the_split_and_document(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text(json.dumps({**DOCS[0], "label": 5}) + "\n")
+    text = MC.replace("    test: docs.jsonl", "    test: docs.jsonl\n    train: train.jsonl") + \
+        "num_fewshot: 1\nfewshot_split: train\n"
+    with pytest.raises(LmEvalTaskError, match=r"doc_to_target: train document 0: 5 is neither an index") as e:
+        convert_task(write_task(tmp_path, text))  # the bad gold is in a demonstration, not in the test split
+    assert e.value.key == "doc_to_target"
+    with pytest.raises(LmEvalTaskError, match=r"test document 3: expected a list of strings"):
+        convert_task(write_task(tmp_path, MC, [*DOCS[:3], {**DOCS[3], "opts": "milk"}]))
