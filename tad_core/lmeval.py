@@ -44,6 +44,7 @@ from tad_core.samples import Sample
 LMEVAL_PREFIX = "lmeval:"
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's --fewshot_random_seed default
 WHOLE_OUTPUT_PATTERN = r"(?s)^(.*)$"  # no filter: lm-eval scores the whole response
+MAX_DATA_FILE_BYTES = 50_000_000  # as DatasetLimits.max_bytes for a canonical file
 
 _ACCEPTED_KEYS = frozenset({
     "task", "task_alias", "tag", "group", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
@@ -480,6 +481,9 @@ def load_docs(task: _Task, split: str) -> tuple[list[dict[str, Any]], list[Sourc
         path = Path(name)
         if not path.is_file():
             raise LmEvalTaskError(key, f"{name!r} not found")
+        if path.stat().st_size > MAX_DATA_FILE_BYTES:  # read whole into memory: the canonical file limit applies
+            raise LmEvalTaskError(key, f"{name!r} is {path.stat().st_size} bytes, over the limit of "
+                                  f"{MAX_DATA_FILE_BYTES} bytes")
         docs.extend(_read_json_rows(path, key) if task.file_format == "json" else _read_csv_rows(path, key))
         sources.append(SourceFile(f"data:{split}", str(path), _sha256(path.read_bytes())))
     if not docs:

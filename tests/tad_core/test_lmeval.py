@@ -328,3 +328,13 @@ def test_errors_name_the_split_and_document(tmp_path: Path) -> None:
     assert e.value.key == "doc_to_target"
     with pytest.raises(LmEvalTaskError, match=r"test document 3: expected a list of strings"):
         convert_task(write_task(tmp_path, MC, [*DOCS[:3], {**DOCS[3], "opts": "milk"}]))
+
+
+def test_data_file_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tad_core.lmeval as lmeval
+
+    path = write_task(tmp_path, MC)
+    monkeypatch.setattr(lmeval, "MAX_DATA_FILE_BYTES", (tmp_path / "docs.jsonl").stat().st_size - 1)
+    with pytest.raises(LmEvalTaskError, match="over the limit") as e:
+        convert_task(path)
+    assert e.value.key == "dataset_kwargs.data_files.test"
