@@ -287,7 +287,7 @@ def _check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) ->
         errors.append(f"--limit must be a positive integer, got {req.limit}")
         return None
     try:
-        if req.dataset in REGISTRY:
+        if req.dataset in REGISTRY or req.dataset.startswith("lmeval:"):  # lmeval:TASK.yaml: tad_core.lmeval
             ds = load_dataset(req.dataset, split=req.split)
             name, content_hash, task_type, source, samples = ds.name, ds.content_hash, ds.task_type, ds.source, ds.samples
             if len(samples) > settings.max_dataset_rows:

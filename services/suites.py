@@ -106,6 +106,14 @@ def _check_dataset(i: int, item: Any, base_dir: Path | None, errors: list[str]) 
             errors.append(f"{where}.split: dataset {name!r} has no split {split!r}; it has "
                           f"{', '.join(REGISTRY[name].splits)}")
             ok = False
+    elif name.startswith("lmeval:"):  # a local lm-eval task YAML (tad_core.lmeval), relative like a .jsonl
+        path = Path(name[len("lmeval:"):]).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            errors.append(f"{where}.dataset: {name!r}: the task YAML {str(path)!r} does not exist")
+            return None
+        name = f"lmeval:{path.resolve()}"
     else:
         path = Path(name).expanduser()
         if not path.is_absolute() and base_dir is not None:

@@ -1,14 +1,15 @@
-"""`tad data fetch|list|validate`: the offline datasets and the canonical JSONL format."""
+"""`tad data fetch|list|validate|import-lmeval`: the offline datasets and the canonical JSONL format."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _table(infos: list, title: str):  # -> rich.table.Table
@@ -65,5 +66,35 @@ def register(app: typer.Typer) -> None:
             _fail(str(e))
         kinds = {s.kind for s in samples}
         typer.echo(f"ok: {len(samples)} samples ({'/'.join(sorted(kinds))})")
+
+    @data_app.command("import-lmeval")
+    def import_lmeval(
+        task_yaml: Path = typer.Argument(..., help="an lm-evaluation-harness task YAML (local data files)"),
+        out: Path = typer.Option(..., "--out", "-o", help="the canonical JSONL file to write"),
+        split: Optional[str] = typer.Option(None, help="data split (default: the task's test_split, else "
+                                            "validation_split)"),
+        include_path: Optional[list[Path]] = typer.Option(None, "--include-path", help="directory searched for "
+                                                          "`include`d YAMLs, repeatable"),
+        fewshot_seed: int = typer.Option(1234, help="seed of the default (random) few-shot sampler, as lm-eval's "
+                                          "--fewshot_random_seed"),
+        filter_name: Optional[str] = typer.Option(None, "--filter", help="the filter_list pipeline to score, "
+                                                  "when the task has several"),
+    ) -> None:
+        """Convert a local lm-eval task YAML into a canonical JSONL file; exit code 2 naming the key on bad YAML."""
+        from tad_core.datasets import DatasetValidationError, write_jsonl
+        from tad_core.lmeval import LmEvalTaskError, convert_task, validated
+
+        try:
+            conv = convert_task(task_yaml, split, include_path or (), fewshot_seed, filter_name)
+            validated(conv)  # the file must load anywhere a dataset is accepted
+        except (LmEvalTaskError, DatasetValidationError, OSError) as e:
+            _fail(str(e), code=2)
+        write_jsonl(conv.samples, out)
+        typer.echo(f"ok: {len(conv.samples)} samples of task {conv.task} ({conv.output_type}, split {conv.split}, "
+                   f"{conv.num_fewshot}-shot) -> {out}")
+        for src in conv.sources:
+            typer.echo(f"  {src.role}: {src.path} sha256={src.sha256}")
+        for note in conv.notes:
+            typer.echo(f"  note: {note}")
 
     app.add_typer(data_app, name="data")

@@ -29,7 +29,8 @@ AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapt
 AdapterNameOpt = Annotated[Optional[str], typer.Option("--adapter-name", help="register a new adapter DIR under "
                                                        "this name (default: the directory name)")]
 FinetunedOpt = Annotated[Optional[str], typer.Option("--finetuned", help="fully fine-tuned model DIR")]
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME or FILE.jsonl")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME, FILE.jsonl or "
+                                         "lmeval:TASK.yaml (a local lm-evaluation-harness task)")]
 SplitOpt = Annotated[str, typer.Option("--split", help="dataset split")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="first N samples only")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="samples per forward batch")]
@@ -352,13 +353,19 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def results(job_id: int, as_csv: Annotated[bool, typer.Option("--csv", help="per-sample rows as CSV")] = False,
                 as_json: Annotated[bool, typer.Option("--json", help="leaderboard + per-sample rows as JSON")] = False,
-                output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to a file")] = None) -> None:
-        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON."""
+                output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to a file")] = None,
+                lmeval: Annotated[Optional[Path], typer.Option("--lmeval", help="write lm-evaluation-harness output "
+                                                               "(results_*.json, samples_*.jsonl) per strategy "
+                                                               "under this directory")] = None) -> None:
+        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON / lm-eval output."""
         settings = _settings()
         with _user_errors():
             _check_schema(settings, migrate_embedded=True)
-            if as_csv and as_json:
-                _fail("pass --csv or --json, not both")
+            if sum(map(bool, (as_csv, as_json, lmeval))) > 1:
+                _fail("pass one of --csv, --json, --lmeval")
+            if lmeval is not None:
+                _export_lmeval(settings, job_id, lmeval)
+                return
             if not (as_csv or as_json):
                 _print_results(settings, job_id)
                 return
@@ -438,6 +445,17 @@ def register(app: typer.Typer) -> None:
         cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
                "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false"]
         raise typer.Exit(subprocess.call(cmd))
+
+
+def _export_lmeval(settings: Any, job_id: int, out_dir: Path) -> None:
+    from services.lmeval_export import ExportError, export_job
+
+    try:
+        runs = export_job(settings, job_id, out_dir)
+    except ExportError as e:
+        _fail(str(e))
+    for run in runs:
+        typer.echo(f"{run.key}: {run.results} {run.samples}")
 
 
 def _print_results(settings: Any, job_id: int) -> None:

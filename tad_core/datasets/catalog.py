@@ -217,7 +217,8 @@ def _task_type(samples: list[Sample]) -> TaskType:
 
 
 def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None = None) -> LoadedDataset:
-    """Load a registered dataset split (fetched on first use) or a canonical `.jsonl` file (validated first).
+    """Load a registered dataset split (fetched on first use), a canonical `.jsonl` file (validated first) or
+    `lmeval:TASK.yaml` (a local lm-evaluation-harness task, converted and validated).
 
     `limit` keeps the first N samples (deterministic). For a file, `name` is the file stem and `split` is kept as
     given; the content hash always covers the whole file.
@@ -225,6 +226,10 @@ def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
     key = str(name_or_path)
+    if key.startswith("lmeval:"):  # a local lm-evaluation-harness task YAML (tad_core.lmeval)
+        from tad_core.lmeval import load_lmeval_dataset
+
+        return load_lmeval_dataset(key, split, limit)
     if key in REGISTRY:
         spec = REGISTRY[key]
         if split not in spec.splits:
