@@ -89,7 +89,7 @@ class ShardOutcome:
     job_id: int
     start: int
     stop: int
-    action: str  # ran | done | failed | cancelled (what happened on this delivery)
+    action: str  # ran | done | failed | cancelled | busy (what happened on this delivery)
     samples: int = 0
     job_status: str = ""
 
@@ -513,6 +513,37 @@ def result_rows(results: Sequence[Any], first_index: int, run_ids: dict[str, int
     return rows
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _holder_alive(session: Any, settings: Settings) -> Callable[[str], bool]:
+    """A predicate for `store.claim_shard`: is the worker process named `host:pid` alive? Alive = it beat within
+    `dead_after_s`, and, when it runs on this machine, its pid still exists (a child killed a second ago still
+    has a fresh heartbeat, but its redelivered shard must run now, not after the heartbeat goes stale)."""
+    fresh = {w.worker for w in store.list_workers(session, seen_within_s=settings.dead_after_s)}
+    host = socket.gethostname()
+
+    def alive(name: str) -> bool:
+        if name not in fresh:
+            return False
+        where, _, pid = name.rpartition(":")
+        return not (where == host and pid.isdigit() and not _pid_alive(int(pid)))
+
+    return alive
+
+
 def _transient(exc: BaseException) -> bool:
     """Database connection trouble (dropped backend, restart): not the shard's fault."""
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
@@ -529,7 +560,14 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
     settings = settings or get_settings()
     me = worker_name()
     with session_scope(settings) as s:
-        claim = store.claim_shard(s, job_id, start, me, settings.max_redeliveries)
+        claim = store.claim_shard(s, job_id, start, me, settings.max_redeliveries,
+                                  holder_alive=_holder_alive(s, settings))
+        if claim.action == "busy":
+            log.info("shard %s [%d,%d) is running in live process %s; this delivery is dropped", job_id, start,
+                     stop, claim.shard.worker)
+        elif claim.action == "run" and claim.shard.attempts > 1 and claim.shard.error:
+            log.warning("shard %s [%d,%d): %s; attempt %d starts", job_id, start, stop, claim.shard.error,
+                        claim.shard.attempts)
         if claim.action != "run":
             return ShardOutcome(job_id, start, stop, claim.action, job_status=store.get_job(s, job_id).status)
         job = store.get_job(s, job_id)
@@ -642,13 +680,18 @@ def run_job_embedded(job_id: int, settings: Settings | None = None, *,
     settings = settings or get_settings()
     with session_scope(settings) as s:
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status in ("queued", "running")]
-    for start, stop in shards:
-        while True:
-            try:
-                run_shard(job_id, start, stop, settings, progress=progress)
-                break
-            except ShardRetry:
-                continue
+    beats = heartbeat.HeartbeatThread(settings, info={"embedded": True})  # so no sweeper takes it for dead
+    beats.start()
+    try:
+        for start, stop in shards:
+            while True:
+                try:
+                    run_shard(job_id, start, stop, settings, progress=progress)
+                    break
+                except ShardRetry:
+                    continue
+    finally:
+        beats.stop()
     with session_scope(settings) as s:
         return store.get_job(s, job_id)
 
@@ -665,8 +708,8 @@ def requeue_job(job_id: int, settings: Settings | None = None) -> int:
     """Send a job's unfinished shards to the broker again; returns how many were sent.
 
     For when the broker lost its messages (a Redis without persistence restarted, a flushed queue): the job would
-    otherwise wait forever. Queued shards are sent, and running shards whose worker has not beaten within three
-    heartbeat intervals; a shard whose worker is alive is left to it. A duplicate delivery is harmless anyway:
+    otherwise wait forever. Queued shards are sent, and running shards whose worker has not beaten within
+    `dead_after_s` (TAD_WORKER_DEAD_AFTER, default three heartbeat intervals); a shard whose worker is alive is left to it. A duplicate delivery is harmless anyway:
     `claim_shard` skips finished shards and rows are upserted, so nothing is computed into the results twice.
     """
     settings = settings or get_settings()
@@ -674,10 +717,41 @@ def requeue_job(job_id: int, settings: Settings | None = None) -> int:
         job = store.get_job(s, job_id)
         if job.finished:
             return 0
-        alive = {w.worker for w in store.list_workers(s, seen_within_s=3 * settings.heartbeat_interval)}
+        alive = {w.worker for w in store.list_workers(s, seen_within_s=settings.dead_after_s)}
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id)
                   if sh.status == "queued" or (sh.status == "running" and sh.worker not in alive)]
     return _send_shards(job_id, shards, settings)
+
+
+def sweep_dead_workers(settings: Settings | None = None) -> list[tuple[int, int, int]]:
+    """Requeue the running shards of worker processes that stopped beating; returns (job, start, stop) of each
+    shard this call requeued.
+
+    Every worker process runs this periodically (services.heartbeat), so a machine that dies loses no shard to
+    the broker's visibility timeout (an hour by default) and nobody has to run `tad requeue`. Safe with many
+    sweepers at once: `store.requeue_stale_shard` is a conditional UPDATE, so exactly one sweeper wins a shard
+    and sends its message; if sending fails the shard is put back as it was and the next sweep tries again.
+    """
+    settings = settings or get_settings()
+    with session_scope(settings) as s:
+        stale = store.stale_running_shards(s, settings.dead_after_s)
+    requeued = []
+    for shard in stale:
+        reason = (f"attempt {shard.attempts}: worker process {shard.worker} stopped beating "
+                  f"(> {settings.dead_after_s:g} s); requeued by {worker_name()}")
+        with session_scope(settings) as s:
+            if not store.requeue_stale_shard(s, shard, reason):
+                continue  # another sweeper, a redelivery or the worker itself got there first
+        try:
+            _send_shards(shard.job_id, [(shard.start, shard.stop)], settings)
+        except Exception as e:  # noqa: BLE001 - broker down: undo, so that the next sweep sends it
+            with session_scope(settings) as s:
+                store.unrequeue_stale_shard(s, shard)
+            log.warning("could not requeue shard %s [%d,%d): %s", shard.job_id, shard.start, shard.stop, e)
+            continue
+        log.warning("shard %s [%d,%d): %s", shard.job_id, shard.start, shard.stop, reason)
+        requeued.append((shard.job_id, shard.start, shard.stop))
+    return requeued
 
 
 def _send_shards(job_id: int, shards: list[tuple[int, int]], settings: Settings) -> int:

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     restore_interval: int = Field(default=30, ge=1)
     # Worker heartbeat period (seconds) written to worker_heartbeats.
     heartbeat_interval: float = Field(default=10.0, gt=0)
+    # A worker whose last heartbeat is older than this many seconds counts as dead: every worker's sweep gives its
+    # running shards back to the queue (0 = three heartbeat intervals).
+    worker_dead_after: float = Field(default=0.0, ge=0)
+    # Seconds between two sweeps for dead workers' shards in each worker process (0 = one heartbeat interval).
+    sweep_interval: float = Field(default=0.0, ge=0)
+    # Seconds a freshly forked pool process may take to report itself up before Celery kills it. Celery's default
+    # (4 s) is shorter than a cold torch/transformers import, which made workers kill their children in a loop.
+    worker_proc_alive_timeout: float = Field(default=120.0, gt=0)
     # Dataset limits enforced on submission.
     max_dataset_rows: int = Field(default=100_000, ge=1)
     max_sample_chars: int = Field(default=32_768, ge=1)
@@ -62,6 +70,16 @@ class Settings(BaseSettings):
         """Resolved model roots; the defaults when none are configured."""
         roots = self.model_roots or [Path.cwd(), cache_dir()]
         return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def dead_after_s(self) -> float:
+        """Heartbeat silence (seconds) after which a worker process is considered dead."""
+        return self.worker_dead_after or 3 * self.heartbeat_interval
+
+    @property
+    def sweep_every_s(self) -> float:
+        """Seconds between two dead-worker sweeps of one worker process."""
+        return self.sweep_interval or self.heartbeat_interval
 
     @property
     def is_sqlite(self) -> bool:

@@ -6,12 +6,12 @@ the caller's `session_scope()` decides. Writes that can be repeated (a redeliver
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -515,11 +515,15 @@ def set_run_info(session: Session, run_id: int, info: dict[str, Any]) -> None:
     run.info = {**(run.info or {}), **info}
 
 
-def claim_shard(session: Session, job_id: int, start: int, worker: str, max_attempts: int) -> ShardClaim:
+def claim_shard(session: Session, job_id: int, start: int, worker: str, max_attempts: int,
+                holder_alive: Callable[[str], bool] | None = None) -> ShardClaim:
     """Decide what to do with a delivered shard and, when it is to run, count the attempt.
 
     Finished shards are skipped (never recomputed), shards of a cancelled job are cancelled, and a shard already
-    started `max_attempts` times (worker killed, or an error each time) is marked failed so it cannot loop.
+    started `max_attempts` times (worker killed, or an error each time) is marked failed so it cannot loop. A
+    shard running in another process that `holder_alive` says is alive is left to it (`busy`): a second message
+    for it (the broker's redelivery after its visibility timeout, a sweep racing a redelivery) must not start a
+    second, concurrent attempt. A shard still `running` under a dead process is taken over; the loss is recorded.
     """
     shard = session.scalar(_locked(session, select(Shard).where(Shard.job_id == job_id, Shard.start == start)))
     if shard is None:
@@ -532,6 +536,10 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         shard.status, shard.finished_at = "cancelled", utcnow()
         _finalize_locked(session, job)
         return ShardClaim("cancelled", _shard_info(shard))
+    if shard.status == "running" and shard.worker and shard.worker != worker:
+        if holder_alive is not None and holder_alive(shard.worker):
+            return ShardClaim("busy", _shard_info(shard))
+        shard.error = f"attempt {shard.attempts}: worker process {shard.worker} was lost while running it"
     if shard.attempts >= max_attempts:
         last = f"; last error: {shard.error}" if shard.error else " (worker lost each time)"
         shard.status, shard.finished_at = "failed", utcnow()
@@ -884,6 +892,38 @@ def heartbeat(session: Session, worker: str, pid: int, job_id: int | None = None
                     .on_conflict_do_update(index_elements=[WorkerHeartbeat.worker],
                                            set_={"pid": pid, "last_seen": now, "job_id": job_id,
                                                  "shard_id": shard_id}))
+
+
+def stale_running_shards(session: Session, dead_after_s: float) -> list[ShardInfo]:
+    """Running shards of unfinished jobs whose worker process has not beaten for `dead_after_s` seconds (or never
+    did): their worker is dead and no broker message will bring them back before the visibility timeout."""
+    cutoff = utcnow() - timedelta(seconds=dead_after_s)
+    stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
+            .outerjoin(WorkerHeartbeat, WorkerHeartbeat.worker == Shard.worker)
+            .where(Shard.status == "running", Job.status.not_in(TERMINAL_JOB), Shard.started_at < cutoff,
+                   or_(WorkerHeartbeat.worker.is_(None), WorkerHeartbeat.last_seen < cutoff))
+            .order_by(Shard.id))
+    return [_shard_info(x) for x in session.scalars(stmt)]
+
+
+def requeue_stale_shard(session: Session, shard: ShardInfo, reason: str) -> bool:
+    """Put a dead worker's shard back to `queued`, only if it is still the same attempt of the same worker.
+
+    A conditional UPDATE: of several sweepers racing on one shard exactly one sees rowcount 1 and sends the
+    message; a shard claimed or finished meanwhile is left alone. The attempt stays counted (a shard that kills
+    its worker every time still ends failed at the cap).
+    """
+    res = session.execute(update(Shard).where(Shard.id == shard.id, Shard.status == "running",
+                                              Shard.worker == shard.worker, Shard.attempts == shard.attempts)
+                          .values(status="queued", error=reason))
+    return res.rowcount == 1
+
+
+def unrequeue_stale_shard(session: Session, shard: ShardInfo) -> None:
+    """Undo `requeue_stale_shard` when its message could not be sent, so that the next sweep tries again."""
+    session.execute(update(Shard).where(Shard.id == shard.id, Shard.status == "queued",
+                                        Shard.worker == shard.worker, Shard.attempts == shard.attempts)
+                    .values(status="running"))
 
 
 def list_workers(session: Session, seen_within_s: float | None = None) -> list[WorkerInfo]:

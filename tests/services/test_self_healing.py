@@ -1,0 +1,131 @@
+"""Workers that heal themselves, with real components: `tad worker` subprocesses, a private Redis, Postgres.
+
+- A pool child killed with SIGKILL (an OOM kill, a segfault) is replaced and the SAME worker finishes the job: the
+  replacement child reports itself up before its torch import (services.tasks), so Celery does not kill it.
+- A whole worker killed (main process and children): another worker's periodic sweep (services.heartbeat ->
+  services.jobs.sweep_dead_workers) requeues its shard once its heartbeat is stale; nobody runs `tad requeue`.
+- Several sweepers racing on one dead shard send exactly one message.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.db import store
+from services.db.session import session_scope
+from services.jobs import SubmitRequest, plan_job, sweep_dead_workers
+from tests.services.helpers import write_mc_dataset
+from tests.services.test_fault_tolerance import _assert_complete, _shards, _submit, _wait, _wait_finished
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _children(pid: int) -> set[int]:
+    """Pids of the direct children of `pid` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _running_with_progress(settings, job_id: int) -> store.ShardInfo | None:  # noqa: ANN001
+    return next((x for x in _shards(settings, job_id) if x.status == "running" and x.samples_done >= 2), None)
+
+
+def test_sigkilled_child_is_replaced_and_the_same_worker_finishes(service: dict) -> None:
+    settings = service["settings"]
+    job_id = _submit(service, 24)
+    a = service["start_worker"]("a")
+    shard = _wait(lambda: _running_with_progress(settings, job_id), 120, "a shard mid-way", service)
+    host, _, pid = shard.worker.rpartition(":")
+    assert host == socket.gethostname() and int(pid) in _children(a.proc.pid)
+    os.kill(int(pid), signal.SIGKILL)  # the pool child only; the worker's main process lives on
+    job = _wait_finished(service, job_id, timeout=150)
+    assert job.status == "done", job.error
+    _assert_complete(settings, job_id, 24)
+    assert a.proc.poll() is None  # the same worker did it, no new worker, no `tad requeue`
+    after = {x.start: x for x in _shards(settings, job_id)}[shard.start]
+    assert after.attempts == 2 and after.worker != shard.worker and after.status == "done"
+    log = a.log.read_text(errors="replace")
+    assert "Timed out waiting for UP message" not in log  # the replacement child was not killed at start-up
+    assert f"worker process {shard.worker} was lost" in log  # the death is logged when the shard is taken over
+
+
+def test_dead_worker_shard_is_requeued_by_another_workers_sweep(service: dict) -> None:
+    settings = service["settings"]
+    fast = {"TAD_HEARTBEAT_INTERVAL": "0.5"}  # dead after 3 x 0.5 s, swept every 0.5 s
+    a, b = service["start_worker"]("a", **fast), service["start_worker"]("b", **fast)
+
+    def both_beating() -> bool:
+        with session_scope(settings) as s:
+            pids = {w.pid for w in store.list_workers(s, seen_within_s=2)}
+        return bool(pids & _children(a.proc.pid)) and bool(pids & _children(b.proc.pid))
+
+    _wait(both_beating, 90, "both workers beating", service)
+    job_id = _submit(service, 24, shard_size=8)
+
+    def a_mid_shard() -> store.ShardInfo | None:
+        pids = {str(p) for p in _children(a.proc.pid)}
+        return next((x for x in _shards(settings, job_id) if x.status == "running" and x.samples_done >= 2
+                     and x.worker.rpartition(":")[2] in pids), None)
+
+    shard = _wait(a_mid_shard, 120, "worker a mid-shard", service)
+    a.kill()  # main process and children, like a machine dying; its message stays unacked in Redis
+    killed_at = time.monotonic()
+
+    def taken_over() -> store.ShardInfo | None:
+        x = {y.start: y for y in _shards(settings, job_id)}[shard.start]
+        return x if x.attempts == 2 and x.status in ("running", "done") else None
+
+    _wait(taken_over, 30, "the dead worker's shard taken over", service)
+    recovered_s = time.monotonic() - killed_at
+    # stale after 1.5 s, swept within 0.5 s; the rest is the claim. Far below the visibility timeout (8 s here).
+    assert recovered_s < 1.5 + 2 * 0.5 + 2.5, recovered_s
+    job = _wait_finished(service, job_id, timeout=120)
+    assert job.status == "done", job.error
+    _assert_complete(settings, job_id, 24)
+    assert {x.start: x for x in _shards(settings, job_id)}[shard.start].attempts == 2
+    assert "stopped beating" in b.log.read_text(errors="replace")
+
+
+def test_racing_sweepers_requeue_a_dead_shard_once(service: dict) -> None:
+    """Eight sweepers at once on a shard whose worker is gone: one conditional UPDATE wins, one message is sent."""
+    settings = service["settings"].model_copy(update={"heartbeat_interval": 0.2})
+    data = write_mc_dataset(service["tmp"] / "race.jsonl", 4)
+    req = SubmitRequest(dataset=str(data), base=str(service["model"]), strategies=["ft"], shard_size=4)
+    job_id = plan_job(req, settings).job.id
+    with session_scope(settings) as s:
+        claim = store.claim_shard(s, job_id, 0, "gone-host:1", settings.max_redeliveries)
+        assert claim.action == "run"
+    time.sleep(1.0)  # > 3 x 0.2 s without a beat from gone-host:1
+    results: list[list] = []
+    barrier = threading.Barrier(8)
+
+    def sweeper() -> None:
+        barrier.wait()
+        results.append(sweep_dead_workers(settings))
+
+    threads = [threading.Thread(target=sweeper) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(len(r) for r in results) == [0] * 7 + [1]
+    assert redis.Redis.from_url(service["redis"].url).llen(settings.queue) == 1
+    (shard,) = _shards(settings, job_id)
+    assert shard.status == "queued" and shard.attempts == 1 and "stopped beating" in shard.error
+    assert sweep_dead_workers(settings) == []  # nothing left to do: idempotent
+    assert redis.Redis.from_url(service["redis"].url).llen(settings.queue) == 1
