@@ -211,6 +211,42 @@ def resolve_base(base: str, settings: Settings, errors: list[str]) -> tuple[str,
     return str(path), _dir_fingerprint(path)
 
 
+def local_base_dir(base: str, base_path: str) -> Path | None:
+    """The base model's directory when it is already on this machine (a registered name fetched into the cache,
+    or a model directory), else None: submission never downloads or converts a model."""
+    from tad_core.models import KNOWN_MODELS
+    from tad_core.paths import cache_subdir
+
+    path = cache_subdir("models") / KNOWN_MODELS[base].name if base in KNOWN_MODELS else Path(base_path)
+    return path if (path / "config.json").is_file() else None
+
+
+def _adapter_fits_base(text: str, found: AdapterDir, base: str, base_path: str, settings: Settings,
+                       errors: list[str]) -> bool:
+    """Refuse at submission an adapter made for another base model, which would otherwise fail in the worker on
+    every attempt of every shard: the base its `tad train` manifest names, and (load-free, when the base is on
+    this machine) the shapes of its LoRA weights against the base's modules."""
+    from tad_core.models import KNOWN_MODELS, ModelLoadError, check_adapter_fits
+
+    trained_on = found.manifest.get("base")
+    if isinstance(trained_on, str) and trained_on in KNOWN_MODELS and base in KNOWN_MODELS and trained_on != base:
+        errors.append(f"adapter {text!r} was trained on base model {trained_on!r} (its manifest), not {base!r}; "
+                      f"pass --base {trained_on}")
+        return False
+    local = local_base_dir(base, base_path)
+    if local is None:
+        return True  # the worker checks it when loading
+    try:
+        check_adapter_fits(str(local), found.path, allow_pickle=settings.allow_pickle)
+    except ModelLoadError as e:
+        errors.append(str(e).replace(repr(str(local)), repr(base)))
+        return False
+    except (OSError, ValueError) as e:
+        errors.append(f"adapter {text!r}: cannot check it against base model {base!r} ({e})")
+        return False
+    return True
+
+
 def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> _ModelSide | None:
     if req.adapter and req.finetuned:
         errors.append("pass either --adapter or --finetuned, not both")
@@ -224,7 +260,7 @@ def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> 
         if ref is not None:
             return _ModelSide(**{**side.__dict__, "adapter_ref": ref})
         found = inspect_adapter_dir(req.adapter, settings, errors)
-        if found is None:
+        if found is None or not _adapter_fits_base(req.adapter, found, req.base, side.base_path, settings, errors):
             return None
         return _ModelSide(**{**side.__dict__, "adapter_dir": found.path, "adapter_sha256": found.sha256,
                              "adapter_method": found.method, "adapter_manifest": found.manifest})

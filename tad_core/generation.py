@@ -201,7 +201,8 @@ def extract_answer(text: str, sample: Sample) -> str | None:
         m = re.search(sample.answer_pattern, text)
         if not m:
             return None
-        return (m.group(1) if m.groups() else m.group(0)).strip()
+        found = m.group(1) if m.groups() else m.group(0)
+        return found.strip() if found is not None else None  # an optional group left unset extracts nothing
     choices = list(sample.choices) or list(sample.metadata.get("choices", []))
     if choices:
         m = _LETTER.match(text.strip())

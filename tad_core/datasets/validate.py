@@ -109,6 +109,26 @@ def validate_jsonl(source: str | Path | bytes, limits: DatasetLimits = DatasetLi
     return samples
 
 
+# C0 controls except tab, newline and carriage return, DEL, and lone surrogates: Postgres refuses NUL in text and
+# JSON and cannot encode a surrogate, other controls corrupt terminals and tables.
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _bad_char(value: Any) -> tuple[str, int] | None:
+    """The first refused character in a string, or in the strings nested in a list or object: (U+XXXX, offset)."""
+    if isinstance(value, str):
+        m = _BAD_CHARS.search(value)
+        return (f"U+{ord(m.group()):04X}", m.start()) if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _bad_char(k) if isinstance(k, str) else None
+        if found is None:
+            found = _bad_char(v)
+        if found is not None:
+            return found
+    return None
+
+
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -142,6 +162,9 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         seen[sid] = n
 
     for key, value in obj.items():
+        bad = _bad_char(value)
+        if bad is not None:
+            err(key, f"contains the control character {bad[0]} (at character {bad[1]}); remove it")
         items = value if isinstance(value, list) else [value]
         if any(isinstance(x, str) and len(x) > limits.max_field_chars for x in items):
             err(key, f"longer than {limits.max_field_chars} characters (limit)")
@@ -236,10 +259,24 @@ def _check_generation(obj: dict[str, Any], err: Any) -> None:
         if not isinstance(pattern, str):
             err("answer_pattern", f"must be a string, got {type(pattern).__name__}")
         else:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                err("answer_pattern", f"not a valid regular expression: {e}")
+            _check_pattern(pattern, ref if isinstance(ref, str) else "", err)
+
+
+def _check_pattern(pattern: str, reference: str, err: Any) -> None:
+    """Compile `answer_pattern` and try it the way extraction will: a pattern that matches the empty string
+    (`(zzz)?`) extracts nothing from any output, and one whose group 1 can stay unset would extract None."""
+    try:
+        rx = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        err("answer_pattern", f"not a valid regular expression: {e}")
+        return
+    if rx.search("") is not None:
+        err("answer_pattern", f"{pattern!r} matches the empty string, so it would extract nothing from an output")
+        return
+    m = rx.search(reference)
+    if m is not None and rx.groups and m.group(1) is None:
+        err("answer_pattern", f"{pattern!r} matches the reference but its group 1 stays unset; make the group "
+                              "required or use a pattern without groups")
 
 
 def dumps_jsonl(samples: Iterable[Sample]) -> bytes:
