@@ -9,14 +9,25 @@
   boundary when the job is cancelled, then marks the shard done, refreshes the run aggregates and finishes the
   job when it was the last shard.
 
+A shard survives its samples: each sample is checked against the per-sample budgets (services.budgets) before
+it is evaluated, a batch that raises is evaluated again sample by sample, and a sample that is over budget or
+raises alone gets rows that record the error (`sample_results.error`) while the shard's other samples are stored
+as usual. A running batch is interrupted within `TAD_INTERRUPT_CHECK_INTERVAL` seconds when the job is cancelled
+or the attempt passes `TAD_SHARD_TIME_LIMIT` (services.interrupt); a later attempt resumes after the samples an
+earlier one stored.
+
 Test-only fault hooks (documented, gated): only when the process has `TAD_ENABLE_TEST_FAULTS=1`,
 - a sample whose `metadata` has `"tad_test_raise": "<message>"` raises RuntimeError(message) when evaluated
-  (submitted data alone can never trigger it; the fault-tolerance tests use it to make a poisoned shard);
+  (submitted data alone can never trigger it; the tests use it for a poisoned sample);
+- `"tad_test_fail_shard": "<message>"` makes the whole batch holding the sample raise before any evaluation (a
+  shard that fails every attempt: the attempt cap);
+- `"tad_test_sleep": <seconds>` sleeps that long (in short steps, like decoding steps) when the sample is evaluated;
 - `TAD_TEST_BATCH_DELAY=<seconds>` sleeps that long before each batch, standing in for slower (GPU-sized)
   batches so the tests can interrupt a job mid-way deterministically.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -353,6 +364,57 @@ def _check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) ->
     return _DatasetData(name, req.split, content_hash, task_type, source, [s.to_dict() for s in samples])
 
 
+@functools.lru_cache(maxsize=4)
+def _submit_tokenizer(model_dir: str) -> Any:
+    """The base model's tokenizer, loaded once per process (the dashboard submits many times)."""
+    from tad_core.models import load_tokenizer
+
+    return load_tokenizer(Path(model_dir))
+
+
+def _line_numbers(source: str) -> list[int] | None:
+    """Line number of each sample of a JSONL file (blank lines are skipped by the validator), or None."""
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return None
+    return [n for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if raw.strip()]
+
+
+def _check_budgets(data: _DatasetData, config: Any, side: _ModelSide, settings: Settings,
+                   errors: list[str], limit: int | None = None, max_errors: int = 50) -> None:
+    """Refuse samples over the per-sample budgets (services.budgets) before anything is stored, naming line, id and
+    field. Token budgets need the base model's tokenizer; a submitting machine without the base model checks the
+    choice counts only (the worker checks everything again)."""
+    from tad_core.samples import Sample
+
+    from services.budgets import Budgets, generation_over_budget, over_budget, token_counter
+
+    budgets = Budgets.from_settings(settings)
+    if any(d.get("reference") is not None for d in data.samples):
+        why = generation_over_budget(config.max_new_tokens, budgets)
+        if why:
+            errors.append(f"generation config: {why}")
+    local = local_base_dir(side.base_name, side.base_path)
+    count = None
+    if local is not None:
+        try:
+            count = token_counter(_submit_tokenizer(str(local)))
+        except Exception as e:  # noqa: BLE001 - an unreadable tokenizer: the worker will say more
+            log.warning("no tokenizer for the submission's token budgets (%s); the worker checks them", e)
+    lines = _line_numbers(data.source)
+    found = 0
+    for i, d in enumerate(data.samples[:limit]):
+        why = over_budget(Sample.from_dict(d), budgets, count, config.delimiter)
+        if why is None:
+            continue
+        where = f"line {lines[i]}" if lines is not None and i < len(lines) else f"sample {i}"
+        errors.append(f"dataset {data.name!r}: {where} (id {d.get('id')!r}): {why}")
+        found += 1
+        if found >= max_errors:
+            errors.append(f"stopped after {max_errors} samples over budget")
+            return
+
+
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of at most `size` samples covering 0..n."""
     return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -406,6 +468,8 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
         if req.dataset not in REGISTRY or "train" not in REGISTRY[req.dataset].splits:
             errors.append("svdecode with mu=auto calibrates on the train split of a registered dataset; "
                           f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
+    if data is not None and side is not None and config is not None:
+        _check_budgets(data, config, side, settings, errors, limit=req.limit)
     size = req.shard_size or settings.shard_size
     if size < 1:
         errors.append(f"shard size must be positive, got {size}")
@@ -505,15 +569,36 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _test_faults_enabled() -> bool:
+    return os.environ.get("TAD_ENABLE_TEST_FAULTS") == "1"
+
+
+def _test_meta(sample: Any, key: str) -> Any:
+    return sample.metadata.get(key) if isinstance(sample.metadata, dict) else None
+
+
 def _test_fault(samples: Sequence[Any]) -> None:
-    if os.environ.get("TAD_ENABLE_TEST_FAULTS") != "1":
+    """Batch-level test hooks (see the module docstring): the batch delay and a failing shard."""
+    if not _test_faults_enabled():
         return
     delay = float(os.environ.get("TAD_TEST_BATCH_DELAY") or 0)
     if delay > 0:
         time.sleep(delay)
     for sample in samples:
-        msg = sample.metadata.get("tad_test_raise") if isinstance(sample.metadata, dict) else None
-        if msg:
+        if msg := _test_meta(sample, "tad_test_fail_shard"):
+            raise RuntimeError(f"test fault on shard at sample {sample.id}: {msg}")
+
+
+def _test_sample_fault(samples: Sequence[Any]) -> None:
+    """Sample-level test hooks: a slow sample, a sample whose evaluation raises."""
+    if not _test_faults_enabled():
+        return
+    for sample in samples:
+        seconds = float(_test_meta(sample, "tad_test_sleep") or 0)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        if msg := _test_meta(sample, "tad_test_raise"):
             raise RuntimeError(f"test fault on sample {sample.id}: {msg}")
 
 
@@ -580,6 +665,12 @@ def _holder_alive(session: Any, settings: Settings) -> Callable[[str], bool]:
     return alive
 
 
+def error_rows(index: int, sample_id: str, run_ids: dict[str, int], error: str) -> list[dict[str, Any]]:
+    """The rows of a sample that has no result, one per run, recording why (over budget, evaluation raised)."""
+    return [{"run_id": run_id, "sample_index": index, "sample_id": str(sample_id), "error": error[:2000],
+             "latency_s": 0.0, "tokens": 0} for run_id in run_ids.values()]
+
+
 def _transient(exc: BaseException) -> bool:
     """Database connection trouble (dropped backend, restart): not the shard's fault."""
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
@@ -629,12 +720,23 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
         heartbeat.working_on(None, None)
 
 
+class ShardTimeLimit(RuntimeError):
+    """An attempt of a shard ran past TAD_SHARD_TIME_LIMIT; what it stored is kept and the next attempt resumes."""
+
+
 def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dict[str, Any]], start: int,
                     shard_id: int, settings: Settings, progress: Callable[[int], None] | None) -> int:
-    from tad_core.evaluate import EvalConfig, evaluate_batch
+    """Evaluate the shard's samples batch by batch, storing each batch's rows at once; returns how many samples
+    have rows (fewer than the shard's when the job was cancelled). Samples an earlier attempt stored are skipped."""
+    from tad_core.evaluate import EvalConfig
     from tad_core.samples import Sample
     from tad_core.strategies import StrategySpec
 
+    from services.budgets import Budgets, generation_over_budget, over_budget, token_counter
+    from services.interrupt import Interrupted, interruptible
+
+    started = time.monotonic()
+    deadline = started + settings.shard_time_limit if settings.shard_time_limit else None
     spec = job.spec
     pair = get_pair(spec, settings)
     specs = [StrategySpec.from_json(d) for d in spec["strategies"]]
@@ -642,17 +744,53 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
     run_ids = {r.key: r.id for r in runs}
     specs, run_ids = _resolve_calibrations(job, runs, specs, run_ids, pair, settings)
     samples = [Sample.from_dict(d) for d in raw]
+    with session_scope(settings) as s:
+        stored = store.stored_sample_indices(s, list(run_ids.values()), start, start + len(samples))
+    todo = [(start + i, smp) for i, smp in enumerate(samples) if start + i not in stored]
+    done = len(samples) - len(todo)
+    if done:
+        log.info("shard %s [%d,%d): resuming after %d stored samples", job.id, start, start + len(samples), done)
+        if progress is not None:
+            progress(done)
+    budgets = Budgets.from_settings(settings)
+    count = token_counter(pair.tokenizer)
+    gen_error = generation_over_budget(config.max_new_tokens, budgets)
     bs = max(1, int(getattr(config, "batch_size", 8) or 8))
-    done = 0
-    for i in range(0, len(samples), bs):
-        if i > 0:
-            with session_scope(settings) as s:
-                if store.cancel_requested(s, job.id):
-                    return done
-        batch = samples[i:i + bs]
-        _test_fault(batch)
-        results = evaluate_batch(pair, batch, specs, config)
-        rows = result_rows(results, start + i, run_ids)
+
+    def why_interrupt() -> str | None:
+        if deadline is not None and time.monotonic() > deadline:
+            return "time limit"
+        with session_scope(settings) as s:
+            return "cancelled" if store.cancel_requested(s, job.id) else None
+
+    for i in range(0, len(todo), bs):
+        with session_scope(settings) as s:
+            if store.cancel_requested(s, job.id):
+                return done
+        if deadline is not None and time.monotonic() > deadline:
+            raise ShardTimeLimit(f"shard time limit of {settings.shard_time_limit:g} s exceeded "
+                                 f"(TAD_SHARD_TIME_LIMIT); {done} samples stored")
+        batch = todo[i:i + bs]
+        _test_fault([smp for _, smp in batch])
+        rows: list[dict[str, Any]] = []
+        runnable = []
+        for index, smp in batch:
+            why = over_budget(smp, budgets, count, config.delimiter) or (gen_error if smp.kind == "gen" else None)
+            if why:
+                log.warning("job %s sample %d (%s) skipped: over budget: %s", job.id, index, smp.id, why)
+                rows += error_rows(index, smp.id, run_ids, f"over budget: {why}")
+            else:
+                runnable.append((index, smp))
+        try:
+            with interruptible(why_interrupt, settings.interrupt_check_interval):
+                rows += _evaluate_isolated(pair, runnable, specs, config, run_ids, job.id)
+        except Interrupted:
+            clear_pair_cache()  # the model was stopped mid-call: the next shard loads a fresh copy
+            if deadline is not None and time.monotonic() > deadline:
+                raise ShardTimeLimit(f"shard time limit of {settings.shard_time_limit:g} s exceeded "
+                                     f"(TAD_SHARD_TIME_LIMIT); {done} samples stored") from None
+            log.info("job %s cancelled: shard at %d interrupted mid-batch", job.id, start)
+            return done
         with session_scope(settings) as s:
             store.upsert_sample_results(s, rows)
             done += len(batch)
@@ -660,6 +798,31 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
         if progress is not None:
             progress(len(batch))
     return done
+
+
+def _evaluate_isolated(pair: Any, items: list[tuple[int, Any]], specs: list[Any], config: Any,
+                       run_ids: dict[str, int], job_id: int) -> list[dict[str, Any]]:
+    """Rows of `items` ((sample index, Sample) pairs) evaluated as one batch; when the batch raises, each sample
+    is evaluated alone, so one poisoned sample gets error rows and costs its batch-mates nothing. Database
+    trouble is not the samples' fault: it propagates (the attempt is retried)."""
+    from tad_core.evaluate import evaluate_batch
+
+    if not items:
+        return []
+    batch = [smp for _, smp in items]
+    try:
+        _test_sample_fault(batch)
+        results = evaluate_batch(pair, batch, specs, config)
+    except Exception as exc:  # noqa: BLE001 - isolated below; recorded on the sample when it fails alone
+        if _transient(exc):
+            raise
+        if len(items) > 1:
+            return [row for item in items for row in _evaluate_isolated(pair, [item], specs, config, run_ids, job_id)]
+        index, smp = items[0]
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("job %s sample %d (%s) failed: %s", job_id, index, smp.id, error)
+        return error_rows(index, smp.id, run_ids, error)
+    return [row for (index, _), res in zip(items, results) for row in result_rows([res], index, run_ids)]
 
 
 def _resolve_calibrations(job: store.JobInfo, runs: list[store.RunInfo], specs: list[Any], run_ids: dict[str, int],

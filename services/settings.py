@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     max_dataset_rows: int = Field(default=100_000, ge=1)
     max_sample_chars: int = Field(default=32_768, ge=1)
     max_dataset_bytes: int = Field(default=200_000_000, ge=1)
+    # Per-sample budgets (services.budgets), enforced at submission and again in the worker; tokens are the base
+    # model's tokens.
+    max_choices: int = Field(default=64, ge=2)
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_continuation_tokens: int = Field(default=512, ge=1)
+    max_generated_tokens: int = Field(default=1024, ge=1)
+    # Seconds one attempt of a shard may run before it is interrupted and counted as failed (0 = no limit); the
+    # samples it stored are kept and the next attempt resumes after them.
+    shard_time_limit: float = Field(default=3600.0, ge=0)
+    # Seconds between a running batch's checks for a cancel request or the shard time limit.
+    interrupt_check_interval: float = Field(default=1.0, gt=0)
     device: str = "cpu"
     allow_pickle: bool = False
 

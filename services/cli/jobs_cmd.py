@@ -394,7 +394,8 @@ def register(app: typer.Typer) -> None:
             else:
                 writer = csv.writer(out)
                 cols = ["strategy", "run_id", "sample_index", "sample_id", "pred", "pred_norm", "correct",
-                        "correct_norm", "vs_ft", "extracted", "output", "tokens", "latency_s", "scores", "kv"]
+                        "correct_norm", "vs_ft", "extracted", "output", "tokens", "latency_s", "scores", "kv",
+                        "error"]
                 writer.writerow(cols)
                 for key, rows in payload["samples"].items():
                     for r in rows:

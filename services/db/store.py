@@ -33,7 +33,7 @@ from services.db.models import (
 
 TERMINAL_JOB = ("done", "failed", "partial", "cancelled")
 RESULT_COLUMNS = ("sample_id", "output", "extracted", "pred", "pred_norm", "scores", "correct", "correct_norm",
-                  "flip_rate", "vs_ft", "latency_s", "tokens", "kv")
+                  "flip_rate", "vs_ft", "latency_s", "tokens", "kv", "error")
 
 
 class NotFound(LookupError):
@@ -536,6 +536,12 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         shard.status, shard.finished_at = "cancelled", utcnow()
         _finalize_locked(session, job)
         return ShardClaim("cancelled", _shard_info(shard))
+    if shard.status == "running" and shard.worker == worker and not job.cancel_requested:
+        # this very process ran it and could not record the end (the database failed in the shard's last step):
+        # not a new attempt, nothing to blame the shard for
+        shard.started_at = utcnow()
+        session.flush()
+        return ShardClaim("run", _shard_info(shard))
     if shard.status == "running" and shard.worker and shard.worker != worker:
         if holder_alive is not None and holder_alive(shard.worker):
             return ShardClaim("busy", _shard_info(shard))
@@ -688,11 +694,13 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
     stmt = (select(SampleResult.run_id, func.count(), func.count(SampleResult.correct), as_int(SampleResult.correct),
                    func.count(SampleResult.correct_norm), as_int(SampleResult.correct_norm),
                    func.avg(SampleResult.tokens), func.avg(SampleResult.latency_s), func.avg(SampleResult.flip_rate),
-                   func.count(SampleResult.flip_rate))
+                   func.count(SampleResult.flip_rate), func.count(SampleResult.error))
             .where(SampleResult.run_id.in_(run_ids)).group_by(SampleResult.run_id))
-    for run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip in session.execute(stmt):
+    for run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_err in session.execute(stmt):
         m = metrics[run_id]
         m["n"] = (float(n), None, n)
+        if n_err:  # samples without a result (over budget, evaluation raised): not in acc / acc_norm
+            m["errors"] = (float(n_err), None, n)
         if n_c:
             p = k_c / n_c
             m["acc"] = (p, _stderr_of_mean(p, n_c), n_c)
@@ -783,6 +791,19 @@ def sample_rows(session: Session, run_id: int, start: int = 0, limit: int | None
         stmt = stmt.limit(limit)
     return [{"run_id": r.run_id, "sample_index": r.sample_index, **{c: getattr(r, c) for c in RESULT_COLUMNS}}
             for r in session.scalars(stmt)]
+
+
+def stored_sample_indices(session: Session, run_ids: Sequence[int], start: int, stop: int) -> set[int]:
+    """Sample indices in [start, stop) that have a row in every one of `run_ids` (an earlier attempt stored
+    them; a resumed shard skips them)."""
+    if not run_ids:
+        return set()
+    stmt = (select(SampleResult.sample_index)
+            .where(SampleResult.run_id.in_(list(run_ids)), SampleResult.sample_index >= start,
+                   SampleResult.sample_index < stop)
+            .group_by(SampleResult.sample_index)
+            .having(func.count(func.distinct(SampleResult.run_id)) == len(set(run_ids))))
+    return set(session.scalars(stmt))
 
 
 def count_sample_rows(session: Session, run_ids: Sequence[int]) -> int:
