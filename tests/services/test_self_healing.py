@@ -129,3 +129,27 @@ def test_racing_sweepers_requeue_a_dead_shard_once(service: dict) -> None:
     assert shard.status == "queued" and shard.attempts == 1 and "stopped beating" in shard.error
     assert sweep_dead_workers(settings) == []  # nothing left to do: idempotent
     assert redis.Redis.from_url(service["redis"].url).llen(settings.queue) == 1
+
+
+def test_claim_rules_for_a_running_shard(migrated_url: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A second message for a shard a live process runs is dropped (`busy`); a dead holder's shard is taken over
+    with the loss recorded; the same process re-claiming after a database failure in its last step starts no new
+    attempt."""
+    from services.settings import Settings
+
+    settings = Settings(database_url=migrated_url, model_roots=[tiny_model_dir.parent.parent, tmp_path])
+    data = write_mc_dataset(tmp_path / "claims.jsonl", 4)
+    job_id = plan_job(SubmitRequest(dataset=str(data), base=str(tiny_model_dir), strategies=["ft"], shard_size=4),
+                      settings).job.id
+    with session_scope(settings) as s:
+        assert store.claim_shard(s, job_id, 0, "h:1", 3).shard.attempts == 1
+    with session_scope(settings) as s:
+        again = store.claim_shard(s, job_id, 0, "h:1", 3)  # same process: its last step failed on the DB
+        assert (again.action, again.shard.attempts) == ("run", 1)
+    with session_scope(settings) as s:
+        busy = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w: w == "h:1")
+        assert (busy.action, busy.shard.attempts, busy.shard.worker) == ("busy", 1, "h:1")
+    with session_scope(settings) as s:
+        taken = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w: False)
+        assert (taken.action, taken.shard.attempts, taken.shard.worker) == ("run", 2, "h:2")
+        assert "worker process h:1 was lost" in taken.shard.error
