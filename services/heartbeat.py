@@ -7,8 +7,9 @@ tell a busy worker from a dead one. Each Celery worker process therefore runs a 
 one tries again: a heartbeat never stops a worker.
 
 The same thread sweeps for dead workers (services.jobs.sweep_dead_workers): every worker process requeues the
-running shards of processes whose heartbeat is older than `TAD_WORKER_DEAD_AFTER`, so recovery needs no person
-and no single coordinator.
+running shards of processes whose heartbeat is older than `TAD_WORKER_DEAD_AFTER`, and sends the queued shards
+again when the broker lost its data (services.jobs.recover_lost_queue), so recovery needs no person and no single
+coordinator.
 """
 from __future__ import annotations
 
@@ -67,9 +68,10 @@ class HeartbeatThread(threading.Thread):
             if self.sweep and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.settings.sweep_every_s
                 try:
-                    from services.jobs import sweep_dead_workers
+                    from services.jobs import recover_lost_queue, sweep_dead_workers
 
                     sweep_dead_workers(self.settings)
+                    recover_lost_queue(self.settings)
                 except Exception as e:  # noqa: BLE001 - nor does a failed sweep; the next one tries again
                     log.warning("dead-worker sweep failed: %s", e)
             wait = self.settings.heartbeat_interval

@@ -953,6 +953,43 @@ def sweep_dead_workers(settings: Settings | None = None) -> list[tuple[int, int,
     return requeued
 
 
+def broker_epoch_key(settings: Settings) -> str:
+    """The Redis key whose absence tells a sweeper that the broker lost its data (restarted without persistence,
+    flushed), and with it the messages of every queued shard."""
+    return f"tad:broker-epoch:{settings.queue}"
+
+
+def recover_lost_queue(settings: Settings | None = None) -> list[tuple[int, int]]:
+    """When the broker lost its data, send every queued shard of every unfinished job again; returns
+    (job, shards sent) per job. A no-op (one Redis GET) while the broker keeps its data.
+
+    Detection: a marker key lives in the broker; a broker that restarted empty or was flushed has lost it. The
+    one sweeper whose SET NX recreates it sends the shards (several sweepers: one winner). A duplicate message is
+    harmless (a claimed shard is `busy` or finished for the second one), a lost one would stall the job for ever.
+    Only Redis brokers are watched.
+    """
+    settings = settings or get_settings()
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return []
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        key = broker_epoch_key(settings)
+        if client.exists(key) or not client.set(key, worker_name(), nx=True):
+            return []
+    finally:
+        client.close()
+    with session_scope(settings) as s:
+        todo = {job_id: [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status == "queued"]
+                for job_id in store.open_job_ids(s)}
+    sent = [(job_id, _send_shards(job_id, shards, settings)) for job_id, shards in todo.items() if shards]
+    if sent:
+        log.warning("the broker lost its data (marker %s missing): sent the queued shards again: %s",
+                    broker_epoch_key(settings), ", ".join(f"job {j}: {n}" for j, n in sent))
+    return sent
+
+
 def _send_shards(job_id: int, shards: list[tuple[int, int]], settings: Settings) -> int:
     from services.celery_app import make_celery
 

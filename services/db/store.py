@@ -492,6 +492,11 @@ def list_jobs(session: Session, limit: int = 50, status: str | None = None) -> l
     return [_job_info(j) for j in session.scalars(stmt)]
 
 
+def open_job_ids(session: Session) -> list[int]:
+    """Ids of the jobs that are not finished (queued or running), oldest first."""
+    return list(session.scalars(select(Job.id).where(Job.status.not_in(TERMINAL_JOB)).order_by(Job.id)))
+
+
 def job_runs(session: Session, job_id: int) -> list[RunInfo]:
     return [_run_info(r) for r in session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.id))]
 

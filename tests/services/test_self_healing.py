@@ -153,3 +153,23 @@ def test_claim_rules_for_a_running_shard(migrated_url: str, tmp_path: Path, tiny
         taken = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w: False)
         assert (taken.action, taken.shard.attempts, taken.shard.worker) == ("run", 2, "h:2")
         assert "worker process h:1 was lost" in taken.shard.error
+
+
+def test_redis_restart_without_its_data_mid_job(service: dict) -> None:
+    """The broker restarts empty (no persistence, or its disk lost): the queued shards' messages are gone. The
+    workers' sweep notices the missing marker key and sends the queued shards again; nobody runs `tad requeue`."""
+    settings = service["settings"]
+    job_id = _submit(service, 24)
+    service["start_worker"]("a", TAD_HEARTBEAT_INTERVAL="0.5")
+    _wait(lambda: sum(x.status == "done" for x in _shards(settings, job_id)) >= 1, 90, "first shard", service)
+    redis_server = service["redis"]
+    redis_server.stop()
+    for f in redis_server.workdir.rglob("*"):
+        if f.is_file():
+            f.unlink()  # its data is gone
+    redis_server.start()
+    assert redis.Redis.from_url(redis_server.url).dbsize() == 0
+    job = _wait_finished(service, job_id, timeout=120)
+    assert job.status == "done", job.error
+    _assert_complete(settings, job_id, 24)
+    assert "the broker lost its data" in service["workers"][0].log.read_text(errors="replace")
