@@ -300,9 +300,9 @@ def run_fault(name: str, args: argparse.Namespace, base: str, lora: Path, work: 
             try:
                 plan_job(SubmitRequest(dataset=str(data), base=base, adapter=str(lora), strategies=STRATEGIES),
                          settings)
-                note = "accepted at submission (!); "
+                note = "accepted at submission (!)"
             except SubmissionError as err:
-                note = f"refused at submission ({err.errors[0].split(': ', 2)[-1]}), nothing stored; "
+                note = f"refused at submission ({err.errors[0].split(': ', 2)[-1]}), nothing stored"
         a = e.start_worker("a")
         b = e.start_worker("b") if name == "worker SIGKILL" else None
         started = time.monotonic()
@@ -310,29 +310,29 @@ def run_fault(name: str, args: argparse.Namespace, base: str, lora: Path, work: 
         if name == "child SIGKILL":
             shard = _mid_shard(e, job_id, a)
             os.kill(int(shard.worker.rpartition(":")[2]), signal.SIGKILL)
-            note += f"killed pool child {shard.worker} in shard [{shard.start},{shard.stop})"
+            note = f"killed pool child {shard.worker} in shard [{shard.start},{shard.stop})"
         elif name == "worker SIGKILL":
             victim = next(w for w in _wait(lambda: [w for w in (a, b) if _mid_shard_now(e, job_id, w)], 180))
             victim.kill()
-            note += f"killed worker {victim.name} (main + children) mid-shard; worker {'b' if victim is a else 'a'} ran on"
+            note = f"killed worker {victim.name} (main + children) mid-shard; worker {'b' if victim is a else 'a'} ran on"
         elif name.startswith("Redis restart"):
             _wait(lambda: sum(x.status == "done" for x in _shards(settings, job_id)) >= 1, 180)
             redis.stop(wipe="without" in name)
             time.sleep(2)
             redis.start()
-            note += "restarted after the first shard" + (", AOF files deleted" if "without" in name else "")
+            note = "restarted after the first shard" + (", AOF files deleted" if "without" in name else "")
         elif name == "Postgres backends terminated":
             _wait(lambda: sum(x.status == "done" for x in _shards(settings, job_id)) >= 1, 180)
             killed = 0
             for _ in range(3):
                 killed += _terminate_backends(db_url)
                 time.sleep(1.0)
-            note += f"{killed} backends terminated in 3 rounds"
+            note = f"{killed} backends terminated in 3 rounds"
         job, manual = _finish(e, job_id, started, args.patience)
         seconds = time.monotonic() - started
         present, dup, errors = _rows(db_url)
         if errors and name != "none":
-            note += ("; " if note else "") + f"{errors // len(STRATEGIES)} sample(s) with error rows"
+            note += ("; then " if note else "") + f"the worker recorded {errors // len(STRATEGIES)} sample(s) as error rows, the rest ran"
         return Outcome(name, n * len(STRATEGIES), present, dup, errors, job.status, seconds, manual, note)
     finally:
         for w in e.workers:
