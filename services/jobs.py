@@ -649,15 +649,16 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _holder_alive(session: Any, settings: Settings) -> Callable[[str], bool]:
-    """A predicate for `store.claim_shard`: is the worker process named `host:pid` alive? Alive = it beat within
-    `dead_after_s`, and, when it runs on this machine, its pid still exists (a child killed a second ago still
-    has a fresh heartbeat, but its redelivered shard must run now, not after the heartbeat goes stale)."""
-    fresh = {w.worker for w in store.list_workers(session, seen_within_s=settings.dead_after_s)}
+def _holder_alive(session: Any, settings: Settings) -> Callable[[str, int], bool]:
+    """A predicate for `store.claim_shard`: does the worker process named `host:pid` still run shard `shard_id`?
+    Yes when it beat within `dead_after_s` naming that shard and, when it runs on this machine, its pid still
+    exists (a child killed a second ago still has a fresh heartbeat, but its redelivered shard must run now, not
+    after the heartbeat goes stale)."""
+    fresh = {w.worker: w.shard_id for w in store.list_workers(session, seen_within_s=settings.dead_after_s)}
     host = socket.gethostname()
 
-    def alive(name: str) -> bool:
-        if name not in fresh:
+    def alive(name: str, shard_id: int) -> bool:
+        if name not in fresh or fresh[name] != shard_id:
             return False
         where, _, pid = name.rpartition(":")
         return not (where == host and pid.isdigit() and not _pid_alive(int(pid)))
@@ -936,8 +937,8 @@ def sweep_dead_workers(settings: Settings | None = None) -> list[tuple[int, int,
         stale = store.stale_running_shards(s, settings.dead_after_s)
     requeued = []
     for shard in stale:
-        reason = (f"attempt {shard.attempts}: worker process {shard.worker} stopped beating "
-                  f"(> {settings.dead_after_s:g} s); requeued by {worker_name()}")
+        reason = (f"attempt {shard.attempts}: worker process {shard.worker} stopped beating (> "
+                  f"{settings.dead_after_s:g} s) or no longer runs it; requeued by {worker_name()}")
         with session_scope(settings) as s:
             if not store.requeue_stale_shard(s, shard, reason):
                 continue  # another sweeper, a redelivery or the worker itself got there first

@@ -521,12 +521,13 @@ def set_run_info(session: Session, run_id: int, info: dict[str, Any]) -> None:
 
 
 def claim_shard(session: Session, job_id: int, start: int, worker: str, max_attempts: int,
-                holder_alive: Callable[[str], bool] | None = None) -> ShardClaim:
+                holder_alive: Callable[[str, int], bool] | None = None) -> ShardClaim:
     """Decide what to do with a delivered shard and, when it is to run, count the attempt.
 
     Finished shards are skipped (never recomputed), shards of a cancelled job are cancelled, and a shard already
     started `max_attempts` times (worker killed, or an error each time) is marked failed so it cannot loop. A
-    shard running in another process that `holder_alive` says is alive is left to it (`busy`): a second message
+    shard running in another process that `holder_alive(worker, shard_id)` says runs it is left to it (`busy`): a
+    second message
     for it (the broker's redelivery after its visibility timeout, a sweep racing a redelivery) must not start a
     second, concurrent attempt. A shard still `running` under a dead process is taken over; the loss is recorded.
     """
@@ -548,7 +549,7 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         session.flush()
         return ShardClaim("run", _shard_info(shard))
     if shard.status == "running" and shard.worker and shard.worker != worker:
-        if holder_alive is not None and holder_alive(shard.worker):
+        if holder_alive is not None and holder_alive(shard.worker, shard.id):
             return ShardClaim("busy", _shard_info(shard))
         shard.error = f"attempt {shard.attempts}: worker process {shard.worker} was lost while running it"
     if shard.attempts >= max_attempts:
@@ -921,13 +922,16 @@ def heartbeat(session: Session, worker: str, pid: int, job_id: int | None = None
 
 
 def stale_running_shards(session: Session, dead_after_s: float) -> list[ShardInfo]:
-    """Running shards of unfinished jobs whose worker process has not beaten for `dead_after_s` seconds (or never
-    did): their worker is dead and no broker message will bring them back before the visibility timeout."""
+    """Running shards of unfinished jobs, started more than `dead_after_s` seconds ago, that nobody runs: their
+    worker process has not beaten for `dead_after_s` (dead, or never beat), or it beats but reports another shard
+    or none (it gave the shard up without recording it, e.g. the database failed in the shard's last step and its
+    retry message was dropped as `busy`). No broker message will bring them back before the visibility timeout."""
     cutoff = utcnow() - timedelta(seconds=dead_after_s)
     stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
             .outerjoin(WorkerHeartbeat, WorkerHeartbeat.worker == Shard.worker)
             .where(Shard.status == "running", Job.status.not_in(TERMINAL_JOB), Shard.started_at < cutoff,
-                   or_(WorkerHeartbeat.worker.is_(None), WorkerHeartbeat.last_seen < cutoff))
+                   or_(WorkerHeartbeat.worker.is_(None), WorkerHeartbeat.last_seen < cutoff,
+                       WorkerHeartbeat.shard_id.is_(None), WorkerHeartbeat.shard_id != Shard.id))
             .order_by(Shard.id))
     return [_shard_info(x) for x in session.scalars(stmt)]
 

@@ -147,10 +147,10 @@ def test_claim_rules_for_a_running_shard(migrated_url: str, tmp_path: Path, tiny
         again = store.claim_shard(s, job_id, 0, "h:1", 3)  # same process: its last step failed on the DB
         assert (again.action, again.shard.attempts) == ("run", 1)
     with session_scope(settings) as s:
-        busy = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w: w == "h:1")
+        busy = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w, sh: w == "h:1")
         assert (busy.action, busy.shard.attempts, busy.shard.worker) == ("busy", 1, "h:1")
     with session_scope(settings) as s:
-        taken = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w: False)
+        taken = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w, sh: False)
         assert (taken.action, taken.shard.attempts, taken.shard.worker) == ("run", 2, "h:2")
         assert "worker process h:1 was lost" in taken.shard.error
 
@@ -173,3 +173,27 @@ def test_redis_restart_without_its_data_mid_job(service: dict) -> None:
     assert job.status == "done", job.error
     _assert_complete(settings, job_id, 24)
     assert "the broker lost its data" in service["workers"][0].log.read_text(errors="replace")
+
+
+def test_a_shard_its_live_worker_no_longer_runs_is_swept(migrated_url: str) -> None:
+    """A process that beats but reports another shard (or none) no longer runs the shard it holds (its end was
+    never recorded): once started longer than `dead_after` ago, the shard is stale like a dead worker's."""
+    from services.jobs import _holder_alive
+    from services.settings import Settings
+
+    settings = Settings(database_url=migrated_url, heartbeat_interval=0.1)  # dead after 0.3 s
+    with session_scope(settings) as s:
+        dataset, _ = store.register_dataset(s, name="d", split="val", content_hash="h", task_type="mc", source="x",
+                                            samples=[{"id": "a", "prompt": "p", "choices": ["x", "y"], "answer": 0}])
+        base = store.get_or_create_base_model(s, "b", "/b", "f")
+        job = store.create_job(s, spec={}, submitted_by="", base_model_id=base.id, adapter_id=None,
+                               dataset_id=dataset.id, n_samples=1, runs=[store.RunSpec("ft", {}, "ft", "h")],
+                               shard_ranges=[(0, 1)])
+        shard = store.claim_shard(s, job.id, 0, "elsewhere:1", 3).shard
+    time.sleep(0.5)
+    for working_on, stale in ((shard.id, False), (None, True), (shard.id + 1, True)):
+        with session_scope(settings) as s:
+            store.heartbeat(s, "elsewhere:1", 1, job.id if working_on else None, working_on)  # a fresh beat
+        with session_scope(settings) as s:
+            assert bool(store.stale_running_shards(s, settings.dead_after_s)) is stale, working_on
+            assert _holder_alive(s, settings)("elsewhere:1", shard.id) is (not stale)
