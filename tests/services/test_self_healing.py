@@ -20,7 +20,7 @@ import redis
 
 from services.db import store
 from services.db.session import session_scope
-from services.jobs import SubmitRequest, plan_job, sweep_dead_workers
+from services.jobs import SubmitRequest, broker_epoch_key, plan_job, sweep_dead_workers
 from tests.services.helpers import write_mc_dataset
 from tests.services.test_fault_tolerance import _assert_complete, _shards, _submit, _wait, _wait_finished
 
@@ -75,6 +75,10 @@ def test_dead_worker_shard_is_requeued_by_another_workers_sweep(service: dict) -
         return bool(pids & _children(a.proc.pid)) and bool(pids & _children(b.proc.pid))
 
     _wait(both_beating, 90, "both workers beating", service)
+    # and swept once: the first sweep on a fresh broker sets its marker key (and would send the queued shards of
+    # open jobs again, a harmless duplicate that could take this shard over before the sweep we measure)
+    client = redis.Redis.from_url(service["redis"].url)
+    _wait(lambda: client.exists(broker_epoch_key(settings)), 30, "the broker marker", service)
     job_id = _submit(service, 24, shard_size=8)
 
     def a_mid_shard() -> store.ShardInfo | None:
