@@ -22,6 +22,7 @@ PAGES = [
     ("app_pages/leaderboard.py", "Leaderboard", ":material/leaderboard:"),
     ("app_pages/compare.py", "Run comparison", ":material/compare_arrows:"),
     ("app_pages/sweep.py", "Alpha sweep", ":material/show_chart:"),
+    ("app_pages/study.py", "Study", ":material/science:"),
     ("app_pages/knowledge.py", "Knowledge vectors", ":material/scatter_plot:"),
     ("app_pages/regression.py", "Regressions", ":material/trending_down:"),
     ("app_pages/jobs.py", "Live jobs", ":material/sync:"),

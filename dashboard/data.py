@@ -119,6 +119,23 @@ def leaderboard(url: str) -> list[store.LeaderboardRow]:
 
 
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
+def study_options(url: str) -> list[tuple[str, str]]:
+    """(base model, prompt format) pairs that have study cells (services.study)."""
+    from services.study import study_formats
+
+    with _session(url) as s:
+        return study_formats(s)
+
+
+@st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
+def study(url: str, base: str, fmt: str) -> list[Any]:
+    from services.study import study_cells
+
+    with _session(url) as s:
+        return study_cells(s, base=base, fmt=fmt)
+
+
+@st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
 def runs(url: str, dataset_id: int | None = None, adapter_name: str | None = None) -> list[views.RunRow]:
     with _session(url) as s:
         return views.list_runs(s, dataset_id=dataset_id, adapter_name=adapter_name)

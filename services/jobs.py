@@ -51,7 +51,7 @@ from services.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"  # bump when a change alters results, so reuse by run hash never mixes code versions
+CODE_VERSION = "2"  # 2: acc_norm divides by the choice without its delimiter (lm-eval). Bump when a change alters results, so reuse by run hash never mixes code versions
 
 
 class SubmissionError(ValueError):
@@ -415,6 +415,22 @@ def _check_budgets(data: _DatasetData, config: Any, side: _ModelSide, settings: 
             return
 
 
+def _check_format(fmt_key: str, data: _DatasetData, limit: int | None, errors: list[str]) -> None:
+    """Every sample the job will evaluate must render in the prompt format (the first few problems listed)."""
+    from tad_core.formats import FormatError, parse_format
+    from tad_core.samples import Sample
+
+    fmt = parse_format(fmt_key)
+    bad: list[str] = []
+    for i, d in enumerate(data.samples[:limit]):
+        try:
+            fmt.check(Sample.from_dict(d), data.name)
+        except FormatError as e:
+            bad.append(f"--format {fmt_key}: sample {i + 1} ({d.get('id')!r}): {e}")
+    errors.extend(bad[:5] + ([f"--format {fmt_key}: {len(bad) - 5} more samples cannot be rendered"]
+                             if len(bad) > 5 else []))
+
+
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of at most `size` samples covering 0..n."""
     return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -470,6 +486,8 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
                           f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
     if data is not None and side is not None and config is not None:
         _check_budgets(data, config, side, settings, errors, limit=req.limit)
+    if data is not None and config is not None:
+        _check_format(config.format, data, req.limit, errors)
     size = req.shard_size or settings.shard_size
     if size < 1:
         errors.append(f"shard size must be positive, got {size}")
@@ -630,6 +648,7 @@ def result_rows(results: Sequence[Any], first_index: int, run_ids: dict[str, int
                 "scores": _json_safe(list(o.scores)) if o.scores is not None else None,
                 "correct": o.correct, "correct_norm": o.correct_norm, "flip_rate": _json_safe(o.flip_rate),
                 "vs_ft": o.vs_ft, "latency_s": float(o.latency_s or 0.0), "tokens": int(o.tokens or 0), "kv": kv,
+                "tie": getattr(o, "tie", None),
             })
     return rows
 
@@ -756,6 +775,7 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
     budgets = Budgets.from_settings(settings)
     count = token_counter(pair.tokenizer)
     gen_error = generation_over_budget(config.max_new_tokens, budgets)
+    context = _format_context(job, config.format, settings)
     bs = max(1, int(getattr(config, "batch_size", 8) or 8))
 
     def why_interrupt() -> str | None:
@@ -784,7 +804,7 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
                 runnable.append((index, smp))
         try:
             with interruptible(why_interrupt, settings.interrupt_check_interval):
-                rows += _evaluate_isolated(pair, runnable, specs, config, run_ids, job.id)
+                rows += _evaluate_isolated(pair, runnable, specs, config, context, run_ids, job.id)
         except Interrupted:
             clear_pair_cache()  # the model was stopped mid-call: the next shard loads a fresh copy
             if deadline is not None and time.monotonic() > deadline:
@@ -801,7 +821,7 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
     return done
 
 
-def _evaluate_isolated(pair: Any, items: list[tuple[int, Any]], specs: list[Any], config: Any,
+def _evaluate_isolated(pair: Any, items: list[tuple[int, Any]], specs: list[Any], config: Any, context: Any,
                        run_ids: dict[str, int], job_id: int) -> list[dict[str, Any]]:
     """Rows of `items` ((sample index, Sample) pairs) evaluated as one batch; when the batch raises, each sample
     is evaluated alone, so one poisoned sample gets error rows and costs its batch-mates nothing. Database
@@ -813,17 +833,35 @@ def _evaluate_isolated(pair: Any, items: list[tuple[int, Any]], specs: list[Any]
     batch = [smp for _, smp in items]
     try:
         _test_sample_fault(batch)
-        results = evaluate_batch(pair, batch, specs, config)
+        results = evaluate_batch(pair, batch, specs, config, context)
     except Exception as exc:  # noqa: BLE001 - isolated below; recorded on the sample when it fails alone
         if _transient(exc):
             raise
         if len(items) > 1:
-            return [row for item in items for row in _evaluate_isolated(pair, [item], specs, config, run_ids, job_id)]
+            return [row for item in items
+                    for row in _evaluate_isolated(pair, [item], specs, config, context, run_ids, job_id)]
         index, smp = items[0]
         error = f"{type(exc).__name__}: {exc}"
         log.warning("job %s sample %d (%s) failed: %s", job_id, index, smp.id, error)
         return error_rows(index, smp.id, run_ids, error)
     return [row for (index, _), res in zip(items, results) for row in result_rows([res], index, run_ids)]
+
+
+def _format_context(job: store.JobInfo, fmt: str, settings: Settings) -> Any:
+    """The job's prompt-format context: its dataset's name (per-dataset wording) and, for k-shot, the
+    demonstration pool (the registered train split, else the job's whole dataset from the DB)."""
+    from tad_core.formats import format_context, parse_format
+    from tad_core.samples import Sample
+
+    name = str(job.spec.get("dataset", ""))
+    pool: list[Any] = []
+    if parse_format(fmt).needs_pool:
+        from tad_core.datasets import REGISTRY
+
+        if name not in REGISTRY:
+            with session_scope(settings) as s:
+                pool = [Sample.from_dict(d) for d in store.load_samples(s, job.dataset_id, 0, 1 << 30)]
+    return format_context(fmt, name, pool)
 
 
 def _resolve_calibrations(job: store.JobInfo, runs: list[store.RunInfo], specs: list[Any], run_ids: dict[str, int],

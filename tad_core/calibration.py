@@ -1,6 +1,6 @@
 """SVDecode's step-size calibration: estimate `mu` from teacher-forced gold continuations, store it, reuse it.
 
-Per gold token `y*` with the step's `p_f`, `p_b` (STRATEGIES.md, SVDecode):
+Per gold token `y*` with the step's `p_f`, `p_b` (docs/strategies.md, "SVDecode calibration of mu"):
 `mu_t = <e_{y*} - p_f, delta_m> / (||delta_m||^2 + 1e-12)`, `delta_m` = SVDecode's `delta` on `head(beta)` and 0
 elsewhere (so both products run over the unmasked entries only); `mu` = mean (or median) of `mu_t`, sign unclamped.
 The forwards are the MC scorer's (`tad_core.scoring.teacher_force`): one paired forward per batch.

@@ -202,13 +202,20 @@ class PairedRunner:
         full[rows] = logits
         return full
 
-    def select(self, seq_index: Sequence[int]) -> None:
-        """Re-shape the batch: new sequence j continues old sequence `seq_index[j]` (repeats allowed)."""
+    def select(self, seq_index: Sequence[int], need_ft: Sequence[bool] | None = None,
+               need_base: Sequence[bool] | None = None) -> None:
+        """Re-shape the batch: new sequence j continues old sequence `seq_index[j]` (repeats allowed), keeping
+        the fine-tuned / base side only where `need_ft[j]` / `need_base[j]` (default: every side it had).
+
+        This is how one prompt's prefill serves several strategies: the caches (and the last hidden states) are
+        copied row by row, so the continuations decode exactly as if each had encoded the prompt itself."""
         seq_index = list(seq_index)
+        if self.pair.path == "base_only" and need_ft is not None and need_base is not None:
+            need_ft, need_base = [a or b for a, b in zip(need_ft, need_base)], None
         ft_pos = {s: i for i, s in enumerate(self.ft_rows)}
         base_pos = {s: i for i, s in enumerate(self.base_rows)}
-        new_ft = [j for j, s in enumerate(seq_index) if s in ft_pos]
-        new_base = [j for j, s in enumerate(seq_index) if s in base_pos]
+        new_ft = [j for j, s in enumerate(seq_index) if s in ft_pos and (need_ft is None or need_ft[j])]
+        new_base = [j for j, s in enumerate(seq_index) if s in base_pos and (need_base is None or need_base[j])]
         ft_idx = [ft_pos[seq_index[j]] for j in new_ft]
         base_idx = [base_pos[seq_index[j]] for j in new_base]
         for key, cache in self._caches.items():
@@ -217,7 +224,10 @@ class PairedRunner:
             else:
                 idx = ft_idx if key == "ft" else base_idx
             cache.batch_select_indices(torch.tensor(idx, dtype=torch.long, device=self.pair.device))
+        if self.hidden is not None:
+            self.hidden = tuple(h[ft_idx] for h in self.hidden)
         self.ft_rows, self.base_rows, self.n = new_ft, new_base, len(seq_index)
+        self.forwards_since_select = 0
 
 
 def _kept(hidden: tuple[torch.Tensor, ...], n_ft: int, keep: int) -> tuple[torch.Tensor, ...]:

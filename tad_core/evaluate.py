@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from tad_core.generation import GenConfig, answers_match, extract_answer, generate_texts
+from tad_core.extraction import answers_match, check_mode, extract_answer
+from tad_core.formats import DEFAULT_FORMAT, FormatContext, canonical_format, parse_format
+from tad_core.generation import GenConfig, Generated, generate_texts
 from tad_core.metrics import Estimate, McNemarResult, accuracy, fixed_or_broken, mc_predictions, mcnemar
 from tad_core.models import PairedModel
 from tad_core.samples import Sample
@@ -36,8 +38,19 @@ class EvalConfig:
     # MC scoring only: floor for a token's log-prob when a strategy excludes it (-inf: clamp or head mask).
     # None = the literal definitions (an excluded token makes the choice -inf); e.g. -1000 as DoLa's reference code.
     mc_floor: float | None = None
+    # prompt format (tad_core.formats), stored canonical (`name@version[:params]`): part of every run's identity
+    format: str = DEFAULT_FORMAT
+    extract: str | None = None  # generation: extraction mode for every sample (None = the sample's / format's own)
+    num_beams: int = 1  # generation: beam search width for every strategy (1 = greedy / sampling)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "format", canonical_format(self.format))
+        check_mode(self.extract)
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("num_beams > 1 is beam search: it needs temperature 0 (greedy), "
+                             f"got temperature {self.temperature!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -79,6 +92,7 @@ class StrategyOutcome:
     pred_norm: int | None = None
     correct: bool | None = None
     correct_norm: bool | None = None
+    tie: bool | None = None  # MC: every choice -inf, so the prediction is the tie-break to choice 0
     output: str | None = None
     extracted: str | None = None
     tokens: int = 0
@@ -105,9 +119,25 @@ class SampleResult:
                 "outcomes": {k: o.to_json() for k, o in self.outcomes.items()}}
 
 
+def render_samples(pair: PairedModel, samples: Sequence[Sample], config: EvalConfig,
+                   context: FormatContext | None = None) -> list[Sample]:
+    """The samples as the config's prompt format renders them for this model (ids unchanged)."""
+    fmt = parse_format(config.format)
+    if fmt.key == canonical_format(DEFAULT_FORMAT):
+        return list(samples)
+    ctx = replace(context or FormatContext(), tokenizer=pair.tokenizer)
+    if fmt.needs_pool and not ctx.pool:
+        raise ValueError(f"format {fmt.key!r} draws demonstrations: pass a FormatContext with a pool "
+                         "(tad_core.formats.format_context)")
+    return [fmt.render(s, ctx) for s in samples]
+
+
 def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence[StrategySpec],
-                   config: EvalConfig = EvalConfig()) -> list[SampleResult]:
-    """Run every strategy on one batch of samples: MC samples by scoring, generation samples by decoding."""
+                   config: EvalConfig = EvalConfig(), context: FormatContext | None = None) -> list[SampleResult]:
+    """Run every strategy on one batch of samples: MC samples by scoring, generation samples by decoding.
+
+    Samples are first rendered by `config.format` (`context` names the dataset and holds the k-shot pool)."""
+    samples = render_samples(pair, samples, config, context)
     specs = [canonical(s) for s in specs]
     strategies = [build(s) for s in specs]
     keys = [s.key for s in specs]
@@ -129,20 +159,22 @@ def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence
                 ok_norm = None if sample.answer is None else pred_norm == sample.answer
                 outcomes[key] = StrategyOutcome(
                     scores=sc.scores[key], pred=pred, pred_norm=pred_norm, correct=ok, correct_norm=ok_norm,
+                    tie=not any(math.isfinite(x) for x in sc.scores[key]),
                     tokens=0, flip_rate=sc.flip_rate.get(key), vs_ft=fixed_or_broken(ft_ok, ok), latency_s=per,
                     kv=sc.kv)
             results[sample.id] = SampleResult(sample.id, sc.kv, outcomes)
     if gen:
         t0 = time.perf_counter()
         cfg = config.gen_config()
-        if any(s.answer_pattern is None and not s.choices for s in gen) and not cfg.stop:
+        if (any(s.answer_pattern is None and not s.choices and not s.stop for s in gen) and not cfg.stop
+                and config.extract is None):
             cfg = GenConfig(**{**asdict(cfg), "stop": ("\n\nQuestion:", "\nQuestion:")})
-        outs = generate_texts(pair, [s.prompt for s in gen], strategies, cfg)
+        outs = decode(pair, gen, strategies, cfg, config.num_beams)
         per = (time.perf_counter() - t0) / len(gen)
         for sample, row in zip(gen, outs):
             outcomes = {}
             for key, g in zip(keys, row):
-                extracted = extract_answer(g.text, sample)
+                extracted = extract_answer(g.text, sample, config.extract)
                 outcomes[key] = StrategyOutcome(output=g.text, extracted=extracted,
                                                 correct=answers_match(extracted, sample.reference or ""),
                                                 tokens=len(g.token_ids), flip_rate=g.flip_rate, latency_s=per,
@@ -152,6 +184,27 @@ def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence
                     o.vs_ft = fixed_or_broken(outcomes[FT.key].correct, o.correct)
             results[sample.id] = SampleResult(sample.id, {}, outcomes)
     return [results[s.id] for s in samples]
+
+
+def decode(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[Any], cfg: GenConfig,
+           num_beams: int = 1) -> list[list[Generated]]:
+    """`out[sample][strategy]`: all strategies decoded together (greedy or sampled), or beam search per strategy."""
+    prompts, stops = [s.prompt for s in samples], [s.stop for s in samples]
+    if num_beams == 1:
+        return generate_texts(pair, prompts, strategies, cfg, stops=stops)
+    from tad_core.beam import beam_search
+
+    out: list[list[Generated]] = [[None] * len(strategies) for _ in samples]  # type: ignore[list-item]
+    groups: dict[tuple[str, ...], list[int]] = {}  # samples with the same stop sequences decode together
+    for i, st in enumerate(stops):
+        groups.setdefault(tuple(cfg.stop) + tuple(st), []).append(i)
+    for stop, idx in groups.items():
+        for si, strat in enumerate(strategies):
+            for i, g in zip(idx, beam_search(pair, [prompts[i] for i in idx], strat, num_beams=num_beams,
+                                             max_new_tokens=cfg.max_new_tokens, stop=stop,
+                                             ignore_eos=cfg.ignore_eos)):
+                out[i][si] = g
+    return out
 
 
 @dataclass
@@ -221,7 +274,8 @@ def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 def evaluate(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[StrategySpec | str],
              config: EvalConfig = EvalConfig(), progress: bool = True,
              on_batch: Callable[[list[SampleResult]], None] | None = None,
-             calibration_dataset: str | None = None, calibration_n: int = 128) -> EvalReport:
+             calibration_dataset: str | None = None, calibration_n: int = 128,
+             context: FormatContext | None = None) -> EvalReport:
     """Evaluate strategies (specs or CLI strings like `"tad:alpha=0.5,1"`) on samples, batch by batch.
 
     `svdecode` with `mu="auto"` is first calibrated on the train split of `calibration_dataset` (stored and
@@ -241,7 +295,7 @@ def evaluate(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
     out: list[SampleResult] = []
     with tqdm(total=len(samples), desc="evaluating", unit="sample", disable=not progress) as bar:
         for batch in batched(samples, config.batch_size):
-            res = evaluate_batch(pair, batch, specs, config)
+            res = evaluate_batch(pair, batch, specs, config, context)
             out.extend(res)
             if on_batch:
                 on_batch(res)

@@ -7,7 +7,6 @@ sequence's strategy needs (fine-tuned rows, base rows, or both in one mixed batc
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -78,8 +77,11 @@ def _pick(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch.T
 
 
 def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequence[Strategy],
-                   cfg: GenConfig = GenConfig(), kv_for_all: bool = False) -> list[list[Generated]]:
-    """Decode every prompt with every strategy; returns `out[prompt][strategy]`."""
+                   cfg: GenConfig = GenConfig(), kv_for_all: bool = False,
+                   stops: Sequence[Sequence[str]] | None = None) -> list[list[Generated]]:
+    """Decode every prompt with every strategy; returns `out[prompt][strategy]`.
+
+    `stops[i]` are extra stop sequences of prompt i (a sample's own `stop`), on top of `cfg.stop`."""
     tok = pair.tokenizer
     n_p, n_s = len(prompts), len(strategies)
     seqs = [(pi, si) for si in range(n_s) for pi in range(n_p)]  # strategy-major
@@ -89,13 +91,17 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
         need_ft = need_base = [True] * len(seqs)
     paired = [a and b for a, b in zip(need_ft, need_base)]
     hidden_layers = hidden_layers_for(pair, strategies)
-    runner = PairedRunner(pair, need_ft, need_base, output_hidden_states=bool(hidden_layers))
+    # One prefill per prompt: the prompts are encoded once (each side any strategy needs), then every strategy's
+    # sequence continues from a copy of its prompt's cache, keeping only the sides that strategy needs.
+    prompt_ft = [any(need_ft[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+    prompt_base = [any(need_base[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+    runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers))
     head = output_head(pair.model) if hidden_layers else None
-    ft_index = {r: i for i, r in enumerate(runner.ft_rows)}  # runner.hidden holds the fine-tuned rows only
     enc = [tok(p)["input_ids"] for p in prompts]
-    ids, mask = left_pad([enc[pi] for pi, _ in seqs], tok.pad_token_id)
+    ids, mask = left_pad(enc, tok.pad_token_id)
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
+    row_stops = [tuple(cfg.stop) + tuple(stops[pi] if stops is not None else ()) for pi, _ in seqs]
     gen = torch.Generator(device=pair.device).manual_seed(cfg.seed)
     n = len(seqs)
     out_ids: list[list[int]] = [[] for _ in range(n)]
@@ -108,6 +114,12 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     seen: torch.Tensor | None = None  # tokens of prompt + output so far, for strategies that read history
     with torch.no_grad():
         z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
+        expand = [pi for pi, _ in seqs]
+        runner.select(expand, need_ft, need_base)
+        z_b = None if z_b is None else z_b[expand]
+        z_f = None if z_f is None else z_f[expand]
+        mask, pos = mask[expand], pos[expand]
+        ft_index = {r: i for i, r in enumerate(runner.ft_rows)}  # runner.hidden holds the fine-tuned rows only
         if any(s.needs_history for s in strategies):
             z = z_f if z_f is not None else z_b
             seen = torch.zeros((n, z.shape[-1]), dtype=torch.bool, device=z.device)
@@ -161,9 +173,9 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                 out_ids[r].append(t)
                 if seen is not None:
                     seen[r, t] = True
-                if cfg.stop:
+                if row_stops[r]:
                     text = tok.decode(out_ids[r], skip_special_tokens=True)
-                    if any(st in text for st in cfg.stop):
+                    if any(st in text for st in row_stops[r]):
                         done[r] = True
                         finish[r] = "stop"
             if bool(done.all()):
@@ -175,7 +187,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     for j, (pi, si) in enumerate(seqs):
         text = tok.decode(out_ids[j], skip_special_tokens=True)
         if finish[j] == "stop":
-            cut = min(text.index(st) for st in cfg.stop if st in text)
+            cut = min(text.index(st) for st in row_stops[j] if st in text)
             text = text[:cut]
         kv: dict[str, Any] = {}
         if stats_acc[j]:
@@ -188,38 +200,3 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
         flip = sum(flips[j]) / len(flips[j]) if flips[j] else None
         results[pi][si] = Generated(text, out_ids[j], finish[j], flip, kv)
     return results
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_LETTER = re.compile(r"(?:answer is|answer:)?\s*\(?([A-Z])\)?(?:[.):\s]|$)", re.IGNORECASE)
-
-
-def extract_answer(text: str, sample: Sample) -> str | None:
-    """The answer in a generated text: the sample's `answer_pattern`, a choice letter / choice text when the
-    sample lists choices, else the last number (math)."""
-    if sample.answer_pattern:
-        m = re.search(sample.answer_pattern, text)
-        if not m:
-            return None
-        found = m.group(1) if m.groups() else m.group(0)
-        return found.strip() if found is not None else None  # an optional group left unset extracts nothing
-    choices = list(sample.choices) or list(sample.metadata.get("choices", []))
-    if choices:
-        m = _LETTER.match(text.strip())
-        if m and ord(m.group(1).upper()) - 65 < len(choices):
-            return choices[ord(m.group(1).upper()) - 65]
-        lowered = text.lower()
-        hits = [(lowered.find(c.lower()), c) for c in choices if c.lower() in lowered]
-        return min(hits)[1] if hits else None
-    nums = _NUMBER.findall(text)
-    return nums[-1].replace(",", "").rstrip(".") if nums else None
-
-
-def answers_match(extracted: str | None, reference: str) -> bool:
-    if extracted is None:
-        return False
-    a, b = extracted.strip(), reference.strip()
-    try:
-        return math.isclose(float(a.replace(",", "")), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
-    except ValueError:
-        return a.lower() == b.lower()

@@ -86,6 +86,11 @@ class McNemarResult:
         return asdict(self)
 
 
+def mcnemar_p(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts (binomial test, p = 0.5)."""
+    return 1.0 if fixed + broken == 0 else float(stats.binomtest(fixed, fixed + broken, 0.5).pvalue)
+
+
 def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], level: float = 0.95) -> McNemarResult:
     """Exact McNemar test of b against a on the same samples, with a paired-bootstrap CI of acc(b) - acc(a)."""
     if len(a_correct) != len(b_correct):
@@ -96,8 +101,7 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], level: float =
     fixed = int((~a & b).sum())
     broken = int((a & ~b).sum())
     both_wrong = int((~a & ~b).sum())
-    discordant = fixed + broken
-    p = 1.0 if discordant == 0 else float(stats.binomtest(fixed, discordant, 0.5).pvalue)
+    p = mcnemar_p(fixed, broken)
     d = b.astype(float) - a.astype(float)
     lo, hi = bootstrap_ci(d, level) if len(d) else (float("nan"), float("nan"))
     return McNemarResult(both_right, fixed, broken, both_wrong, p, float(d.mean()) if len(d) else float("nan"), lo, hi)

@@ -12,7 +12,8 @@ class Sample:
     Multiple choice: `prompt` + `choices` (continuations, scored after `prompt`) + `answer`, or for partial scoring
     (WinoGrande) `choice_prompts` (one context per choice) + one `continuation` + `answer`.
     Generation: `prompt` + `reference`, optional `answer_pattern` (a regex whose first group, or whole match,
-    is the extracted answer).
+    is the extracted answer), `choices` (answers to pick from, for `choice-label` extraction), `stop` (extra stop
+    sequences) and `extract` (the extraction mode, see `tad_core.extraction`).
     """
 
     id: str
@@ -23,6 +24,8 @@ class Sample:
     answer: int | None = None
     reference: str | None = None
     answer_pattern: str | None = None
+    stop: tuple[str, ...] = ()
+    extract: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -42,7 +45,7 @@ class Sample:
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v not in ((), None, "", {})}
         d["id"] = self.id
-        for k in ("choices", "choice_prompts"):
+        for k in ("choices", "choice_prompts", "stop"):
             if k in d:
                 d[k] = list(d[k])
         if self.answer is not None:
@@ -60,6 +63,8 @@ class Sample:
             answer=d.get("answer"),
             reference=d.get("reference"),
             answer_pattern=d.get("answer_pattern"),
+            stop=tuple(d.get("stop") or ()),
+            extract=d.get("extract"),
             metadata=dict(d.get("metadata") or {}),
         )
 

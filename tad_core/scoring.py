@@ -63,10 +63,20 @@ def build_units(tok: Any, samples: Sequence[Sample], delimiter: str = " ",
         for ci, (ctx, cont) in pairs:
             by_ctx.setdefault(ctx, []).append((ci, cont))
         for ctx, conts in by_ctx.items():
-            encoded = [(ci, *_encode(tok, ctx, cont), len(cont)) for ci, cont in conts]
+            encoded = [(ci, *_encode(tok, ctx, cont), _norm_chars(sample, ci, cont)) for ci, cont in conts]
             ctx_ids = encoded[0][1]
             units.append((si, ctx_ids, [(ci, cont_ids, n) for ci, _, cont_ids, n in encoded]))
     return units
+
+
+def _norm_chars(sample: Sample, choice: int, continuation: str) -> int:
+    """The length `acc_norm` divides by: the choice's own text, without the delimiter joined before it, as
+    lm-evaluation-harness does (`len(choice)` of `doc_to_choice`); WinoGrande's shared continuation as given."""
+    if sample.kind == "mc" and sample.choices:
+        return len(sample.choices[choice])
+    if sample.kind == "mc":
+        return len(sample.continuation)
+    return len(continuation)
 
 
 @dataclass

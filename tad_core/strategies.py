@@ -1,7 +1,7 @@
 """Decoding strategies: each turns one step's base and fine-tuned logits into next-token scores.
 
 One strategy = one small class (validated parameters, one pure method), registered by name, like transformers'
-logits processors. The exact formulas are in STRATEGIES.md; every strategy works in float32, never in place.
+logits processors. The exact formulas are in docs/strategies.md; every strategy works in float32, never in place.
 A strategy crosses process boundaries as a JSON spec `{"name": ..., "params": {...}}` (`StrategySpec`).
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tad_core.assets import sha256_file
 from tad_core.datasets import load_dataset
+from tad_core.formats import canonical_format, format_context, gold_continuation, parse_format
 from tad_core.models import DEFAULT_BASE, load_model, load_tokenizer, resolve_base_dir
 from tad_core.samples import Sample
 
@@ -54,8 +55,18 @@ class TrainConfig:
     num_virtual_tokens: int = PREFIX_VIRTUAL_TOKENS
     log_every: int = 1
     threads: int = 1
+    # multi-task training: several datasets (overrides `dataset`), `train_size` samples drawn from EACH
+    datasets: tuple[str, ...] = ()
+    format: str = "mc-loglik"  # prompt format of the training pairs (tad_core.formats)
+    loss: Literal["response", "all"] = "response"  # loss on the target only, or on the whole sequence
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(self.datasets) or (self.dataset,))
+        object.__setattr__(self, "format", canonical_format(self.format))
+        if self.loss not in ("response", "all"):
+            raise ValueError(f"loss: must be 'response' or 'all', got {self.loss!r}")
+        if len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(f"datasets: listed twice in {','.join(self.datasets)}")
         if self.method not in METHODS:
             raise ValueError(f"method: unknown training method {self.method!r}; choose one of {', '.join(METHODS)}")
         for name in ("steps", "train_size", "batch_size", "max_length", "lora_r", "num_virtual_tokens", "threads"):
@@ -75,11 +86,7 @@ class TrainConfig:
 
 def training_pair(sample: Sample) -> tuple[str, str]:
     """(context, target) for a sample: the gold choice's continuation, or the reference for generation."""
-    if sample.kind == "gen":
-        return sample.prompt, " " + str(sample.reference).strip()
-    if sample.answer is None:
-        raise ValueError(f"sample {sample.id!r} has no answer to train on")
-    return sample.contexts_and_continuations()[sample.answer]
+    return gold_continuation(sample)
 
 
 def select_samples(samples: list[Sample], train_size: int, seed: int) -> list[Sample]:
@@ -89,7 +96,8 @@ def select_samples(samples: list[Sample], train_size: int, seed: int) -> list[Sa
     return [samples[i] for i in order[:train_size]]
 
 
-def _encode(tok: Any, context: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
+def _encode(tok: Any, context: str, target: str, max_length: int, loss: str = "response"
+            ) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 on context), harness style: the target's ids are those the whole text adds.
 
     Over-long rows lose context from the left (the target is what is learnt), and the target is cut at the end
@@ -105,7 +113,7 @@ def _encode(tok: Any, context: str, target: str, max_length: int) -> tuple[list[
         raise ValueError(f"empty target for context ending {context[-40:]!r}")
     tgt_ids = tgt_ids[:max_length - 1]
     ctx_ids = whole[:n_ctx][-(max_length - len(tgt_ids)):]
-    return ctx_ids + tgt_ids, [-100] * len(ctx_ids) + tgt_ids
+    return ctx_ids + tgt_ids, (ctx_ids if loss == "all" else [-100] * len(ctx_ids)) + tgt_ids
 
 
 def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -173,24 +181,30 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     Returns the manifest (also written to `out/tad_manifest.json`).
     """
     started = time.time()
-    data = load_dataset(cfg.dataset, cfg.split)
-    if not data.samples:
-        raise ValueError(f"dataset: {cfg.dataset!r} split {cfg.split!r} has no samples")
-    subset = select_samples(data.samples, cfg.train_size, cfg.seed)
+    fmt = parse_format(cfg.format)
     base_dir = resolve_base_dir(cfg.base)
     tok = load_tokenizer(base_dir)
-    rows = [_encode(tok, *training_pair(s), cfg.max_length) for s in subset]
+    parts: list[tuple[Any, list[Sample]]] = []
+    rows: list[tuple[list[int], list[int]]] = []
+    for name in cfg.datasets:
+        data = load_dataset(name, cfg.split)
+        if not data.samples:
+            raise ValueError(f"dataset: {name!r} split {cfg.split!r} has no samples")
+        subset = select_samples(data.samples, cfg.train_size, cfg.seed)
+        ctx = replace(format_context(fmt, data.name, data.samples), tokenizer=tok)
+        rows.extend(_encode(tok, *fmt.training_pair(s, ctx), cfg.max_length, cfg.loss) for s in subset)
+        parts.append((data, subset))
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        manifest = _train(cfg, data, subset, base_dir, tok, rows, started, progress)
+        manifest = _train(cfg, parts, base_dir, tok, rows, started, progress)
     finally:
         torch.set_num_threads(threads_before)
     return manifest
 
 
-def _train(cfg: TrainConfig, data: Any, subset: list[Sample], base_dir: Path, tok: Any,
+def _train(cfg: TrainConfig, parts: list[tuple[Any, list[Sample]]], base_dir: Path, tok: Any,
            rows: list[tuple[list[int], list[int]]], started: float, progress: bool) -> dict[str, Any]:
     from peft import get_peft_model
 
@@ -226,11 +240,16 @@ def _train(cfg: TrainConfig, data: Any, subset: list[Sample], base_dir: Path, to
         "base_dir": str(base_dir),
         "base_name": base_dir.name,
         "base_fingerprint": _base_fingerprint(base_dir),
-        "dataset": data.name,
-        "dataset_source": data.source,
-        "dataset_content_hash": data.content_hash,
+        "dataset": "+".join(data.name for data, _ in parts),
+        "dataset_source": parts[0][0].source if len(parts) == 1 else "mixture",
+        "dataset_content_hash": parts[0][0].content_hash if len(parts) == 1 else "",
+        "mixture": [{"dataset": data.name, "train_size": len(subset), "content_hash": data.content_hash,
+                     "source": data.source} for data, subset in parts],
+        "format": cfg.format,
+        "loss": cfg.loss,
         "split": cfg.split,
-        "train_size": len(subset),
+        "train_size": len(rows),
+        "train_size_per_dataset": cfg.train_size,
         "method": cfg.method,
         "steps": cfg.steps,
         "seed": cfg.seed,

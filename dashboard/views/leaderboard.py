@@ -35,9 +35,10 @@ def long_frame(rows: Sequence[LeaderboardRow], metric: str = "acc") -> pd.DataFr
             "strategy": r.label, "strategy_name": r.strategy, "dataset": f"{r.dataset}:{r.split}",
             "value": value, "stderr": se, "n": r.n, "job_id": r.job_id, "run_id": r.run_id,
             "job_status": r.job_status, "holm_p_vs_ft": r.mcnemar_p_holm,
-            "vs_ft": vs_ft_mark(r) if metric == "acc" else ""})  # the paired tests are on acc
+            "vs_ft": vs_ft_mark(r) if metric == "acc" else "",  # the paired tests are on acc
+            "ties": r.metrics.get("ties"), "unparsed": r.metrics.get("unparsed")})
     cols = ["base", "adapter", "family", "strategy", "strategy_name", "dataset", "value", "stderr", "n", "job_id",
-            "run_id", "job_status", "holm_p_vs_ft", "vs_ft"]
+            "run_id", "job_status", "holm_p_vs_ft", "vs_ft", "ties", "unparsed"]
     return pd.DataFrame.from_records(records, columns=cols)
 
 
@@ -46,11 +47,16 @@ def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("job_id", ascending=False).drop_duplicates(ROW_KEYS + ["dataset"], keep="first")
 
 
-def cell_text(value: float | None, se: float | None, n: int, mark: str = "") -> str:
+def cell_text(value: float | None, se: float | None, n: int, mark: str = "", ties: float | None = None,
+              unparsed: float | None = None) -> str:
+    """`0.6230 ± 0.0280 (n=300, 12 ties)`: ties (MC samples where every choice was -inf, decided by the tie-break)
+    and unparsed generations are named in the cell whenever there are any, since they qualify the accuracy."""
+    extra = "".join(f", {int(k)} {word}" for k, word in ((ties, "ties"), (unparsed, "unparsed"))
+                    if k is not None and not pd.isna(k) and k > 0)
     if value is None or pd.isna(value):
-        return f"– (n={n})"
+        return f"– (n={n}{extra})"
     se_text = f" ± {se:.4f}" if se is not None and not pd.isna(se) else ""
-    return f"{value:.4f}{se_text} (n={n})" + (f" {mark}" if mark else "")
+    return f"{value:.4f}{se_text} (n={n}{extra})" + (f" {mark}" if mark else "")
 
 
 def wide_table(df: pd.DataFrame, sort_by: str | None = None) -> tuple[pd.DataFrame, dict[str, list[int]]]:
@@ -75,7 +81,8 @@ def wide_table(df: pd.DataFrame, sort_by: str | None = None) -> tuple[pd.DataFra
             if row is None:
                 cells.append("")
                 continue
-            cells.append(cell_text(row.value, row.stderr, row.n, row.vs_ft) + (STAR if i in best[ds] else ""))
+            cells.append(cell_text(row.value, row.stderr, row.n, row.vs_ft, row.ties, row.unparsed)
+                         + (STAR if i in best[ds] else ""))
         text[ds] = cells
     text["mean"] = [f"{v:.4f}" if pd.notna(v) else "" for v in values["mean"]]
     return text.reset_index(), best
@@ -132,7 +139,9 @@ def render() -> None:
         return ["font-weight: bold; background-color: rgba(33, 195, 84, 0.18)" if i in marks else ""
                 for i in range(len(col))]
 
-    st.caption(f"{metric} ± stderr (n) of the newest run per cell; ★ = best in the column"
+    st.caption(f"{metric} ± stderr (n) of the newest run per cell; ★ = best in the column; ties = MC samples "
+               "where every choice was -inf (decided by the tie-break to choice 0); unparsed = generated outputs "
+               "with no extractable answer"
                + ("; ▲ / ▼ = significantly better / worse than ft of the same job (exact McNemar, Holm-adjusted "
                   "over the job's comparisons, p < 0.05)" if metric == "acc" else "")
                + f". {len(df)} runs, {df['job_id'].nunique()} jobs.")

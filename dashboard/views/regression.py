@@ -19,6 +19,7 @@ from dashboard import data
 from dashboard.views.common import as_utc, md
 from services.db import store
 from services.db.views import PairedOutcome, RunRow
+from services.regress import verdict
 from tad_core.metrics import mcnemar
 
 
@@ -80,8 +81,7 @@ def verdicts(rows: Sequence[RunRow], paired: Callable[[int, int], Sequence[Paire
                                    verdict="no overlap", baseline_run_id=base_run.run_id))
                 continue
             res = mcnemar([p.a_correct for p in pairs], [p.b_correct for p in pairs])
-            significant = res.p_value < alpha and abs(res.diff) >= min_effect
-            label = "unchanged" if not significant else ("improved" if res.diff > 0 else "regressed")
+            label = verdict(res.diff, res.p_value, alpha, min_effect)  # the rule `tad regress` applies
             out.append(Verdict(**common, baseline=base_v, diff=res.diff, ci_low=res.diff_ci_low,
                                ci_high=res.diff_ci_high, p_value=res.p_value, verdict=label,
                                baseline_run_id=base_run.run_id))

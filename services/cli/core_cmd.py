@@ -29,6 +29,26 @@ def register(app: typer.Typer) -> None:
             fetch_all()
 
     @app.command()
+    def formats(as_json: bool = typer.Option(False, "--json", help="print JSON instead of text")) -> None:
+        """List the prompt formats (name@version, parameters) with a rendered example of each."""
+        import json
+
+        from rich.console import Console
+        from rich.markup import escape
+
+        from tad_core.formats import REGISTRY, example
+
+        rows = [{"name": cls.name, "key": cls().key, "description": cls.description, "example": example(cls())}
+                for cls in REGISTRY.values()]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+            return
+        console = Console(width=120)
+        for r in rows:
+            console.rule(f"[bold]{escape(r['key'])}[/bold]: {escape(r['description'])}")
+            console.print(escape(r["example"]), highlight=False)
+
+    @app.command()
     def strategies(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
         """List every registered decoding strategy with its parameters, defaults and description."""
         import json

@@ -49,6 +49,13 @@ TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = gree
 FloorOpt = Annotated[Optional[float], typer.Option("--mc-floor", help="MC scoring: log-prob charged for a token a "
                                                    "strategy excludes (e.g. -1000) instead of -inf for the choice")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
+FormatOpt = Annotated[str, typer.Option("--format", help="prompt format: mc-loglik (default), llm-adapters, chat, "
+                                        "k-shot[:k=5,seed=0] (tad formats lists them)")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="generation: stop sequence, repeatable "
+                                                      "(escapes such as \\n are read)")]
+ExtractOpt = Annotated[Optional[str], typer.Option("--extract", help="generation: extraction mode for every sample: "
+                                                   "first-match, first-line, last-number, choice-label")]
+BeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="generation: beam search width (1 = greedy)")]
 ShardOpt = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="samples per shard (default "
                                                  "TAD_SHARD_SIZE)")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="TAD_TOKEN", help="submit token, when the "
@@ -136,15 +143,23 @@ def _check_schema(settings: Any, migrate_embedded: bool = False) -> None:
 def _request(dataset: str, strategy: list[str], base: str, adapter: str | None, adapter_name: str | None,
              finetuned: str | None, split: str, limit: int | None, batch_size: int, max_new_tokens: int,
              temperature: float, seed: int, shard_size: int | None, token: str | None, user: str,
-             mc_floor: float | None = None) -> Any:
+             mc_floor: float | None = None, fmt: str = "mc-loglik", stop: list[str] | None = None,
+             extract: str | None = None, num_beams: int = 1) -> Any:
     from services.jobs import SubmitRequest
 
+    optional = {"mc_floor": mc_floor, "extract": extract}
     return SubmitRequest(dataset=dataset, strategies=list(strategy), base=base, adapter=adapter,
                          adapter_name=adapter_name, finetuned=finetuned, split=split, limit=limit,
                          config={"batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                                 "temperature": temperature, "seed": seed,
-                                 **({"mc_floor": mc_floor} if mc_floor is not None else {})},
+                                 "temperature": temperature, "seed": seed, "format": fmt, "num_beams": num_beams,
+                                 "stop": [unescape(x) for x in stop or []],
+                                 **{k: v for k, v in optional.items() if v is not None}},
                          submitted_by=user or "", token=token, shard_size=shard_size)
+
+
+def unescape(text: str) -> str:
+    """A stop sequence as typed on a shell line: `\\n` means a newline, `\\t` a tab."""
+    return text.encode("utf-8").decode("unicode_escape") if "\\" in text else text
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -162,7 +177,7 @@ def _print_leaderboard(rows: list[Any], title: str) -> None:
 
     table = Table(title=title)
     for col in ("run", "strategy", "acc ± stderr", "acc_norm ± stderr", "n", "fixed/broken vs ft", "McNemar p vs ft",
-                "Holm p"):
+                "Holm p", "ties", "unparsed"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     notes = []
     for r in rows:
@@ -175,13 +190,23 @@ def _print_leaderboard(rows: list[Any], title: str) -> None:
                          f"{r.info.get('calibration_n_tokens', '?')} tokens), calibration {r.info['calibration']}")
         table.add_row(str(r.run_id), escape(key), _pm(r.acc, r.acc_stderr), _pm(r.acc_norm, r.acc_norm_stderr),
                       str(r.n), vs, "-" if r.mcnemar_p is None else f"{r.mcnemar_p:.4g}",
-                      "-" if r.mcnemar_p_holm is None else f"{r.mcnemar_p_holm:.4g}")
+                      "-" if r.mcnemar_p_holm is None else f"{r.mcnemar_p_holm:.4g}",
+                      count_rate(r.metrics.get("ties"), r.n), count_rate(r.metrics.get("unparsed"), r.n))
     console = Console(width=170)
     console.print(table)
     if any(r.mcnemar_p_holm is not None for r in rows):
         console.print("Holm p: the McNemar p-values adjusted (Holm-Bonferroni) over this job's comparisons with ft")
+    console.print("ties: MC samples where every choice was -inf (predicted by the tie-break to choice 0); "
+                  "unparsed: generated outputs with no extractable answer (counted wrong)")
     for line in notes:
         console.print(escape(line))
+
+
+def count_rate(count: float | None, n: int) -> str:
+    """`12 (4.0%)`, or `-` where the measure does not apply (no MC / no generated samples)."""
+    if count is None:
+        return "-"
+    return f"{int(count)} ({100 * count / n:.1f}%)" if n else str(int(count))
 
 
 def _json_default(o: Any) -> Any:
@@ -219,7 +244,8 @@ def register(app: typer.Typer) -> None:
                adapter: AdapterOpt = None, adapter_name: AdapterNameOpt = None, finetuned: FinetunedOpt = None,
                split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
                max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
-               shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "") -> None:
+               shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
+               stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id."""
         from services.db import store
         from services.db.session import session_scope
@@ -229,7 +255,8 @@ def register(app: typer.Typer) -> None:
         with _user_errors():
             _check_schema(settings)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
-                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor), settings)
+                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
+                                     fmt, stop, extract, num_beams), settings)
         try:
             sent = enqueue_job(plan.job.id, settings)
         except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
@@ -246,7 +273,8 @@ def register(app: typer.Typer) -> None:
             adapter: AdapterOpt = None, adapter_name: AdapterNameOpt = None, finetuned: FinetunedOpt = None,
             split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
             max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
-            shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "",
+            shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
+            stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1,
             as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
         from tad_core.models import ModelLoadError
@@ -257,7 +285,8 @@ def register(app: typer.Typer) -> None:
         with _user_errors():
             _check_schema(settings, migrate_embedded=True)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
-                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor), settings)
+                                     batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
+                                     fmt, stop, extract, num_beams), settings)
         try:
             with _progress_bar(plan.job.n_samples, f"job {plan.job.id}") as bar:
                 info = run_job_embedded(plan.job.id, settings, progress=bar.update)
@@ -394,7 +423,7 @@ def register(app: typer.Typer) -> None:
             else:
                 writer = csv.writer(out)
                 cols = ["strategy", "run_id", "sample_index", "sample_id", "pred", "pred_norm", "correct",
-                        "correct_norm", "vs_ft", "extracted", "output", "tokens", "latency_s", "scores", "kv",
+                        "correct_norm", "vs_ft", "tie", "extracted", "output", "tokens", "latency_s", "scores", "kv",
                         "error"]
                 writer.writerow(cols)
                 for key, rows in payload["samples"].items():

@@ -13,10 +13,16 @@ def register(app: typer.Typer) -> None:
     def train(
         out: Path = typer.Option(..., "--out", help="adapter output directory"),
         dataset: str = typer.Option("arc_easy", help="registered dataset name or a canonical .jsonl file"),
+        datasets: str | None = typer.Option(None, "--datasets", help="comma list of datasets for one multi-task "
+                                            "adapter (e.g. boolq,piqa,siqa,hellaswag,winogrande,arc_easy,"
+                                            "arc_challenge,openbookqa); overrides --dataset"),
+        fmt: str = typer.Option("mc-loglik", "--format", help="prompt format of the training pairs (tad formats)"),
+        loss: str = typer.Option("response", "--loss", help="response: loss on the target only; all: whole sequence"),
         split: str = typer.Option("train", help="split to train on"),
         method: str = typer.Option("lora", help="lora, ia3 or prefix"),
         steps: int = typer.Option(200, help="optimizer steps"),
-        train_size: int = typer.Option(500, "--train-size", help="samples drawn (seeded) from the split"),
+        train_size: int = typer.Option(500, "--train-size", help="samples drawn (seeded) from the split of EACH "
+                                       "dataset"),
         seed: int = typer.Option(0, help="seed for the subset, batch order and initialisation"),
         base: str = typer.Option("smollm2-135m-instruct", help="registered base model, model dir or .gguf file"),
         lr: float | None = typer.Option(None, help="learning rate (default depends on the method)"),
@@ -34,7 +40,8 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = TrainConfig(out=out, base=base, dataset=dataset, split=split, method=method,  # type: ignore[arg-type]
                               steps=steps, train_size=train_size, seed=seed, lr=lr, batch_size=batch_size,
-                              max_length=max_length, threads=threads)
+                              max_length=max_length, threads=threads, format=fmt, loss=loss,  # type: ignore[arg-type]
+                              datasets=tuple(d.strip() for d in (datasets or "").split(",") if d.strip()))
             manifest = train_adapter(cfg, progress=progress)
         except (ValueError, ModelLoadError, AssetError, DatasetValidationError) as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

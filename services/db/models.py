@@ -224,6 +224,7 @@ class SampleResult(Base):
     correct_norm: Mapped[bool | None] = mapped_column(Boolean)
     flip_rate: Mapped[float | None] = mapped_column(Float)
     vs_ft: Mapped[str | None] = mapped_column(String(8))
+    tie: Mapped[bool | None] = mapped_column(Boolean)  # MC: every choice -inf, predicted by the tie-break
     latency_s: Mapped[float] = mapped_column(Float, default=0.0)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     kv: Mapped[dict[str, Any] | None] = mapped_column(JsonType)

@@ -15,6 +15,8 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from tad_core.metrics import mcnemar_p
+
 from services.db.models import (
     Adapter,
     BaseModel,
@@ -33,7 +35,7 @@ from services.db.models import (
 
 TERMINAL_JOB = ("done", "failed", "partial", "cancelled")
 RESULT_COLUMNS = ("sample_id", "output", "extracted", "pred", "pred_norm", "scores", "correct", "correct_norm",
-                  "flip_rate", "vs_ft", "latency_s", "tokens", "kv", "error")
+                  "flip_rate", "vs_ft", "tie", "latency_s", "tokens", "kv", "error")
 
 
 class NotFound(LookupError):
@@ -700,9 +702,14 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
     stmt = (select(SampleResult.run_id, func.count(), func.count(SampleResult.correct), as_int(SampleResult.correct),
                    func.count(SampleResult.correct_norm), as_int(SampleResult.correct_norm),
                    func.avg(SampleResult.tokens), func.avg(SampleResult.latency_s), func.avg(SampleResult.flip_rate),
-                   func.count(SampleResult.flip_rate), func.count(SampleResult.error))
+                   func.count(SampleResult.flip_rate), func.count(SampleResult.tie), as_int(SampleResult.tie),
+                   func.count(SampleResult.output),
+                   func.sum(case((and_(SampleResult.output.is_not(None), SampleResult.extracted.is_(None)), 1),
+                                 else_=0)),
+                   func.count(SampleResult.error))
             .where(SampleResult.run_id.in_(run_ids)).group_by(SampleResult.run_id))
-    for run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_err in session.execute(stmt):
+    for (run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_mc, ties, n_gen,
+         unparsed, n_err) in session.execute(stmt):
         m = metrics[run_id]
         m["n"] = (float(n), None, n)
         if n_err:  # samples without a result (over budget, evaluation raised): not in acc / acc_norm
@@ -717,6 +724,10 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
         m["latency_s"] = (float(lat) if lat is not None else None, None, n)
         if n_flip:
             m["flip_rate"] = (float(flip), None, n_flip)
+        if n_mc:  # samples decided by the all -inf tie-break, out of the MC samples
+            m["ties"] = (float(ties or 0), None, n_mc)
+        if n_gen:  # generated outputs with no extractable answer, out of the generated samples
+            m["unparsed"] = (float(unparsed or 0), None, n_gen)
     _vs_ft_aggregates(session, run_ids, metrics)
     _kv_aggregates(session, run_ids, metrics)
     now = utcnow()
@@ -757,15 +768,6 @@ def _paired_counts(session: Session, run_a: int, run_b: int) -> tuple[int, int, 
     if not counts:
         return None
     return counts.get((True, True), 0), counts.get((True, False), 0), counts.get((False, True), 0), counts.get((False, False), 0)
-
-
-def mcnemar_p(fixed: int, broken: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant counts (binomial test, p = 0.5)."""
-    if fixed + broken == 0:
-        return 1.0
-    from scipy.stats import binomtest
-
-    return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 
 def _kv_aggregates(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Any]]) -> None:
@@ -821,11 +823,23 @@ def count_sample_rows(session: Session, run_ids: Sequence[int]) -> int:
 
 
 def scoring_variant(spec: Mapping[str, Any] | None) -> str:
-    """What in a job's config makes its runs score differently from the same strategy key elsewhere: today the
-    MC floor (`mc_floor=-1000`); "" for the literal definitions. Tables name runs by key + variant so a literal
+    """What in a job's config makes its runs score differently from the same strategy key elsewhere: the prompt
+    format when not the default (`llm-adapters@1`), beam width, extraction override and the MC floor
+    (`mc_floor=-1000`); "" for the default, literal setting. Tables name runs by key + variant so a literal
     and a floored run of the same strategy never hide one another."""
-    floor = ((spec or {}).get("config") or {}).get("mc_floor")
-    return f"mc_floor={float(floor):g}" if floor is not None else ""
+    from tad_core.formats import DEFAULT_FORMAT, canonical_format
+
+    config = (spec or {}).get("config") or {}
+    parts = []
+    if config.get("format") and config["format"] != canonical_format(DEFAULT_FORMAT):
+        parts.append(str(config["format"]))
+    if config.get("num_beams", 1) != 1:
+        parts.append(f"beams={config['num_beams']}")
+    if config.get("extract"):
+        parts.append(f"extract={config['extract']}")
+    if config.get("mc_floor") is not None:
+        parts.append(f"mc_floor={float(config['mc_floor']):g}")
+    return ",".join(parts)
 
 
 def with_variant(name: str, variant: str) -> str:

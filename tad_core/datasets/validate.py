@@ -3,8 +3,9 @@
 One JSON object per line, blank lines ignored. Every sample has a unique non-empty string `id`, then one of:
 - multiple choice: `prompt` + `choices` (>= 2 non-empty strings, scored after the prompt) + `answer` (index);
 - partial scoring (WinoGrande): `choice_prompts` (>= 2 contexts) + one `continuation` + `answer` (index);
-- generation: `prompt` + `reference` (the gold answer) + optional `answer_pattern` (a regex).
-An optional `metadata` object may carry anything JSON. Unknown fields are errors (they are usually typos).
+- generation: `prompt` + `reference` (the gold answer) + optional `answer_pattern` (a regex), `choices` (answers to
+  pick from, read by `choice-label` extraction), `extract` (an extraction mode) and `stop` (stop sequences).
+Any sample may carry `stop`. An optional `metadata` object may carry anything JSON. Unknown fields are errors (they are usually typos).
 A file with any error is rejected whole: all errors (up to `max_errors`) are collected and raised together.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tad_core.extraction import check_mode, first_match
 from tad_core.samples import Sample
 
 KNOWN_FIELDS = ("id", "prompt", "choices", "choice_prompts", "continuation", "answer", "reference",
-                "answer_pattern", "metadata")
+                "answer_pattern", "extract", "stop", "metadata")
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         elif len(json.dumps(obj["metadata"])) > limits.max_field_chars:
             err("metadata", f"longer than {limits.max_field_chars} characters when serialised (limit)")
 
+    if "stop" in obj and (not _is_str_list(obj["stop"]) or not all(obj["stop"])):
+        err("stop", "must be a list of non-empty strings")
     if "reference" in obj:
         _check_generation(obj, err)
     elif "choice_prompts" in obj:
@@ -230,13 +234,13 @@ def _forbid(obj: dict[str, Any], keys: Iterable[str], kind: str, err: Any) -> No
 
 
 def _check_choices(obj: dict[str, Any], err: Any) -> None:
-    _forbid(obj, ("continuation", "answer_pattern"), "multiple-choice", err)
+    _forbid(obj, ("continuation", "answer_pattern", "extract"), "multiple-choice", err)
     _check_prompt(obj, err)
     _check_answer(obj, _check_list(obj, "choices", err), err)
 
 
 def _check_partial(obj: dict[str, Any], err: Any) -> None:
-    _forbid(obj, ("prompt", "choices", "answer_pattern"), "partial-scoring (choice_prompts)", err)
+    _forbid(obj, ("prompt", "choices", "answer_pattern", "extract"), "partial-scoring (choice_prompts)", err)
     n_choices = _check_list(obj, "choice_prompts", err)
     cont = obj.get("continuation")
     if "continuation" not in obj:
@@ -247,7 +251,17 @@ def _check_partial(obj: dict[str, Any], err: Any) -> None:
 
 
 def _check_generation(obj: dict[str, Any], err: Any) -> None:
-    _forbid(obj, ("choices", "choice_prompts", "continuation", "answer"), "generation (reference)", err)
+    _forbid(obj, ("choice_prompts", "continuation", "answer"), "generation (reference)", err)
+    if "choices" in obj and not (_is_str_list(obj["choices"]) and obj["choices"] and all(obj["choices"])):
+        err("choices", "must be a list of non-empty strings (the answers choice-label extraction picks from)")
+    if "extract" in obj:
+        try:
+            check_mode(obj["extract"] if isinstance(obj["extract"], str) else repr(obj["extract"]))
+        except ValueError as e:
+            err("extract", str(e).partition(": ")[2])
+        else:
+            if obj["extract"] == "first-match" and not obj.get("answer_pattern"):
+                err("extract", "'first-match' needs an answer_pattern")
     _check_prompt(obj, err)
     ref = obj["reference"]
     if not isinstance(ref, str):
@@ -263,20 +277,17 @@ def _check_generation(obj: dict[str, Any], err: Any) -> None:
 
 
 def _check_pattern(pattern: str, reference: str, err: Any) -> None:
-    """Compile `answer_pattern` and try it the way extraction will: a pattern that matches the empty string
-    (`(zzz)?`) extracts nothing from any output, and one whose group 1 can stay unset would extract None."""
+    """Compile `answer_pattern` and try it on the reference the way extraction will (tad_core.extraction), so a
+    pattern that cannot run is refused here, with its line, instead of failing in a worker."""
     try:
-        rx = re.compile(pattern)
+        re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as e:
         err("answer_pattern", f"not a valid regular expression: {e}")
         return
-    if rx.search("") is not None:
-        err("answer_pattern", f"{pattern!r} matches the empty string, so it would extract nothing from an output")
-        return
-    m = rx.search(reference)
-    if m is not None and rx.groups and m.group(1) is None:
-        err("answer_pattern", f"{pattern!r} matches the reference but its group 1 stays unset; make the group "
-                              "required or use a pattern without groups")
+    try:
+        first_match(reference, pattern)
+    except Exception as e:  # noqa: BLE001 - whatever extraction would raise, said here with the line
+        err("answer_pattern", f"extraction fails on the reference: {type(e).__name__}: {e}")
 
 
 def dumps_jsonl(samples: Iterable[Sample]) -> bytes:

@@ -109,3 +109,58 @@ def test_leaderboard_shows_the_calibrated_mu_and_its_calibration(capsys: pytest.
     assert "svdecode(beta=0.1,mu=auto) mu=0.981" in out and "21/61" in out and "job [1]" in out
     assert "4.52e-05" in out and "Holm-Bonferroni" in out
     assert "run 11: mu=0.981002 calibrated on arc_easy:train (128 samples, 597 tokens), calibration 9c483289e9ea395f" in out
+
+
+def test_run_with_llm_adapters_format_stop_and_extraction(env: dict) -> None:
+    """`--format llm-adapters` turns the MC file into generation runs named with the format; unparsed outputs are
+    counted in the table and in the JSON aggregates; a bad format or extraction mode exits 2 naming it."""
+    r = runner.invoke(app, _run_args(env, "-s", "ft", "-s", "tad:alpha=1", "--format", "llm-adapters",
+                                     "--max-new-tokens", "4", "--stop", "\\n", "--json"))
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout.strip().splitlines()[-1])
+    keys = {x["key"] for x in payload["leaderboard"]}
+    assert keys == {"ft", "tad(alpha=1.0,beta=0.0)"}
+    ft_rows = payload["samples"]["ft"]
+    assert all(row["output"] is not None and row["pred"] is None for row in ft_rows)  # generated, not scored
+    ft = next(x for x in payload["leaderboard"] if x["key"] == "ft")
+    unparsed = sum(row["extracted"] is None for row in ft_rows)
+    assert ft["metrics"]["unparsed"] == unparsed and ft["variant"] == "llm-adapters@1"
+    assert all("\n" not in row["output"] for row in ft_rows)  # cut at the stop sequence
+    r = runner.invoke(app, ["results", str(payload["job"]["id"])])
+    assert "[llm-adapters@1]" in r.output and "unparsed" in r.output and f"{unparsed} (" in r.output
+    for argv, message in ((_run_args(env, "--format", "nope"), "unknown format 'nope'"),
+                          (_run_args(env, "--extract", "best"), "unknown extraction mode 'best'"),
+                          (_run_args(env, "--num-beams", "2", "--temperature", "0.5"), "num_beams > 1")):
+        r = runner.invoke(app, argv)
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_formats_lists_each_with_an_example() -> None:
+    r = runner.invoke(app, ["formats", "--json"])
+    assert r.exit_code == 0
+    rows = {x["name"]: x for x in json.loads(r.stdout)}
+    assert set(rows) == {"mc-loglik", "llm-adapters", "chat", "k-shot"}
+    assert "Answer format: answer1/answer2/answer3" in rows["llm-adapters"]["example"]
+    assert rows["k-shot"]["key"] == "k-shot@1:k=5,seed=0"
+
+
+def test_k_shot_job_draws_demonstrations_from_the_file(env: dict) -> None:
+    """A k-shot job on a file: the worker renders each sample with demonstrations from the file's other samples,
+    exactly as tad_core does with the same pool (stored scores equal a direct evaluation)."""
+    from tad_core.datasets import validate_jsonl
+    from tad_core.evaluate import EvalConfig, evaluate_batch
+    from tad_core.formats import format_context
+    from tad_core.models import load_pair
+    from tad_core.strategies import parse_strategy_arg
+
+    r = runner.invoke(app, _run_args(env, "-s", "ft", "--format", "k-shot:k=2,seed=3", "--json"))
+    assert r.exit_code == 0, r.output
+    stored = [x for row in json.loads(r.stdout.strip().splitlines()[-1])["samples"]["ft"] for x in row["scores"]]
+    samples = validate_jsonl(env["data"])
+    pair = load_pair(env["model"], adapter=env["lora"])
+    config = EvalConfig(batch_size=3, format="k-shot:k=2,seed=3")
+    direct = evaluate_batch(pair, samples, parse_strategy_arg("ft"), config,
+                            format_context(config.format, "d", samples))
+    assert stored == pytest.approx([x for res in direct for x in res.outcomes["ft"].scores], abs=1e-4)
+    plain = evaluate_batch(pair, samples, parse_strategy_arg("ft"), EvalConfig(batch_size=3))
+    assert [x for res in plain for x in res.outcomes["ft"].scores] != pytest.approx(stored, abs=1e-4)

@@ -125,3 +125,21 @@ def test_heartbeats(migrated_url: str) -> None:
     with session_scope(engine) as s:
         (w,) = store.list_workers(s, seen_within_s=60)
         assert (w.pid, w.job_id, w.shard_id) == (13, 1, 2)
+
+
+def test_aggregates_count_mc_ties_and_unparsed_generations(migrated_url: str) -> None:
+    """`ties`: MC rows whose every choice was -inf (tie-break); `unparsed`: generated rows with no extraction."""
+    engine = make_engine(migrated_url)
+    with session_scope(engine) as s:
+        job = _job(s, n=6, shard=6)
+        ft, tad = store.job_runs(s, job.id)
+        rows = _rows(ft.id, range(6), lambda i: True)
+        tie_rows = [r | {"run_id": tad.id, "scores": [None, None], "tie": i < 4} for i, r in enumerate(rows)]
+        gen_rows = [{"run_id": ft.id, "sample_index": i, "sample_id": f"s{i}", "output": "out",
+                     "extracted": None if i in (1, 2, 5) else "x", "correct": i == 0} for i in range(6)]
+        store.upsert_sample_results(s, tie_rows + gen_rows)
+        store.refresh_aggregates(s, [ft.id, tad.id])
+        aggs = {r.key: r.metrics for r in store.leaderboard(s, job_ids=[job.id])}
+        assert aggs["tad(alpha=1.0,beta=0.0)"]["ties"] == 4 and "unparsed" not in aggs["tad(alpha=1.0,beta=0.0)"]
+        assert aggs["ft"]["unparsed"] == 3 and "ties" not in aggs["ft"]
+    engine.dispose()

@@ -1,7 +1,8 @@
 """Submission and CLI guards, through the real `tad` executable against Postgres (and a private Redis):
 
 - a control character (NUL) is refused with its line and field, and nothing is stored;
-- an `answer_pattern` that matches the empty string (`(zzz)?`) is refused; extraction never crashes on one;
+- an `answer_pattern` is compiled and tried at validation; one that matches the empty string (`(zzz)?`) is
+  valid and never crashes extraction;
 - an adapter made for another base model is refused at submission (weights' shapes vs the base's modules);
 - user-supplied names with Rich markup (`mallory[/]`, `evil[/bold]`) print literally in `tad jobs`, `tad results`,
   `tad adapters list`;
@@ -23,7 +24,7 @@ from sqlalchemy import create_engine, text
 from services.db.schema import upgrade
 from services.jobs import SubmissionError, SubmitRequest, plan_job
 from services.settings import Settings
-from tad_core.generation import extract_answer
+from tad_core.extraction import extract_answer
 from tad_core.samples import Sample
 from tests.services.conftest import free_port
 from tests.services.helpers import write_mc_dataset
@@ -63,7 +64,7 @@ def test_control_characters_and_empty_patterns_refused_nothing_stored(pg: dict) 
     data = _write(pg["tmp"] / "bad.jsonl", [
         {"id": "ok", "prompt": "2+2=", "reference": "4"},
         {"id": "nul", "prompt": "a\u0000b", "reference": "4"},
-        {"id": "pat", "prompt": "2+2=", "reference": "4", "answer_pattern": "(zzz)?"},
+        {"id": "pat", "prompt": "2+2=", "reference": "4", "answer_pattern": "answer: (\\d+"},
         {"id": "meta", "prompt": "q", "choices": ["a", "b"], "answer": 0, "metadata": {"note": "bell\u0007"}},
     ])
     req = SubmitRequest(dataset=str(data), base=str(pg["model"]), strategies=["ft"])
@@ -71,12 +72,15 @@ def test_control_characters_and_empty_patterns_refused_nothing_stored(pg: dict) 
         plan_job(req, pg["settings"])
     msg = "\n".join(e.value.errors)
     assert "line 2: field 'prompt': contains the control character U+0000" in msg
-    assert "line 3: field 'answer_pattern': '(zzz)?' matches the empty string" in msg
+    assert "line 3: field 'answer_pattern': not a valid regular expression" in msg
     assert "line 4: field 'metadata': contains the control character U+0007" in msg
     assert _count(pg["url"], "datasets") == 0 and _count(pg["url"], "jobs") == 0
-    # the extraction itself never crashes on an optional group that stays unset
-    sample = Sample(id="x", prompt="p", reference="4", answer_pattern="(zzz)?|4")
-    assert extract_answer("the answer is 4", sample) is None
+    # a pattern that matches the empty string, or leaves its group unset, is valid and never crashes extraction
+    for pattern, found in (("(zzz)?", None), ("(zzz)?|4", None), ("(zzz)?", "zzz")):
+        sample = Sample(id="x", prompt="p", reference="4", answer_pattern=pattern)
+        assert extract_answer("the answer is 4" if found is None else "it is zzz", sample) == found
+    ok = _write(pg["tmp"] / "ok.jsonl", [{"id": "g", "prompt": "2+2=", "reference": "4", "answer_pattern": "(zzz)?"}])
+    assert plan_job(SubmitRequest(dataset=str(ok), base=str(pg["model"]), strategies=["ft"]), pg["settings"]).job.id
 
 
 def test_adapter_for_another_base_refused_at_submission(pg: dict) -> None:

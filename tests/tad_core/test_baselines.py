@@ -44,7 +44,7 @@ def _svdecode_ref(z_b, z_f, mu, beta):
     p_f, p_b = torch.softmax(z_f.double(), -1), torch.softmax(z_b.double(), -1)
     kl = (p_f * torch.log(p_f / p_b)).sum(-1, keepdim=True)
     delta = -p_f * (torch.log(p_f / p_b) - kl)
-    # the Jacobian form of STRATEGIES.md gives the same vector
+    # the Jacobian form in docs/strategies.md (svdecode) gives the same vector
     g = -(torch.log(p_f / p_b) + 1)
     assert torch.allclose(delta, p_f * (g - (p_f * g).sum(-1, keepdim=True)), atol=1e-12)
     s = z_f.double() + mu * delta

@@ -8,7 +8,8 @@ import torch
 
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.evaluate import EvalConfig, evaluate, evaluate_batch, generate
-from tad_core.generation import GenConfig, answers_match, extract_answer, generate_texts
+from tad_core.extraction import answers_match, extract_answer
+from tad_core.generation import GenConfig, generate_texts
 from tad_core.models import ModelLoadError, load_pair
 from tad_core.samples import Sample
 from tad_core.scoring import _encode, score_mc
@@ -264,3 +265,55 @@ def test_mc_floor_replaces_excluded_tokens(tiny_pair):
                 assert y == pytest.approx(x)
     with pytest.raises(ValueError, match="mc_floor"):
         EvalConfig(mc_floor=float("nan"))
+
+
+def test_one_prefill_per_prompt_serves_every_strategy(tiny_pair):
+    """Three strategies on two prompts: the prompts are encoded once (one model call whose batch has one row
+    per prompt and side), and each strategy's output equals decoding it alone."""
+    from tad_core.strategies import build, parse_strategy_arg
+
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad:alpha=1,2"))]
+    prompts = ["one two three", "four"]
+    batch_rows: list[int] = []
+    hook = tiny_pair.model.register_forward_pre_hook(
+        lambda _m, _a, kw: batch_rows.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
+    try:
+        together = generate_texts(tiny_pair, prompts, strategies, GenConfig(max_new_tokens=5, ignore_eos=True))
+    finally:
+        hook.remove()
+    assert batch_rows[0] == 2 * len(prompts)  # prefill: each prompt once per side (ft and base), not per strategy
+    assert batch_rows[1] == len(prompts) * (1 + 2 * 2)  # decode: ft rows for ft, both sides for each TaD
+    for si, strat in enumerate(strategies):
+        alone = generate_texts(tiny_pair, prompts, [strat], GenConfig(max_new_tokens=5, ignore_eos=True))
+        assert [row[si].token_ids for row in together] == [row[0].token_ids for row in alone]
+
+
+def test_mc_outcomes_flag_all_inf_ties(tiny_pair):
+    """A strategy that excludes every choice's tokens scores every choice -inf: the outcome says it was a tie
+    (predicted by the tie-break to choice 0); ft never ties."""
+    from tad_core.evaluate import EvalConfig, evaluate_batch
+    from tad_core.strategies import parse_strategy_arg
+
+    samples = [Sample(f"m{i}", f"Question {i}: pick", choices=(" alpha beta", " gamma delta", " eps"), answer=1)
+               for i in range(4)]
+    specs = [*parse_strategy_arg("ft"), *parse_strategy_arg("tad:alpha=1,beta=0.9")]
+    res = evaluate_batch(tiny_pair, samples, specs, EvalConfig())
+    for r in res:
+        ft, tad = r.outcomes["ft"], r.outcomes[specs[1].key]
+        assert ft.tie is False
+        assert tad.tie == all(x == float("-inf") for x in tad.scores)
+        if tad.tie:
+            assert tad.pred == 0
+    assert any(r.outcomes[specs[1].key].tie for r in res)
+
+
+def test_acc_norm_divides_by_the_choice_text_as_lm_eval(tiny_pair):
+    """lm-evaluation-harness normalises by `len(choice)` of the choice as listed, not by the continuation with
+    its target delimiter: " blue" is scored but 4 characters count."""
+    from tad_core.scoring import score_mc
+    from tad_core.strategies import build, parse_strategy_arg
+
+    samples = [Sample("c", "Sky colour:", choices=("blue", "dark red", " grey"), answer=0),
+               Sample("w", choice_prompts=("Ann won so Ann", "Ann won so Bo"), continuation="was glad.", answer=0)]
+    (mc, wino) = score_mc(tiny_pair, samples, [build(s) for s in parse_strategy_arg("ft")])
+    assert mc.cont_chars == [4, 8, 5] and wino.cont_chars == [9, 9]

@@ -1,4 +1,4 @@
-"""Each strategy equals a direct transcription of its formula (STRATEGIES.md) on random logits."""
+"""Each strategy equals a direct transcription of its formula (docs/strategies.md, "Strategies") on random logits."""
 from __future__ import annotations
 
 import json

@@ -167,3 +167,24 @@ def test_lora_on_smollm2(tmp_path: Path):
     assert manifest["base_fingerprint"].get("gguf_sha256")
     pair = load_pair("smollm2-135m-instruct", adapter=cfg.out)
     assert pair.peft_type == "LORA" and pair.path == "mixed"  # one batch holds base and fine-tuned rows
+
+
+def test_multi_task_llm_adapters_training_records_the_mixture(tmp_path: Path, tiny_model_dir: Path):
+    """One adapter from two registered sets rendered as instructions: the manifest names the mixture, sizes per
+    set and the format; the training rows are the instruction prompts with 'the correct answer is ...' targets."""
+    cfg = TrainConfig(out=tmp_path / "mix", base=str(tiny_model_dir), datasets=("piqa", "boolq"), method="lora",
+                      steps=2, train_size=3, batch_size=2, seed=0, max_length=64, format="llm-adapters")
+    manifest = train_adapter(cfg, progress=False)
+    assert manifest["format"] == "llm-adapters@1" and manifest["loss"] == "response"
+    assert [(m["dataset"], m["train_size"]) for m in manifest["mixture"]] == [("piqa", 3), ("boolq", 3)]
+    assert manifest["dataset"] == "piqa+boolq" and manifest["train_size"] == 6
+
+
+def test_loss_all_labels_the_context_too(tiny_model_dir: Path):
+    tok = load_tokenizer(tiny_model_dir)
+    ids, labels = _encode(tok, "Question: sky?\nAnswer:", " blue", 64, loss="all")
+    assert labels == ids
+    with pytest.raises(ValueError, match="loss: must be 'response' or 'all'"):
+        TrainConfig(out=Path("x"), loss="some")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="format: unknown format"):
+        TrainConfig(out=Path("x"), format="nope")

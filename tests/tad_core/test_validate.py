@@ -130,7 +130,8 @@ def test_partial_needs_continuation_and_two_prompts():
 
 
 def test_mixed_kind_fields_rejected():
-    assert "line 1: field 'choices': not allowed in a generation" in only_error(lines(GEN | {"choices": ["a", "b"]}))
+    assert "line 1: field 'continuation': not allowed in a generation" in only_error(lines(GEN | {"continuation": "x"}))
+    assert "field 'extract': not allowed in a multiple-choice" in only_error(lines(MC | {"extract": "first-line"}))
     assert "field 'prompt': not allowed in a partial-scoring" in only_error(lines(PARTIAL | {"prompt": "p"}))
 
 
@@ -223,3 +224,19 @@ def test_cli_validate_missing_file(runner: CliRunner, tmp_path: Path):
 
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_generation_sample_with_choices_stop_and_extract_as_documented():
+    row = GEN | {"choices": ["red", "blue"], "stop": ["\n"], "extract": "choice-label"}
+    (sample,) = validate_jsonl(lines(row))
+    assert sample.choices == ("red", "blue") and sample.stop == ("\n",) and sample.extract == "choice-label"
+    assert sample.kind == "gen"
+
+
+def test_stop_and_extract_errors_name_the_field():
+    assert only_error(lines(GEN | {"stop": "\n"})) == "line 1: field 'stop': must be a list of non-empty strings"
+    assert only_error(lines(GEN | {"extract": "best"})).startswith("line 1: field 'extract': unknown extraction mode")
+    no_pattern = {k: v for k, v in GEN.items() if k != "answer_pattern"}
+    assert only_error(lines(no_pattern | {"extract": "first-match"})) == (
+        "line 1: field 'extract': 'first-match' needs an answer_pattern")
+    assert "field 'choices': must be a list of non-empty strings" in only_error(lines(GEN | {"choices": [""]}))

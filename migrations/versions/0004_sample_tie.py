@@ -1,9 +1,9 @@
-"""A per-sample result may record why the sample failed (over a budget, or its evaluation raised), so that one
-poisoned sample fails alone instead of failing its shard.
+"""Sample results record whether a multiple-choice prediction was an all -inf tie (every choice excluded by the
+strategy, so the prediction is the tie-break to choice 0): tables count such samples beside the accuracy.
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-11-30 12:50:00
+Create Date: 2026-11-30 13:40:00
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table('sample_results') as batch:
-        batch.add_column(sa.Column('error', sa.Text(), nullable=True))
+        batch.add_column(sa.Column('tie', sa.Boolean(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('sample_results') as batch:
-        batch.drop_column('error')
+        batch.drop_column('tie')
