@@ -2,7 +2,8 @@
 
 Settings (see ARCHITECTURE.md "Celery settings that matter"): `task_acks_late` + `task_reject_on_worker_lost`
 so a shard whose worker dies is redelivered; `worker_prefetch_multiplier=1` so a busy process holds no extra
-shards; `visibility_timeout` (TAD_VISIBILITY_TIMEOUT) above the longest shard so Redis does not redeliver a shard
+shards; `worker_proc_alive_timeout` (TAD_WORKER_PROC_ALIVE_TIMEOUT) long enough for a child's start-up;
+`visibility_timeout` (TAD_VISIBILITY_TIMEOUT) above the longest shard so Redis does not redeliver a shard
 that is still running; the redelivery cap lives in the DB (`shards.attempts`, TAD_MAX_REDELIVERIES). No result
 backend: progress and results live in the results DB. Importing this module never imports torch: models are
 loaded lazily in the worker's child processes, never before fork.
@@ -29,6 +30,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        worker_proc_alive_timeout=settings.worker_proc_alive_timeout,
         task_default_queue=settings.queue,
         task_create_missing_queues=True,
         broker_transport_options={

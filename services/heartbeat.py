@@ -5,12 +5,18 @@ tell a busy worker from a dead one. Each Celery worker process therefore runs a 
 `TAD_HEARTBEAT_INTERVAL` seconds, that the process is alive and which job / shard it is working on (what
 `run_shard` last declared with `working_on`). A failed beat (database briefly unreachable) is logged and the next
 one tries again: a heartbeat never stops a worker.
+
+The same thread sweeps for dead workers (services.jobs.sweep_dead_workers): every worker process requeues the
+running shards of processes whose heartbeat is older than `TAD_WORKER_DEAD_AFTER`, and sends the queued shards
+again when the broker lost its data (services.jobs.recover_lost_queue), so recovery needs no person and no single
+coordinator.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from services.settings import Settings
@@ -44,20 +50,34 @@ def beat(settings: Settings, info: dict[str, Any] | None = None) -> None:
 
 
 class HeartbeatThread(threading.Thread):
-    """Beats every `settings.heartbeat_interval` seconds until `stop()`."""
+    """Beats every `settings.heartbeat_interval` seconds until `stop()`; with `sweep`, also requeues the shards
+    of dead workers every `settings.sweep_every_s` seconds (services.jobs.sweep_dead_workers)."""
 
-    def __init__(self, settings: Settings, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, settings: Settings, info: dict[str, Any] | None = None, sweep: bool = False) -> None:
         super().__init__(name="tad-heartbeat", daemon=True)
-        self.settings, self.info = settings, info
+        self.settings, self.info, self.sweep = settings, info, sweep
         self._stopped = threading.Event()
 
     def run(self) -> None:
+        next_sweep = time.monotonic() + self.settings.sweep_every_s
         while True:
             try:
                 beat(self.settings, self.info)
             except Exception as e:  # noqa: BLE001 - a heartbeat must never stop a worker
                 log.warning("heartbeat failed: %s", e)
-            if self._stopped.wait(self.settings.heartbeat_interval):
+            if self.sweep and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.settings.sweep_every_s
+                try:
+                    from services.jobs import recover_lost_queue, sweep_dead_workers
+
+                    sweep_dead_workers(self.settings)
+                    recover_lost_queue(self.settings)
+                except Exception as e:  # noqa: BLE001 - nor does a failed sweep; the next one tries again
+                    log.warning("dead-worker sweep failed: %s", e)
+            wait = self.settings.heartbeat_interval
+            if self.sweep:
+                wait = min(wait, max(0.0, next_sweep - time.monotonic()))
+            if self._stopped.wait(wait):
                 return
 
     def stop(self) -> None:

@@ -9,14 +9,25 @@
   boundary when the job is cancelled, then marks the shard done, refreshes the run aggregates and finishes the
   job when it was the last shard.
 
+A shard survives its samples: each sample is checked against the per-sample budgets (services.budgets) before
+it is evaluated, a batch that raises is evaluated again sample by sample, and a sample that is over budget or
+raises alone gets rows that record the error (`sample_results.error`) while the shard's other samples are stored
+as usual. A running batch is interrupted within `TAD_INTERRUPT_CHECK_INTERVAL` seconds when the job is cancelled
+or the attempt passes `TAD_SHARD_TIME_LIMIT` (services.interrupt); a later attempt resumes after the samples an
+earlier one stored.
+
 Test-only fault hooks (documented, gated): only when the process has `TAD_ENABLE_TEST_FAULTS=1`,
 - a sample whose `metadata` has `"tad_test_raise": "<message>"` raises RuntimeError(message) when evaluated
-  (submitted data alone can never trigger it; the fault-tolerance tests use it to make a poisoned shard);
+  (submitted data alone can never trigger it; the tests use it for a poisoned sample);
+- `"tad_test_fail_shard": "<message>"` makes the whole batch holding the sample raise before any evaluation (a
+  shard that fails every attempt: the attempt cap);
+- `"tad_test_sleep": <seconds>` sleeps that long (in short steps, like decoding steps) when the sample is evaluated;
 - `TAD_TEST_BATCH_DELAY=<seconds>` sleeps that long before each batch, standing in for slower (GPU-sized)
   batches so the tests can interrupt a job mid-way deterministically.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -89,7 +100,7 @@ class ShardOutcome:
     job_id: int
     start: int
     stop: int
-    action: str  # ran | done | failed | cancelled (what happened on this delivery)
+    action: str  # ran | done | failed | cancelled | busy (what happened on this delivery)
     samples: int = 0
     job_status: str = ""
 
@@ -211,6 +222,42 @@ def resolve_base(base: str, settings: Settings, errors: list[str]) -> tuple[str,
     return str(path), _dir_fingerprint(path)
 
 
+def local_base_dir(base: str, base_path: str) -> Path | None:
+    """The base model's directory when it is already on this machine (a registered name fetched into the cache,
+    or a model directory), else None: submission never downloads or converts a model."""
+    from tad_core.models import KNOWN_MODELS
+    from tad_core.paths import cache_subdir
+
+    path = cache_subdir("models") / KNOWN_MODELS[base].name if base in KNOWN_MODELS else Path(base_path)
+    return path if (path / "config.json").is_file() else None
+
+
+def _adapter_fits_base(text: str, found: AdapterDir, base: str, base_path: str, settings: Settings,
+                       errors: list[str]) -> bool:
+    """Refuse at submission an adapter made for another base model, which would otherwise fail in the worker on
+    every attempt of every shard: the base its `tad train` manifest names, and (load-free, when the base is on
+    this machine) the shapes of its LoRA weights against the base's modules."""
+    from tad_core.models import KNOWN_MODELS, ModelLoadError, check_adapter_fits
+
+    trained_on = found.manifest.get("base")
+    if isinstance(trained_on, str) and trained_on in KNOWN_MODELS and base in KNOWN_MODELS and trained_on != base:
+        errors.append(f"adapter {text!r} was trained on base model {trained_on!r} (its manifest), not {base!r}; "
+                      f"pass --base {trained_on}")
+        return False
+    local = local_base_dir(base, base_path)
+    if local is None:
+        return True  # the worker checks it when loading
+    try:
+        check_adapter_fits(str(local), found.path, allow_pickle=settings.allow_pickle)
+    except ModelLoadError as e:
+        errors.append(str(e).replace(repr(str(local)), repr(base)))
+        return False
+    except (OSError, ValueError) as e:
+        errors.append(f"adapter {text!r}: cannot check it against base model {base!r} ({e})")
+        return False
+    return True
+
+
 def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> _ModelSide | None:
     if req.adapter and req.finetuned:
         errors.append("pass either --adapter or --finetuned, not both")
@@ -224,7 +271,7 @@ def _check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> 
         if ref is not None:
             return _ModelSide(**{**side.__dict__, "adapter_ref": ref})
         found = inspect_adapter_dir(req.adapter, settings, errors)
-        if found is None:
+        if found is None or not _adapter_fits_base(req.adapter, found, req.base, side.base_path, settings, errors):
             return None
         return _ModelSide(**{**side.__dict__, "adapter_dir": found.path, "adapter_sha256": found.sha256,
                              "adapter_method": found.method, "adapter_manifest": found.manifest})
@@ -317,6 +364,57 @@ def _check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) ->
     return _DatasetData(name, req.split, content_hash, task_type, source, [s.to_dict() for s in samples])
 
 
+@functools.lru_cache(maxsize=4)
+def _submit_tokenizer(model_dir: str) -> Any:
+    """The base model's tokenizer, loaded once per process (the dashboard submits many times)."""
+    from tad_core.models import load_tokenizer
+
+    return load_tokenizer(Path(model_dir))
+
+
+def _line_numbers(source: str) -> list[int] | None:
+    """Line number of each sample of a JSONL file (blank lines are skipped by the validator), or None."""
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return None
+    return [n for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if raw.strip()]
+
+
+def _check_budgets(data: _DatasetData, config: Any, side: _ModelSide, settings: Settings,
+                   errors: list[str], limit: int | None = None, max_errors: int = 50) -> None:
+    """Refuse samples over the per-sample budgets (services.budgets) before anything is stored, naming line, id and
+    field. Token budgets need the base model's tokenizer; a submitting machine without the base model checks the
+    choice counts only (the worker checks everything again)."""
+    from tad_core.samples import Sample
+
+    from services.budgets import Budgets, generation_over_budget, over_budget, token_counter
+
+    budgets = Budgets.from_settings(settings)
+    if any(d.get("reference") is not None for d in data.samples):
+        why = generation_over_budget(config.max_new_tokens, budgets)
+        if why:
+            errors.append(f"generation config: {why}")
+    local = local_base_dir(side.base_name, side.base_path)
+    count = None
+    if local is not None:
+        try:
+            count = token_counter(_submit_tokenizer(str(local)))
+        except Exception as e:  # noqa: BLE001 - an unreadable tokenizer: the worker will say more
+            log.warning("no tokenizer for the submission's token budgets (%s); the worker checks them", e)
+    lines = _line_numbers(data.source)
+    found = 0
+    for i, d in enumerate(data.samples[:limit]):
+        why = over_budget(Sample.from_dict(d), budgets, count, config.delimiter)
+        if why is None:
+            continue
+        where = f"line {lines[i]}" if lines is not None and i < len(lines) else f"sample {i}"
+        errors.append(f"dataset {data.name!r}: {where} (id {d.get('id')!r}): {why}")
+        found += 1
+        if found >= max_errors:
+            errors.append(f"stopped after {max_errors} samples over budget")
+            return
+
+
 def _check_format(fmt_key: str, data: _DatasetData, limit: int | None, errors: list[str]) -> None:
     """Every sample the job will evaluate must render in the prompt format (the first few problems listed)."""
     from tad_core.formats import FormatError, parse_format
@@ -386,6 +484,8 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
         if req.dataset not in REGISTRY or "train" not in REGISTRY[req.dataset].splits:
             errors.append("svdecode with mu=auto calibrates on the train split of a registered dataset; "
                           f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
+    if data is not None and side is not None and config is not None:
+        _check_budgets(data, config, side, settings, errors, limit=req.limit)
     if data is not None and config is not None:
         _check_format(config.format, data, req.limit, errors)
     size = req.shard_size or settings.shard_size
@@ -487,15 +587,36 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _test_faults_enabled() -> bool:
+    return os.environ.get("TAD_ENABLE_TEST_FAULTS") == "1"
+
+
+def _test_meta(sample: Any, key: str) -> Any:
+    return sample.metadata.get(key) if isinstance(sample.metadata, dict) else None
+
+
 def _test_fault(samples: Sequence[Any]) -> None:
-    if os.environ.get("TAD_ENABLE_TEST_FAULTS") != "1":
+    """Batch-level test hooks (see the module docstring): the batch delay and a failing shard."""
+    if not _test_faults_enabled():
         return
     delay = float(os.environ.get("TAD_TEST_BATCH_DELAY") or 0)
     if delay > 0:
         time.sleep(delay)
     for sample in samples:
-        msg = sample.metadata.get("tad_test_raise") if isinstance(sample.metadata, dict) else None
-        if msg:
+        if msg := _test_meta(sample, "tad_test_fail_shard"):
+            raise RuntimeError(f"test fault on shard at sample {sample.id}: {msg}")
+
+
+def _test_sample_fault(samples: Sequence[Any]) -> None:
+    """Sample-level test hooks: a slow sample, a sample whose evaluation raises."""
+    if not _test_faults_enabled():
+        return
+    for sample in samples:
+        seconds = float(_test_meta(sample, "tad_test_sleep") or 0)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        if msg := _test_meta(sample, "tad_test_raise"):
             raise RuntimeError(f"test fault on sample {sample.id}: {msg}")
 
 
@@ -532,6 +653,44 @@ def result_rows(results: Sequence[Any], first_index: int, run_ids: dict[str, int
     return rows
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _holder_alive(session: Any, settings: Settings) -> Callable[[str, int], bool]:
+    """A predicate for `store.claim_shard`: does the worker process named `host:pid` still run shard `shard_id`?
+    Yes when it beat within `dead_after_s` naming that shard and, when it runs on this machine, its pid still
+    exists (a child killed a second ago still has a fresh heartbeat, but its redelivered shard must run now, not
+    after the heartbeat goes stale)."""
+    fresh = {w.worker: w.shard_id for w in store.list_workers(session, seen_within_s=settings.dead_after_s)}
+    host = socket.gethostname()
+
+    def alive(name: str, shard_id: int) -> bool:
+        if name not in fresh or fresh[name] != shard_id:
+            return False
+        where, _, pid = name.rpartition(":")
+        return not (where == host and pid.isdigit() and not _pid_alive(int(pid)))
+
+    return alive
+
+
+def error_rows(index: int, sample_id: str, run_ids: dict[str, int], error: str) -> list[dict[str, Any]]:
+    """The rows of a sample that has no result, one per run, recording why (over budget, evaluation raised)."""
+    return [{"run_id": run_id, "sample_index": index, "sample_id": str(sample_id), "error": error[:2000],
+             "latency_s": 0.0, "tokens": 0} for run_id in run_ids.values()]
+
+
 def _transient(exc: BaseException) -> bool:
     """Database connection trouble (dropped backend, restart): not the shard's fault."""
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
@@ -548,7 +707,14 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
     settings = settings or get_settings()
     me = worker_name()
     with session_scope(settings) as s:
-        claim = store.claim_shard(s, job_id, start, me, settings.max_redeliveries)
+        claim = store.claim_shard(s, job_id, start, me, settings.max_redeliveries,
+                                  holder_alive=_holder_alive(s, settings))
+        if claim.action == "busy":
+            log.info("shard %s [%d,%d) is running in live process %s; this delivery is dropped", job_id, start,
+                     stop, claim.shard.worker)
+        elif claim.action == "run" and claim.shard.attempts > 1 and claim.shard.error:
+            log.warning("shard %s [%d,%d): %s; attempt %d starts", job_id, start, stop, claim.shard.error,
+                        claim.shard.attempts)
         if claim.action != "run":
             return ShardOutcome(job_id, start, stop, claim.action, job_status=store.get_job(s, job_id).status)
         job = store.get_job(s, job_id)
@@ -574,12 +740,23 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
         heartbeat.working_on(None, None)
 
 
+class ShardTimeLimit(RuntimeError):
+    """An attempt of a shard ran past TAD_SHARD_TIME_LIMIT; what it stored is kept and the next attempt resumes."""
+
+
 def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dict[str, Any]], start: int,
                     shard_id: int, settings: Settings, progress: Callable[[int], None] | None) -> int:
-    from tad_core.evaluate import EvalConfig, evaluate_batch
+    """Evaluate the shard's samples batch by batch, storing each batch's rows at once; returns how many samples
+    have rows (fewer than the shard's when the job was cancelled). Samples an earlier attempt stored are skipped."""
+    from tad_core.evaluate import EvalConfig
     from tad_core.samples import Sample
     from tad_core.strategies import StrategySpec
 
+    from services.budgets import Budgets, generation_over_budget, over_budget, token_counter
+    from services.interrupt import Interrupted, interruptible
+
+    started = time.monotonic()
+    deadline = started + settings.shard_time_limit if settings.shard_time_limit else None
     spec = job.spec
     pair = get_pair(spec, settings)
     specs = [StrategySpec.from_json(d) for d in spec["strategies"]]
@@ -587,18 +764,54 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
     run_ids = {r.key: r.id for r in runs}
     specs, run_ids = _resolve_calibrations(job, runs, specs, run_ids, pair, settings)
     samples = [Sample.from_dict(d) for d in raw]
+    with session_scope(settings) as s:
+        stored = store.stored_sample_indices(s, list(run_ids.values()), start, start + len(samples))
+    todo = [(start + i, smp) for i, smp in enumerate(samples) if start + i not in stored]
+    done = len(samples) - len(todo)
+    if done:
+        log.info("shard %s [%d,%d): resuming after %d stored samples", job.id, start, start + len(samples), done)
+        if progress is not None:
+            progress(done)
+    budgets = Budgets.from_settings(settings)
+    count = token_counter(pair.tokenizer)
+    gen_error = generation_over_budget(config.max_new_tokens, budgets)
     context = _format_context(job, config.format, settings)
     bs = max(1, int(getattr(config, "batch_size", 8) or 8))
-    done = 0
-    for i in range(0, len(samples), bs):
-        if i > 0:
-            with session_scope(settings) as s:
-                if store.cancel_requested(s, job.id):
-                    return done
-        batch = samples[i:i + bs]
-        _test_fault(batch)
-        results = evaluate_batch(pair, batch, specs, config, context)
-        rows = result_rows(results, start + i, run_ids)
+
+    def why_interrupt() -> str | None:
+        if deadline is not None and time.monotonic() > deadline:
+            return "time limit"
+        with session_scope(settings) as s:
+            return "cancelled" if store.cancel_requested(s, job.id) else None
+
+    for i in range(0, len(todo), bs):
+        with session_scope(settings) as s:
+            if store.cancel_requested(s, job.id):
+                return done
+        if deadline is not None and time.monotonic() > deadline:
+            raise ShardTimeLimit(f"shard time limit of {settings.shard_time_limit:g} s exceeded "
+                                 f"(TAD_SHARD_TIME_LIMIT); {done} samples stored")
+        batch = todo[i:i + bs]
+        _test_fault([smp for _, smp in batch])
+        rows: list[dict[str, Any]] = []
+        runnable = []
+        for index, smp in batch:
+            why = over_budget(smp, budgets, count, config.delimiter) or (gen_error if smp.kind == "gen" else None)
+            if why:
+                log.warning("job %s sample %d (%s) skipped: over budget: %s", job.id, index, smp.id, why)
+                rows += error_rows(index, smp.id, run_ids, f"over budget: {why}")
+            else:
+                runnable.append((index, smp))
+        try:
+            with interruptible(why_interrupt, settings.interrupt_check_interval):
+                rows += _evaluate_isolated(pair, runnable, specs, config, context, run_ids, job.id)
+        except Interrupted:
+            clear_pair_cache()  # the model was stopped mid-call: the next shard loads a fresh copy
+            if deadline is not None and time.monotonic() > deadline:
+                raise ShardTimeLimit(f"shard time limit of {settings.shard_time_limit:g} s exceeded "
+                                     f"(TAD_SHARD_TIME_LIMIT); {done} samples stored") from None
+            log.info("job %s cancelled: shard at %d interrupted mid-batch", job.id, start)
+            return done
         with session_scope(settings) as s:
             store.upsert_sample_results(s, rows)
             done += len(batch)
@@ -606,6 +819,32 @@ def _evaluate_shard(job: store.JobInfo, runs: list[store.RunInfo], raw: list[dic
         if progress is not None:
             progress(len(batch))
     return done
+
+
+def _evaluate_isolated(pair: Any, items: list[tuple[int, Any]], specs: list[Any], config: Any, context: Any,
+                       run_ids: dict[str, int], job_id: int) -> list[dict[str, Any]]:
+    """Rows of `items` ((sample index, Sample) pairs) evaluated as one batch; when the batch raises, each sample
+    is evaluated alone, so one poisoned sample gets error rows and costs its batch-mates nothing. Database
+    trouble is not the samples' fault: it propagates (the attempt is retried)."""
+    from tad_core.evaluate import evaluate_batch
+
+    if not items:
+        return []
+    batch = [smp for _, smp in items]
+    try:
+        _test_sample_fault(batch)
+        results = evaluate_batch(pair, batch, specs, config, context)
+    except Exception as exc:  # noqa: BLE001 - isolated below; recorded on the sample when it fails alone
+        if _transient(exc):
+            raise
+        if len(items) > 1:
+            return [row for item in items
+                    for row in _evaluate_isolated(pair, [item], specs, config, context, run_ids, job_id)]
+        index, smp = items[0]
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("job %s sample %d (%s) failed: %s", job_id, index, smp.id, error)
+        return error_rows(index, smp.id, run_ids, error)
+    return [row for (index, _), res in zip(items, results) for row in result_rows([res], index, run_ids)]
 
 
 def _format_context(job: store.JobInfo, fmt: str, settings: Settings) -> Any:
@@ -680,13 +919,18 @@ def run_job_embedded(job_id: int, settings: Settings | None = None, *,
     settings = settings or get_settings()
     with session_scope(settings) as s:
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status in ("queued", "running")]
-    for start, stop in shards:
-        while True:
-            try:
-                run_shard(job_id, start, stop, settings, progress=progress)
-                break
-            except ShardRetry:
-                continue
+    beats = heartbeat.HeartbeatThread(settings, info={"embedded": True})  # so no sweeper takes it for dead
+    beats.start()
+    try:
+        for start, stop in shards:
+            while True:
+                try:
+                    run_shard(job_id, start, stop, settings, progress=progress)
+                    break
+                except ShardRetry:
+                    continue
+    finally:
+        beats.stop()
     with session_scope(settings) as s:
         return store.get_job(s, job_id)
 
@@ -703,8 +947,8 @@ def requeue_job(job_id: int, settings: Settings | None = None) -> int:
     """Send a job's unfinished shards to the broker again; returns how many were sent.
 
     For when the broker lost its messages (a Redis without persistence restarted, a flushed queue): the job would
-    otherwise wait forever. Queued shards are sent, and running shards whose worker has not beaten within three
-    heartbeat intervals; a shard whose worker is alive is left to it. A duplicate delivery is harmless anyway:
+    otherwise wait forever. Queued shards are sent, and running shards whose worker has not beaten within
+    `dead_after_s` (TAD_WORKER_DEAD_AFTER, default three heartbeat intervals); a shard whose worker is alive is left to it. A duplicate delivery is harmless anyway:
     `claim_shard` skips finished shards and rows are upserted, so nothing is computed into the results twice.
     """
     settings = settings or get_settings()
@@ -712,10 +956,78 @@ def requeue_job(job_id: int, settings: Settings | None = None) -> int:
         job = store.get_job(s, job_id)
         if job.finished:
             return 0
-        alive = {w.worker for w in store.list_workers(s, seen_within_s=3 * settings.heartbeat_interval)}
+        alive = {w.worker for w in store.list_workers(s, seen_within_s=settings.dead_after_s)}
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id)
                   if sh.status == "queued" or (sh.status == "running" and sh.worker not in alive)]
     return _send_shards(job_id, shards, settings)
+
+
+def sweep_dead_workers(settings: Settings | None = None) -> list[tuple[int, int, int]]:
+    """Requeue the running shards of worker processes that stopped beating; returns (job, start, stop) of each
+    shard this call requeued.
+
+    Every worker process runs this periodically (services.heartbeat), so a machine that dies loses no shard to
+    the broker's visibility timeout (an hour by default) and nobody has to run `tad requeue`. Safe with many
+    sweepers at once: `store.requeue_stale_shard` is a conditional UPDATE, so exactly one sweeper wins a shard
+    and sends its message; if sending fails the shard is put back as it was and the next sweep tries again.
+    """
+    settings = settings or get_settings()
+    with session_scope(settings) as s:
+        stale = store.stale_running_shards(s, settings.dead_after_s)
+    requeued = []
+    for shard in stale:
+        reason = (f"attempt {shard.attempts}: worker process {shard.worker} stopped beating (> "
+                  f"{settings.dead_after_s:g} s) or no longer runs it; requeued by {worker_name()}")
+        with session_scope(settings) as s:
+            if not store.requeue_stale_shard(s, shard, reason):
+                continue  # another sweeper, a redelivery or the worker itself got there first
+        try:
+            _send_shards(shard.job_id, [(shard.start, shard.stop)], settings)
+        except Exception as e:  # noqa: BLE001 - broker down: undo, so that the next sweep sends it
+            with session_scope(settings) as s:
+                store.unrequeue_stale_shard(s, shard)
+            log.warning("could not requeue shard %s [%d,%d): %s", shard.job_id, shard.start, shard.stop, e)
+            continue
+        log.warning("shard %s [%d,%d): %s", shard.job_id, shard.start, shard.stop, reason)
+        requeued.append((shard.job_id, shard.start, shard.stop))
+    return requeued
+
+
+def broker_epoch_key(settings: Settings) -> str:
+    """The Redis key whose absence tells a sweeper that the broker lost its data (restarted without persistence,
+    flushed), and with it the messages of every queued shard."""
+    return f"tad:broker-epoch:{settings.queue}"
+
+
+def recover_lost_queue(settings: Settings | None = None) -> list[tuple[int, int]]:
+    """When the broker lost its data, send every queued shard of every unfinished job again; returns
+    (job, shards sent) per job. A no-op (one Redis GET) while the broker keeps its data.
+
+    Detection: a marker key lives in the broker; a broker that restarted empty or was flushed has lost it. The
+    one sweeper whose SET NX recreates it sends the shards (several sweepers: one winner). A duplicate message is
+    harmless (a claimed shard is `busy` or finished for the second one), a lost one would stall the job for ever.
+    Only Redis brokers are watched.
+    """
+    settings = settings or get_settings()
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return []
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        key = broker_epoch_key(settings)
+        if client.exists(key) or not client.set(key, worker_name(), nx=True):
+            return []
+    finally:
+        client.close()
+    with session_scope(settings) as s:
+        todo = {job_id: [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status == "queued"]
+                for job_id in store.open_job_ids(s)}
+    sent = [(job_id, _send_shards(job_id, shards, settings)) for job_id, shards in todo.items() if shards]
+    if sent:
+        log.warning("the broker lost its data (marker %s missing): sent the queued shards again: %s",
+                    broker_epoch_key(settings), ", ".join(f"job {j}: {n}" for j, n in sent))
+    return sent
 
 
 def _send_shards(job_id: int, shards: list[tuple[int, int]], settings: Settings) -> int:

@@ -46,10 +46,29 @@ class Settings(BaseSettings):
     # Train samples svdecode(mu=auto) calibrates on (the split's first N with a gold continuation); part of the
     # calibration key. Lower it where the forward over long train contexts is slow (a CPU).
     calibration_samples: int = Field(default=128, ge=1)
+    # A worker whose last heartbeat is older than this many seconds counts as dead: every worker's sweep gives its
+    # running shards back to the queue (0 = three heartbeat intervals).
+    worker_dead_after: float = Field(default=0.0, ge=0)
+    # Seconds between two sweeps for dead workers' shards in each worker process (0 = one heartbeat interval).
+    sweep_interval: float = Field(default=0.0, ge=0)
+    # Seconds a freshly forked pool process may take to report itself up before Celery kills it. Celery's default
+    # (4 s) is shorter than a cold torch/transformers import, which made workers kill their children in a loop.
+    worker_proc_alive_timeout: float = Field(default=120.0, gt=0)
     # Dataset limits enforced on submission.
     max_dataset_rows: int = Field(default=100_000, ge=1)
     max_sample_chars: int = Field(default=32_768, ge=1)
     max_dataset_bytes: int = Field(default=200_000_000, ge=1)
+    # Per-sample budgets (services.budgets), enforced at submission and again in the worker; tokens are the base
+    # model's tokens.
+    max_choices: int = Field(default=64, ge=2)
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_continuation_tokens: int = Field(default=512, ge=1)
+    max_generated_tokens: int = Field(default=1024, ge=1)
+    # Seconds one attempt of a shard may run before it is interrupted and counted as failed (0 = no limit); the
+    # samples it stored are kept and the next attempt resumes after them.
+    shard_time_limit: float = Field(default=3600.0, ge=0)
+    # Seconds between a running batch's checks for a cancel request or the shard time limit.
+    interrupt_check_interval: float = Field(default=1.0, gt=0)
     device: str = "cpu"
     allow_pickle: bool = False
 
@@ -65,6 +84,16 @@ class Settings(BaseSettings):
         """Resolved model roots; the defaults when none are configured."""
         roots = self.model_roots or [Path.cwd(), cache_dir()]
         return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def dead_after_s(self) -> float:
+        """Heartbeat silence (seconds) after which a worker process is considered dead."""
+        return self.worker_dead_after or 3 * self.heartbeat_interval
+
+    @property
+    def sweep_every_s(self) -> float:
+        """Seconds between two dead-worker sweeps of one worker process."""
+        return self.sweep_interval or self.heartbeat_interval
 
     @property
     def is_sqlite(self) -> bool:

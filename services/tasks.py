@@ -4,10 +4,16 @@ The task calls `services.jobs.run_shard`, the same function embedded mode calls.
 (Celery retry, a fresh message); the attempt cap is enforced in the DB by `run_shard`, so a poisoned shard ends
 `failed` instead of looping. Worker processes check the schema at start and drop any DB connection inherited
 across fork.
+
+A forked pool process must report itself up to the Celery main process within `worker_proc_alive_timeout`, or it
+is killed. The heavy torch/transformers import therefore runs in a background thread of the child, after the
+child is up (the first shard waits for it), and the timeout itself is raised (TAD_WORKER_PROC_ALIVE_TIMEOUT): a
+child replaced after a crash or an OOM kill no longer dies in a start-up loop.
 """
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import signals
 
@@ -29,22 +35,43 @@ def _check_schema(**_: object) -> None:
         dispose_engines()  # no pooled connection may survive into the forked children
 
 
+_preloaded = threading.Event()  # set once the background engine import of this process finished
+_preload_started = threading.Event()  # only forked pool children preload (solo pool / embedded mode do not)
+PRELOAD_WAIT_S = 900.0
+
+
+def _preload() -> None:
+    """Import the engine (torch/transformers, 8-13 s cold on a small machine) once per child, off the start-up
+    path; an import error is left for the first shard to raise and record."""
+    try:
+        import services.jobs  # noqa: F401
+        import tad_core.evaluate  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the shard's own import raises it again, recorded on the shard
+        log.error("preloading the engine failed: %s", e)
+    finally:
+        _preloaded.set()
+
+
 @signals.worker_process_init.connect
 def _child_init(**_: object) -> None:
-    """In each forked child: fresh DB pool, engine modules imported (after fork: no CUDA state crosses it), and
-    the periodic heartbeat thread (services.heartbeat). The model loads with the first shard and stays cached."""
+    """In each forked child: fresh DB pool, the engine import started in the background (after fork: no CUDA
+    state crosses it; the child reports itself up at once instead of after the import), and the periodic
+    heartbeat thread, which also sweeps for dead workers' shards (services.heartbeat). The model loads with the
+    first shard and stays cached."""
     from services.db.session import dispose_engines
     from services.heartbeat import HeartbeatThread
 
     dispose_engines()
-    import tad_core.evaluate  # noqa: F401 - torch/transformers import once per process, not inside the first shard
-
-    HeartbeatThread(get_settings(), info={"queue": get_settings().queue}).start()
+    _preload_started.set()
+    threading.Thread(target=_preload, name="tad-preload", daemon=True).start()
+    HeartbeatThread(get_settings(), info={"queue": get_settings().queue}, sweep=True).start()
 
 
 @app.task(name="tad.run_shard", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def run_shard_task(self, job_id: int, start: int, stop: int) -> dict:  # noqa: ANN001
     """Evaluate one shard of a job (see services.jobs.run_shard)."""
+    if _preload_started.is_set():  # one import at a time: the task thread never races the preload thread
+        _preloaded.wait(PRELOAD_WAIT_S)
     from services.jobs import ShardRetry, run_shard
 
     try:

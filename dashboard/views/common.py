@@ -1,6 +1,7 @@
 """Formatting and selection helpers shared by the pages."""
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -11,6 +12,16 @@ from dashboard import data
 from services.db.views import RunRow
 
 NO_RUNS = "No runs yet: run `make demo` or `tad run --dataset ... --strategy ft --strategy tad:alpha=0.5,1,2`."
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]$~#|<>])")
+
+
+def md(text: object) -> str:
+    """User-supplied text (names, prompts, outputs, error messages) made literal inside Streamlit markdown
+    (st.markdown / caption / error / success): links, images, `:color[...]` directives, emphasis, code and LaTeX
+    are neutralised by backslash-escaping their characters, so `evil[/bold]` or `[click](...)` shows as typed."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
 
 
 def pm(value: float | None, se: float | None, digits: int = 4) -> str:

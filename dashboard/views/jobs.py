@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.views.common import ago, as_utc
+from dashboard.views.common import ago, as_utc, md
 from services.db.views import JobProgress
 
 REFRESH_S = 2.0
@@ -63,7 +63,7 @@ def _jobs_body(url: str) -> None:
         "eta (s)": st.column_config.NumberColumn(format="%.0f")})
     for j in jobs:
         if j.error:
-            st.error(f"job {j.id} ({j.status}): {j.error}", icon=":material/error:")
+            st.error(f"job {j.id} ({j.status}): {md(j.error)}", icon=":material/error:")
 
     st.subheader("Workers")
     workers = data.workers(url)
@@ -118,7 +118,7 @@ def _cancel_controls(url: str, job: JobProgress) -> None:
         check_submit_token(settings, token or None)
         info = data.cancel_job(url, job.id)
     except (SecurityError, store.NotFound) as exc:
-        st.error(f"job {job.id} not cancelled: {exc}")
+        st.error(f"job {job.id} not cancelled: {md(exc)}")
         return
     st.success(f"job {job.id}: {info.status}"
                + (" (running shards stop at their next batch)" if info.status == "running" else ""))

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.views.common import all_runs, pick_dataset, run_label
+from dashboard.views.common import all_runs, md, pick_dataset, run_label
 from services.db.views import KvSampleRow
 
 DISTRIBUTIONS = {"kl_mean": "KL(p_f ‖ p_b), mean over steps", "kv_l1_mean": "‖kv‖₁, mean over steps",
@@ -112,7 +112,7 @@ def render() -> None:
     kv = result.get("kv") or {}
     steps = kv.get("per_step") or []
     sample = data.samples_at(url, ds_id, (int(sample_index),)).get(int(sample_index), {})
-    st.caption(f"prompt: {sample.get('prompt', '–')}")
+    st.caption(f"prompt: {md(sample.get('prompt', '–'))}")
     if not steps:
         st.info("No per-step statistics for this sample (multiple-choice samples store one knowledge vector over "
                 "the answer tokens). Top tokens of that vector:")
@@ -127,10 +127,10 @@ def render() -> None:
     texts = [token_text(s, tokenizer) for s in steps]
     step = st.slider("Step", 0, len(steps) - 1, 0, key="kv_step") if len(steps) > 1 else 0
     st.html(tokens_html(steps, texts, by, step))
-    st.caption(f"output: {result.get('output')!r} · flip rate {result.get('flip_rate')} · "
+    st.caption(f"output: {md(repr(result.get('output')))} · flip rate {result.get('flip_rate')} · "
                f"correct {result.get('correct')}")
     entry = steps[step]
-    st.markdown(f"**Step {step}**: token {texts[step]!r} · flip {entry.get('flip')} · KL {entry.get('kl')} · "
+    st.markdown(f"**Step {step}**: token {md(repr(texts[step]))} · flip {entry.get('flip')} · KL {entry.get('kl')} · "
                 f"‖kv‖₁ {entry.get('kv_l1')}")
     left, right = st.columns(2)
     left.markdown("**promoted** (p_f > p_b)")

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.views.common import NO_RUNS
+from dashboard.views.common import NO_RUNS, md
 from services.db.store import LeaderboardRow
 
 ROW_KEYS = ["base", "adapter", "strategy"]
@@ -95,7 +95,7 @@ def best_summary(df: pd.DataFrame) -> list[str]:
         top = group["value"].max()
         winners = group[group["value"] == top]
         who = ", ".join(f"{r.adapter if r.adapter != '–' else r.base} {r.strategy}" for r in winners.itertuples())
-        out.append(f"{ds}: {who} ({top:.4f})")
+        out.append(f"{md(ds)}: {md(who)} ({top:.4f})")
     return out
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from dashboard.views.common import as_utc
+from dashboard.views.common import as_utc, md
 from services.db import store
 from services.db.views import PairedOutcome, RunRow
 from services.regress import verdict
@@ -130,14 +130,14 @@ def render() -> None:
                    icon=":material/check_circle:")
     else:
         st.error(f"{len(regressed)} regression(s): " + "; ".join(
-            f"v{r.version} vs v{r.baseline} on {r.dataset} / {r.strategy}: {r.diff:+.4f} (p={r.p_value:.3g})"
+            f"v{r.version} vs v{r.baseline} on {md(r.dataset)} / {md(r.strategy)}: {r.diff:+.4f} (p={r.p_value:.3g})"
             for r in regressed.itertuples()), icon=":material/trending_down:")
     for dataset in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset].copy()
         sub["label"] = "v" + sub["version"].astype(str)
         sub["low"] = sub["acc"] - sub["stderr"].fillna(0)
         sub["high"] = sub["acc"] + sub["stderr"].fillna(0)
-        st.subheader(dataset)
+        st.subheader(md(dataset))
         order = [f"v{v}" for v in sorted(sub["version"].unique())]
         x = alt.X("label:N", sort=order, title="adapter version (registration order)", axis=alt.Axis(labelAngle=0))
         color = alt.Color("strategy:N", legend=alt.Legend(orient="bottom", columns=3))
@@ -173,7 +173,7 @@ def _gate_checks(checks: Sequence[store.RegressionCheckInfo]) -> None:
         "regressed": "; ".join(f"{r['dataset']}/{r['strategy']}" for r in c.rows if r.get("verdict") == "regressed"),
     } for c in checks]), hide_index=True, width="stretch")
     latest = checks[0]
-    st.caption(f"Newest check: {latest.candidate} vs {latest.baseline} on suite {latest.suite}")
+    st.caption(f"Newest check: {md(latest.candidate)} vs {md(latest.baseline)} on suite {md(latest.suite)}")
     cols = ["dataset", "split", "limit", "strategy", "n", "baseline_acc", "candidate_acc", "diff", "ci_low",
             "ci_high", "p_value", "fixed", "broken", "verdict"]
     st.dataframe(pd.DataFrame.from_records(latest.rows, columns=cols), hide_index=True, width="stretch",

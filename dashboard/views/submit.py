@@ -17,6 +17,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import data
+from dashboard.views.common import md
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
     try:
         check_submit_token(settings, token or None)  # before the upload is written anywhere
     except SecurityError as e:
-        st.error(f"Submission refused, nothing was stored: {e}", icon=":material/lock:")
+        st.error(f"Submission refused, nothing was stored: {md(e)}", icon=":material/lock:")
         return
     if source == "upload":
         if upload is None:
@@ -158,7 +159,7 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
             dataset = str(save_upload(upload.name, upload.getvalue(), settings))
         except DatasetValidationError as e:
             st.error("Submission rejected, nothing was stored: the uploaded dataset is invalid.\n\n"
-                     + "\n".join(f"- {err}" for err in e.errors))
+                     + "\n".join(f"- {md(err)}" for err in e.errors))
             return
     elif source == "server file":
         dataset = ds_path.strip()
@@ -172,10 +173,10 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
     try:
         plan = plan_job(req, settings)
     except SubmissionError as e:
-        st.error("Submission rejected, nothing was stored:\n\n" + "\n".join(f"- {err}" for err in e.errors))
+        st.error("Submission rejected, nothing was stored:\n\n" + "\n".join(f"- {md(err)}" for err in e.errors))
         return
     except SecurityError as e:
-        st.error(f"Submission refused, nothing was stored: {e}", icon=":material/lock:")
+        st.error(f"Submission refused, nothing was stored: {md(e)}", icon=":material/lock:")
         return
     job = plan.job
     what = f"job {job.id}: {job.n_samples} samples × {len(plan.runs)} strategies in {len(plan.shards)} shards"
@@ -188,7 +189,7 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
         except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
             with session_scope(settings) as s:
                 store.mark_job_failed(s, job.id, f"could not queue the shards: {e}")
-            st.error(f"{what} was stored but the broker is unreachable ({e}); the job is marked failed.")
+            st.error(f"{what} was stored but the broker is unreachable ({md(e)}); the job is marked failed.")
             return
         st.success(f"{what}, {sent} shards queued for the workers. Follow it on the Live jobs page.")
     data.clear_caches()

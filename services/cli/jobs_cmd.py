@@ -1,7 +1,9 @@
 """Service commands: submit / run / jobs / status / cancel / requeue / results / worker / db / dashboard.
 
-User errors (bad strategy, bad dataset line, path outside the model roots, unknown job) print one clear message
-and exit with code 2, without a traceback; an out-of-date database says to run `tad db upgrade`.
+User errors (bad strategy, bad dataset line, path outside the model roots, unknown job, wrong token) print one
+clear message and exit with code 2, without a traceback; an out-of-date database says to run `tad db upgrade`
+(exit 1); a database or broker that cannot be reached is one line and exit 3 (services.cli.main). Every
+user-supplied string printed in a Rich table or title is escaped (`cell`), so `mallory[/]` prints as itself.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ from typing import Annotated, Any, Optional
 import typer
 
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3  # the database or the broker cannot be reached
+
+
+def cell(value: object) -> str:
+    """`value` as Rich renders it literally: user-supplied text (names, datasets, errors) may contain `[...]`,
+    which Rich would otherwise parse as markup (and crash on, e.g. `mallory[/]`)."""
+    from rich.markup import escape
+
+    return escape(str(value))
 
 StrategyOpt = Annotated[list[str], typer.Option("--strategy", "-s", help="strategy spec, repeatable: ft, base, "
                                                 "tad:alpha=0.5,1,2 (comma lists sweep), contrastive:beta=0.1")]
@@ -77,6 +88,42 @@ def _user_errors() -> Iterator[None]:
         _fail(str(e))
     except SchemaOutOfDate as e:
         _fail(str(e), 1)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (driver errors carry multi-line SQL and hints)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
+
+
+def unavailable_message(exc: BaseException) -> str | None:
+    """One line naming the unreachable service (database or broker, password hidden), or None when `exc` is not
+    a connection failure."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    def safe(url: str) -> str:
+        try:
+            return make_url(url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - a URL we cannot parse is not shown at all
+            return "<unparseable URL>"
+
+    settings = _settings()
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return (f"database unavailable at {safe(settings.database_url)}: {_first_line(exc)} "
+                "(check TAD_DATABASE_URL and that the server runs)")
+    try:
+        import redis.exceptions as redis_errors
+
+        broker_errors: tuple[type[BaseException], ...] = (BrokerError, redis_errors.ConnectionError)
+    except ImportError:  # pragma: no cover - redis is a dependency of the team mode only
+        broker_errors = (BrokerError,)
+    if isinstance(exc, broker_errors):
+        return (f"broker unavailable at {safe(settings.broker_url)}: {_first_line(exc)} "
+                "(check TAD_BROKER_URL and that Redis runs)")
+    return None
 
 
 def _settings():  # noqa: ANN202
@@ -216,7 +263,8 @@ def register(app: typer.Typer) -> None:
         except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
             with session_scope(settings) as s:
                 store.mark_job_failed(s, plan.job.id, f"could not queue the shards: {e}")
-            _fail(f"job {plan.job.id} stored but the broker is unreachable ({e}); job marked failed", 1)
+            _fail(f"job {plan.job.id} stored but the broker is unreachable ({_first_line(e)}); job marked failed",
+                  EXIT_UNAVAILABLE)
         typer.echo(f"job {plan.job.id}: {plan.job.n_samples} samples x {len(plan.runs)} strategies, "
                    f"{sent} shards queued", err=True)
         typer.echo(plan.job.id)
@@ -283,8 +331,9 @@ def register(app: typer.Typer) -> None:
             model = j.spec.get("adapter_label") or j.spec.get("finetuned") or j.spec.get("base")
             table.add_row(str(j.id), j.status, f"{j.samples_done}/{j.n_samples}",
                           f"{j.shards_done}/{j.n_shards}" + (f" ({j.shards_failed} failed)" if j.shards_failed else ""),
-                          f"{j.spec.get('dataset')}:{j.spec.get('split')}", str(model),
-                          str(len(j.spec.get("strategies", []))), j.submitted_by, j.created_at.strftime("%Y-%m-%d %H:%M"))
+                          cell(f"{j.spec.get('dataset')}:{j.spec.get('split')}"), cell(model),
+                          str(len(j.spec.get("strategies", []))), cell(j.submitted_by),
+                          j.created_at.strftime("%Y-%m-%d %H:%M"))
         Console(width=160).print(table)
 
     @app.command()
@@ -319,17 +368,21 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {job.error}")
 
     @app.command()
-    def cancel(job_id: int) -> None:
-        """Cancel a job: queued shards stop now, running ones at their next batch boundary."""
+    def cancel(job_id: int, token: TokenOpt = None) -> None:
+        """Cancel a job: queued shards stop now, running ones within seconds (needs the submit token when the
+        deployment sets TAD_SUBMIT_TOKEN, like the dashboard's Cancel button: cancelling is as privileged as
+        submitting)."""
         from services.db import store
         from services.db.session import session_scope
+        from services.security import check_submit_token
 
         settings = _settings()
         with _user_errors():
+            check_submit_token(settings, token)
             _check_schema(settings, migrate_embedded=True)
             with session_scope(settings) as s:
                 job = store.request_cancel(s, job_id)
-        typer.echo(f"job {job.id}: {job.status}" + (" (running shards stop at their next batch)"
+        typer.echo(f"job {job.id}: {job.status}" + (" (running shards stop within seconds)"
                                                      if job.status == "running" else ""))
 
     @app.command()
@@ -347,7 +400,7 @@ def register(app: typer.Typer) -> None:
             except NotFound:
                 raise  # -> "job N does not exist", exit 2
             except Exception as e:  # noqa: BLE001 - broker unreachable: say so, change nothing
-                _fail(f"could not reach the broker ({e}); nothing was requeued", 1)
+                _fail(f"could not reach the broker ({_first_line(e)}); nothing was requeued", EXIT_UNAVAILABLE)
         typer.echo(f"job {job_id}: {sent} shard(s) sent to the queue {settings.queue!r}")
 
     @app.command()
@@ -377,7 +430,8 @@ def register(app: typer.Typer) -> None:
             else:
                 writer = csv.writer(out)
                 cols = ["strategy", "run_id", "sample_index", "sample_id", "pred", "pred_norm", "correct",
-                        "correct_norm", "vs_ft", "tie", "extracted", "output", "tokens", "latency_s", "scores", "kv"]
+                        "correct_norm", "vs_ft", "tie", "extracted", "output", "tokens", "latency_s", "scores", "kv",
+                        "error"]
                 writer.writerow(cols)
                 for key, rows in payload["samples"].items():
                     for r in rows:
@@ -467,8 +521,8 @@ def _print_results(settings: Any, job_id: int) -> None:
         rows = store.leaderboard(s, job_ids=[job_id])
         base = store.get_base_model(s, job.base_model_id)
     model = job.spec.get("adapter_label") or job.spec.get("finetuned") or job.spec.get("base")
-    _print_leaderboard(rows, f"job {job.id} ({job.status}): {model} on {job.spec.get('dataset')}:"
-                             f"{job.spec.get('split')}, {job.samples_done}/{job.n_samples} samples")
+    _print_leaderboard(rows, f"job {job.id} ({job.status}): {cell(model)} on {cell(job.spec.get('dataset'))}:"
+                             f"{cell(job.spec.get('split'))}, {job.samples_done}/{job.n_samples} samples")
     if base.licence:
         typer.echo(f"base model {base.name} is used under its licence: {base.licence}")
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from services.cli.jobs_cmd import (EXIT_USAGE, TokenOpt, UserOpt, _check_schema, _fail, _json_default,
-                                   _progress_bar, _settings, _user_errors)
+                                   _progress_bar, _settings, _user_errors, cell)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
@@ -146,8 +146,9 @@ def register(app: typer.Typer) -> None:
         for col in ("adapter", "promoted", "method", "base", "sha256", "trained on", "registered", "path"):
             table.add_column(col, overflow="fold")
         for a in rows:
-            table.add_row(a.label, "★" if a.promoted else "", a.method, a.base_model, a.sha256[:12],
-                          _manifest_summary(a.manifest) or "-", a.created_at.strftime("%Y-%m-%d %H:%M"), a.path)
+            table.add_row(cell(a.label), "★" if a.promoted else "", cell(a.method), cell(a.base_model), a.sha256[:12],
+                          cell(_manifest_summary(a.manifest) or "-"), a.created_at.strftime("%Y-%m-%d %H:%M"),
+                          cell(a.path))
         Console(width=180).print(table)
 
     @adapters_app.command("promote")
@@ -212,8 +213,9 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, overflow="fold")
         for x in rows:
             spec = SuiteSpec.from_json(x.spec)
-            table.add_row(x.label, "\n".join(d.label for d in spec.datasets), ", ".join(spec.strategies),
-                          ", ".join(f"{k}={v}" for k, v in spec.config.items()) or "-",
+            table.add_row(cell(x.label), cell("\n".join(d.label for d in spec.datasets)),
+                          cell(", ".join(spec.strategies)),
+                          cell(", ".join(f"{k}={v}" for k, v in spec.config.items()) or "-"),
                           x.created_at.strftime("%Y-%m-%d %H:%M"))
         Console(width=180).print(table)
 
@@ -270,7 +272,7 @@ def _print_gate(result: Any) -> None:
     from rich.table import Table
 
     colours = {"regressed": "red", "improved": "green", "unchanged": "", "no data": "yellow"}
-    table = Table(title=f"tad regress {result.candidate} vs {result.baseline} on suite {result.suite} "
+    table = Table(title=f"tad regress {cell(result.candidate)} vs {cell(result.baseline)} on suite {cell(result.suite)} "
                         f"(alpha {result.alpha:g}, min effect {result.min_effect:g})")
     for col in ("dataset", "strategy", "n", "baseline acc", "candidate acc", "diff [95% CI]", "fixed/broken",
                 "McNemar p", "verdict", "runs (baseline/candidate)"):
@@ -280,7 +282,7 @@ def _print_gate(result: Any) -> None:
         runs = (f"{r.baseline_run_id}{' (reused)' if r.baseline_reused else ''} / "
                 f"{r.candidate_run_id}{' (reused)' if r.candidate_reused else ''}")
         verdict = f"[{colours[r.verdict]}]{r.verdict}[/]" if colours.get(r.verdict) else r.verdict
-        table.add_row(f"{r.dataset}:{r.split}" + (f"[:{r.limit}]" if r.limit else ""), r.strategy, str(r.n),
+        table.add_row(cell(f"{r.dataset}:{r.split}" + (f"[:{r.limit}]" if r.limit else "")), cell(r.strategy), str(r.n),
                       "-" if r.baseline_acc is None else f"{r.baseline_acc:.4f}",
                       "-" if r.candidate_acc is None else f"{r.candidate_acc:.4f}", diff,
                       f"{r.fixed}/{r.broken}", "-" if r.p_value is None else f"{r.p_value:.4g}", verdict, runs)

@@ -228,6 +228,8 @@ class SampleResult(Base):
     latency_s: Mapped[float] = mapped_column(Float, default=0.0)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     kv: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    # Why this sample has no result (over a budget, its evaluation raised); NULL for an evaluated sample.
+    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -6,12 +6,12 @@ the caller's `session_scope()` decides. Writes that can be repeated (a redeliver
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -35,7 +35,7 @@ from services.db.models import (
 
 TERMINAL_JOB = ("done", "failed", "partial", "cancelled")
 RESULT_COLUMNS = ("sample_id", "output", "extracted", "pred", "pred_norm", "scores", "correct", "correct_norm",
-                  "flip_rate", "vs_ft", "tie", "latency_s", "tokens", "kv")
+                  "flip_rate", "vs_ft", "tie", "latency_s", "tokens", "kv", "error")
 
 
 class NotFound(LookupError):
@@ -494,6 +494,11 @@ def list_jobs(session: Session, limit: int = 50, status: str | None = None) -> l
     return [_job_info(j) for j in session.scalars(stmt)]
 
 
+def open_job_ids(session: Session) -> list[int]:
+    """Ids of the jobs that are not finished (queued or running), oldest first."""
+    return list(session.scalars(select(Job.id).where(Job.status.not_in(TERMINAL_JOB)).order_by(Job.id)))
+
+
 def job_runs(session: Session, job_id: int) -> list[RunInfo]:
     return [_run_info(r) for r in session.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.id))]
 
@@ -517,11 +522,16 @@ def set_run_info(session: Session, run_id: int, info: dict[str, Any]) -> None:
     run.info = {**(run.info or {}), **info}
 
 
-def claim_shard(session: Session, job_id: int, start: int, worker: str, max_attempts: int) -> ShardClaim:
+def claim_shard(session: Session, job_id: int, start: int, worker: str, max_attempts: int,
+                holder_alive: Callable[[str, int], bool] | None = None) -> ShardClaim:
     """Decide what to do with a delivered shard and, when it is to run, count the attempt.
 
     Finished shards are skipped (never recomputed), shards of a cancelled job are cancelled, and a shard already
-    started `max_attempts` times (worker killed, or an error each time) is marked failed so it cannot loop.
+    started `max_attempts` times (worker killed, or an error each time) is marked failed so it cannot loop. A
+    shard running in another process that `holder_alive(worker, shard_id)` says runs it is left to it (`busy`): a
+    second message
+    for it (the broker's redelivery after its visibility timeout, a sweep racing a redelivery) must not start a
+    second, concurrent attempt. A shard still `running` under a dead process is taken over; the loss is recorded.
     """
     shard = session.scalar(_locked(session, select(Shard).where(Shard.job_id == job_id, Shard.start == start)))
     if shard is None:
@@ -534,6 +544,16 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         shard.status, shard.finished_at = "cancelled", utcnow()
         _finalize_locked(session, job)
         return ShardClaim("cancelled", _shard_info(shard))
+    if shard.status == "running" and shard.worker == worker and not job.cancel_requested:
+        # this very process ran it and could not record the end (the database failed in the shard's last step):
+        # not a new attempt, nothing to blame the shard for
+        shard.started_at = utcnow()
+        session.flush()
+        return ShardClaim("run", _shard_info(shard))
+    if shard.status == "running" and shard.worker and shard.worker != worker:
+        if holder_alive is not None and holder_alive(shard.worker, shard.id):
+            return ShardClaim("busy", _shard_info(shard))
+        shard.error = f"attempt {shard.attempts}: worker process {shard.worker} was lost while running it"
     if shard.attempts >= max_attempts:
         last = f"; last error: {shard.error}" if shard.error else " (worker lost each time)"
         shard.status, shard.finished_at = "failed", utcnow()
@@ -685,12 +705,15 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
                    func.count(SampleResult.flip_rate), func.count(SampleResult.tie), as_int(SampleResult.tie),
                    func.count(SampleResult.output),
                    func.sum(case((and_(SampleResult.output.is_not(None), SampleResult.extracted.is_(None)), 1),
-                                 else_=0)))
+                                 else_=0)),
+                   func.count(SampleResult.error))
             .where(SampleResult.run_id.in_(run_ids)).group_by(SampleResult.run_id))
     for (run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_mc, ties, n_gen,
-         unparsed) in session.execute(stmt):
+         unparsed, n_err) in session.execute(stmt):
         m = metrics[run_id]
         m["n"] = (float(n), None, n)
+        if n_err:  # samples without a result (over budget, evaluation raised): not in acc / acc_norm
+            m["errors"] = (float(n_err), None, n)
         if n_c:
             p = k_c / n_c
             m["acc"] = (p, _stderr_of_mean(p, n_c), n_c)
@@ -776,6 +799,19 @@ def sample_rows(session: Session, run_id: int, start: int = 0, limit: int | None
         stmt = stmt.limit(limit)
     return [{"run_id": r.run_id, "sample_index": r.sample_index, **{c: getattr(r, c) for c in RESULT_COLUMNS}}
             for r in session.scalars(stmt)]
+
+
+def stored_sample_indices(session: Session, run_ids: Sequence[int], start: int, stop: int) -> set[int]:
+    """Sample indices in [start, stop) that have a row in every one of `run_ids` (an earlier attempt stored
+    them; a resumed shard skips them)."""
+    if not run_ids:
+        return set()
+    stmt = (select(SampleResult.sample_index)
+            .where(SampleResult.run_id.in_(list(run_ids)), SampleResult.sample_index >= start,
+                   SampleResult.sample_index < stop)
+            .group_by(SampleResult.sample_index)
+            .having(func.count(func.distinct(SampleResult.run_id)) == len(set(run_ids))))
+    return set(session.scalars(stmt))
 
 
 def count_sample_rows(session: Session, run_ids: Sequence[int]) -> int:
@@ -897,6 +933,41 @@ def heartbeat(session: Session, worker: str, pid: int, job_id: int | None = None
                     .on_conflict_do_update(index_elements=[WorkerHeartbeat.worker],
                                            set_={"pid": pid, "last_seen": now, "job_id": job_id,
                                                  "shard_id": shard_id}))
+
+
+def stale_running_shards(session: Session, dead_after_s: float) -> list[ShardInfo]:
+    """Running shards of unfinished jobs, started more than `dead_after_s` seconds ago, that nobody runs: their
+    worker process has not beaten for `dead_after_s` (dead, or never beat), or it beats but reports another shard
+    or none (it gave the shard up without recording it, e.g. the database failed in the shard's last step and its
+    retry message was dropped as `busy`). No broker message will bring them back before the visibility timeout."""
+    cutoff = utcnow() - timedelta(seconds=dead_after_s)
+    stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
+            .outerjoin(WorkerHeartbeat, WorkerHeartbeat.worker == Shard.worker)
+            .where(Shard.status == "running", Job.status.not_in(TERMINAL_JOB), Shard.started_at < cutoff,
+                   or_(WorkerHeartbeat.worker.is_(None), WorkerHeartbeat.last_seen < cutoff,
+                       WorkerHeartbeat.shard_id.is_(None), WorkerHeartbeat.shard_id != Shard.id))
+            .order_by(Shard.id))
+    return [_shard_info(x) for x in session.scalars(stmt)]
+
+
+def requeue_stale_shard(session: Session, shard: ShardInfo, reason: str) -> bool:
+    """Put a dead worker's shard back to `queued`, only if it is still the same attempt of the same worker.
+
+    A conditional UPDATE: of several sweepers racing on one shard exactly one sees rowcount 1 and sends the
+    message; a shard claimed or finished meanwhile is left alone. The attempt stays counted (a shard that kills
+    its worker every time still ends failed at the cap).
+    """
+    res = session.execute(update(Shard).where(Shard.id == shard.id, Shard.status == "running",
+                                              Shard.worker == shard.worker, Shard.attempts == shard.attempts)
+                          .values(status="queued", error=reason))
+    return res.rowcount == 1
+
+
+def unrequeue_stale_shard(session: Session, shard: ShardInfo) -> None:
+    """Undo `requeue_stale_shard` when its message could not be sent, so that the next sweep tries again."""
+    session.execute(update(Shard).where(Shard.id == shard.id, Shard.status == "queued",
+                                        Shard.worker == shard.worker, Shard.attempts == shard.attempts)
+                    .values(status="running"))
 
 
 def list_workers(session: Session, seen_within_s: float | None = None) -> list[WorkerInfo]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tad_core.extraction import check_mode
+from tad_core.extraction import check_mode, first_match
 from tad_core.samples import Sample
 
 KNOWN_FIELDS = ("id", "prompt", "choices", "choice_prompts", "continuation", "answer", "reference",
@@ -111,6 +111,26 @@ def validate_jsonl(source: str | Path | bytes, limits: DatasetLimits = DatasetLi
     return samples
 
 
+# C0 controls except tab, newline and carriage return, DEL, and lone surrogates: Postgres refuses NUL in text and
+# JSON and cannot encode a surrogate, other controls corrupt terminals and tables.
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _bad_char(value: Any) -> tuple[str, int] | None:
+    """The first refused character in a string, or in the strings nested in a list or object: (U+XXXX, offset)."""
+    if isinstance(value, str):
+        m = _BAD_CHARS.search(value)
+        return (f"U+{ord(m.group()):04X}", m.start()) if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _bad_char(k) if isinstance(k, str) else None
+        if found is None:
+            found = _bad_char(v)
+        if found is not None:
+            return found
+    return None
+
+
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -144,6 +164,9 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         seen[sid] = n
 
     for key, value in obj.items():
+        bad = _bad_char(value)
+        if bad is not None:
+            err(key, f"contains the control character {bad[0]} (at character {bad[1]}); remove it")
         items = value if isinstance(value, list) else [value]
         if any(isinstance(x, str) and len(x) > limits.max_field_chars for x in items):
             err(key, f"longer than {limits.max_field_chars} characters (limit)")
@@ -250,10 +273,21 @@ def _check_generation(obj: dict[str, Any], err: Any) -> None:
         if not isinstance(pattern, str):
             err("answer_pattern", f"must be a string, got {type(pattern).__name__}")
         else:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                err("answer_pattern", f"not a valid regular expression: {e}")
+            _check_pattern(pattern, ref if isinstance(ref, str) else "", err)
+
+
+def _check_pattern(pattern: str, reference: str, err: Any) -> None:
+    """Compile `answer_pattern` and try it on the reference the way extraction will (tad_core.extraction), so a
+    pattern that cannot run is refused here, with its line, instead of failing in a worker."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        err("answer_pattern", f"not a valid regular expression: {e}")
+        return
+    try:
+        first_match(reference, pattern)
+    except Exception as e:  # noqa: BLE001 - whatever extraction would raise, said here with the line
+        err("answer_pattern", f"extraction fails on the reference: {type(e).__name__}: {e}")
 
 
 def dumps_jsonl(samples: Iterable[Sample]) -> bytes:

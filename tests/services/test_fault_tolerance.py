@@ -28,8 +28,8 @@ STRATEGIES = ["ft", "tad:alpha=1"]
 
 
 def _submit(service: dict, n: int, *, name: str = "d", poison: set[int] = frozenset(), shard_size: int = 4,
-            strategies: list[str] = STRATEGIES, enqueue: bool = True) -> int:
-    data = write_mc_dataset(service["tmp"] / f"{name}.jsonl", n, poison)
+            strategies: list[str] = STRATEGIES, enqueue: bool = True, meta: dict[int, dict] | None = None) -> int:
+    data = write_mc_dataset(service["tmp"] / f"{name}.jsonl", n, poison, meta)
     req = SubmitRequest(dataset=str(data), base=str(service["model"]), adapter=str(service["lora"]),
                         strategies=strategies, config={"batch_size": 2}, shard_size=shard_size)
     plan = plan_job(req, service["settings"])
@@ -192,7 +192,7 @@ def test_postgres_backends_terminated_mid_job(service: dict) -> None:
 
 def test_poisoned_shard_is_retried_bounded_then_failed(service: dict) -> None:
     settings = service["settings"]
-    job_id = _submit(service, 16, poison={9})
+    job_id = _submit(service, 16, meta={9: {"tad_test_fail_shard": "poisoned sample"}})
     service["start_worker"]("a")
     job = _wait_finished(service, job_id)
     assert job.status == "partial" and "poisoned sample" in (job.error or "")

@@ -1,0 +1,205 @@
+"""Workers that heal themselves, with real components: `tad worker` subprocesses, a private Redis, Postgres.
+
+- A pool child killed with SIGKILL (an OOM kill, a segfault) is replaced and the SAME worker finishes the job: the
+  replacement child reports itself up before its torch import (services.tasks), so Celery does not kill it.
+- A whole worker killed (main process and children): another worker's periodic sweep (services.heartbeat ->
+  services.jobs.sweep_dead_workers) requeues its shard once its heartbeat is stale; nobody runs `tad requeue`.
+- Several sweepers racing on one dead shard send exactly one message.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.db import store
+from services.db.session import session_scope
+from services.jobs import SubmitRequest, broker_epoch_key, plan_job, sweep_dead_workers
+from tests.services.helpers import write_mc_dataset
+from tests.services.test_fault_tolerance import _assert_complete, _shards, _submit, _wait, _wait_finished
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _children(pid: int) -> set[int]:
+    """Pids of the direct children of `pid` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _running_with_progress(settings, job_id: int) -> store.ShardInfo | None:  # noqa: ANN001
+    return next((x for x in _shards(settings, job_id) if x.status == "running" and x.samples_done >= 2), None)
+
+
+def test_sigkilled_child_is_replaced_and_the_same_worker_finishes(service: dict) -> None:
+    settings = service["settings"]
+    job_id = _submit(service, 24)
+    a = service["start_worker"]("a")
+    shard = _wait(lambda: _running_with_progress(settings, job_id), 120, "a shard mid-way", service)
+    host, _, pid = shard.worker.rpartition(":")
+    assert host == socket.gethostname() and int(pid) in _children(a.proc.pid)
+    os.kill(int(pid), signal.SIGKILL)  # the pool child only; the worker's main process lives on
+    job = _wait_finished(service, job_id, timeout=150)
+    assert job.status == "done", job.error
+    _assert_complete(settings, job_id, 24)
+    assert a.proc.poll() is None  # the same worker did it, no new worker, no `tad requeue`
+    after = {x.start: x for x in _shards(settings, job_id)}[shard.start]
+    assert after.attempts == 2 and after.worker != shard.worker and after.status == "done"
+    log = a.log.read_text(errors="replace")
+    assert "Timed out waiting for UP message" not in log  # the replacement child was not killed at start-up
+    assert f"worker process {shard.worker} was lost" in log  # the death is logged when the shard is taken over
+
+
+def test_dead_worker_shard_is_requeued_by_another_workers_sweep(service: dict) -> None:
+    settings = service["settings"]
+    # dead after 3 x 0.5 s, swept every 0.5 s; the default visibility timeout (the fixture's 8 s would let Redis
+    # redeliver the dead worker's message by itself, which is not what this test is about)
+    fast = {"TAD_HEARTBEAT_INTERVAL": "0.5", "TAD_VISIBILITY_TIMEOUT": "3600"}
+    a, b = service["start_worker"]("a", **fast), service["start_worker"]("b", **fast)
+
+    def both_beating() -> bool:
+        with session_scope(settings) as s:
+            pids = {w.pid for w in store.list_workers(s, seen_within_s=2)}
+        return bool(pids & _children(a.proc.pid)) and bool(pids & _children(b.proc.pid))
+
+    _wait(both_beating, 90, "both workers beating", service)
+    # and swept once: the first sweep on a fresh broker sets its marker key (and would send the queued shards of
+    # open jobs again, a harmless duplicate that could take this shard over before the sweep we measure)
+    client = redis.Redis.from_url(service["redis"].url)
+    _wait(lambda: client.exists(broker_epoch_key(settings)), 30, "the broker marker", service)
+    job_id = _submit(service, 24, shard_size=8)
+
+    def a_mid_shard() -> store.ShardInfo | None:
+        pids = {str(p) for p in _children(a.proc.pid)}
+        return next((x for x in _shards(settings, job_id) if x.status == "running" and x.samples_done >= 2
+                     and x.worker.rpartition(":")[2] in pids), None)
+
+    shard = _wait(a_mid_shard, 120, "worker a mid-shard", service)
+    a.kill()  # main process and children, like a machine dying; its message stays unacked in Redis
+    killed_at = time.monotonic()
+
+    def taken_over() -> store.ShardInfo | None:
+        x = {y.start: y for y in _shards(settings, job_id)}[shard.start]
+        return x if x.attempts == 2 and x.status in ("running", "done") else None
+
+    _wait(taken_over, 30, "the dead worker's shard taken over", service)
+    recovered_s = time.monotonic() - killed_at
+    # stale after 1.5 s, swept within 0.5 s; the rest is the claim. The visibility timeout is an hour.
+    assert recovered_s < 1.5 + 2 * 0.5 + 2.5, recovered_s
+    job = _wait_finished(service, job_id, timeout=120)
+    assert job.status == "done", job.error
+    _assert_complete(settings, job_id, 24)
+    assert {x.start: x for x in _shards(settings, job_id)}[shard.start].attempts == 2
+    assert "stopped beating" in b.log.read_text(errors="replace")
+
+
+def test_racing_sweepers_requeue_a_dead_shard_once(service: dict) -> None:
+    """Eight sweepers at once on a shard whose worker is gone: one conditional UPDATE wins, one message is sent."""
+    settings = service["settings"].model_copy(update={"heartbeat_interval": 0.2})
+    data = write_mc_dataset(service["tmp"] / "race.jsonl", 4)
+    req = SubmitRequest(dataset=str(data), base=str(service["model"]), strategies=["ft"], shard_size=4)
+    job_id = plan_job(req, settings).job.id
+    with session_scope(settings) as s:
+        claim = store.claim_shard(s, job_id, 0, "gone-host:1", settings.max_redeliveries)
+        assert claim.action == "run"
+    time.sleep(1.0)  # > 3 x 0.2 s without a beat from gone-host:1
+    results: list[list] = []
+    barrier = threading.Barrier(8)
+
+    def sweeper() -> None:
+        barrier.wait()
+        results.append(sweep_dead_workers(settings))
+
+    threads = [threading.Thread(target=sweeper) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(len(r) for r in results) == [0] * 7 + [1]
+    assert redis.Redis.from_url(service["redis"].url).llen(settings.queue) == 1
+    (shard,) = _shards(settings, job_id)
+    assert shard.status == "queued" and shard.attempts == 1 and "stopped beating" in shard.error
+    assert sweep_dead_workers(settings) == []  # nothing left to do: idempotent
+    assert redis.Redis.from_url(service["redis"].url).llen(settings.queue) == 1
+
+
+def test_claim_rules_for_a_running_shard(migrated_url: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A second message for a shard a live process runs is dropped (`busy`); a dead holder's shard is taken over
+    with the loss recorded; the same process re-claiming after a database failure in its last step starts no new
+    attempt."""
+    from services.settings import Settings
+
+    settings = Settings(database_url=migrated_url, model_roots=[tiny_model_dir.parent.parent, tmp_path])
+    data = write_mc_dataset(tmp_path / "claims.jsonl", 4)
+    job_id = plan_job(SubmitRequest(dataset=str(data), base=str(tiny_model_dir), strategies=["ft"], shard_size=4),
+                      settings).job.id
+    with session_scope(settings) as s:
+        assert store.claim_shard(s, job_id, 0, "h:1", 3).shard.attempts == 1
+    with session_scope(settings) as s:
+        again = store.claim_shard(s, job_id, 0, "h:1", 3)  # same process: its last step failed on the DB
+        assert (again.action, again.shard.attempts) == ("run", 1)
+    with session_scope(settings) as s:
+        busy = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w, sh: w == "h:1")
+        assert (busy.action, busy.shard.attempts, busy.shard.worker) == ("busy", 1, "h:1")
+    with session_scope(settings) as s:
+        taken = store.claim_shard(s, job_id, 0, "h:2", 3, holder_alive=lambda w, sh: False)
+        assert (taken.action, taken.shard.attempts, taken.shard.worker) == ("run", 2, "h:2")
+        assert "worker process h:1 was lost" in taken.shard.error
+
+
+def test_redis_restart_without_its_data_mid_job(service: dict) -> None:
+    """The broker restarts empty (no persistence, or its disk lost): the queued shards' messages are gone. The
+    workers' sweep notices the missing marker key and sends the queued shards again; nobody runs `tad requeue`."""
+    settings = service["settings"]
+    job_id = _submit(service, 24)
+    service["start_worker"]("a", TAD_HEARTBEAT_INTERVAL="0.5")
+    _wait(lambda: sum(x.status == "done" for x in _shards(settings, job_id)) >= 1, 90, "first shard", service)
+    redis_server = service["redis"]
+    redis_server.stop()
+    for f in redis_server.workdir.rglob("*"):
+        if f.is_file():
+            f.unlink()  # its data is gone
+    redis_server.start()
+    assert redis.Redis.from_url(redis_server.url).dbsize() == 0
+    job = _wait_finished(service, job_id, timeout=120)
+    assert job.status == "done", job.error
+    _assert_complete(settings, job_id, 24)
+    assert "the broker lost its data" in service["workers"][0].log.read_text(errors="replace")
+
+
+def test_a_shard_its_live_worker_no_longer_runs_is_swept(migrated_url: str) -> None:
+    """A process that beats but reports another shard (or none) no longer runs the shard it holds (its end was
+    never recorded): once started longer than `dead_after` ago, the shard is stale like a dead worker's."""
+    from services.jobs import _holder_alive
+    from services.settings import Settings
+
+    settings = Settings(database_url=migrated_url, heartbeat_interval=0.1)  # dead after 0.3 s
+    with session_scope(settings) as s:
+        dataset, _ = store.register_dataset(s, name="d", split="val", content_hash="h", task_type="mc", source="x",
+                                            samples=[{"id": "a", "prompt": "p", "choices": ["x", "y"], "answer": 0}])
+        base = store.get_or_create_base_model(s, "b", "/b", "f")
+        job = store.create_job(s, spec={}, submitted_by="", base_model_id=base.id, adapter_id=None,
+                               dataset_id=dataset.id, n_samples=1, runs=[store.RunSpec("ft", {}, "ft", "h")],
+                               shard_ranges=[(0, 1)])
+        shard = store.claim_shard(s, job.id, 0, "elsewhere:1", 3).shard
+    time.sleep(0.5)
+    for working_on, stale in ((shard.id, False), (None, True), (shard.id + 1, True)):
+        with session_scope(settings) as s:
+            store.heartbeat(s, "elsewhere:1", 1, job.id if working_on else None, working_on)  # a fresh beat
+        with session_scope(settings) as s:
+            assert bool(store.stale_running_shards(s, settings.dead_after_s)) is stale, working_on
+            assert _holder_alive(s, settings)("elsewhere:1", shard.id) is (not stale)
