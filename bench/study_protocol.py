@@ -45,6 +45,15 @@ def adapter_dir(base: str, size: int, steps: int, seed: int) -> Path:
     return cache_subdir("study") / f"{base}-llm-adapters-8sets-{size}x-{steps}steps-seed{seed}"
 
 
+def evaluated(base: str) -> set[tuple[str, str]]:
+    """(adapter name, dataset) pairs whose study runs are already in the results DB."""
+    from services.db.session import session_scope
+    from services.study import study_cells
+
+    with session_scope() as s:
+        return {(c.adapter.rsplit(":", 1)[0], c.dataset) for c in study_cells(s, base=base, fmt="llm-adapters@1")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="smollm2-135m-instruct")
@@ -65,6 +74,7 @@ def main() -> None:
         steps = [int(x) for x in args.steps.split(",")]
         if len(sizes) != len(steps):
             ap.error("--sizes and --steps need the same number of entries")
+        done = evaluated(args.base)
         for size, n_steps in zip(sizes, steps):
             out = adapter_dir(args.base, size, n_steps, args.seed)
             if not (out / "tad_manifest.json").is_file():
@@ -72,6 +82,8 @@ def main() -> None:
                     "--train-size", str(size), "--steps", str(n_steps), "--seed", str(args.seed),
                     "--threads", str(args.threads), "--no-progress", "--out", str(out))
             for name in sets:
+                if (out.name, name) in done:
+                    continue  # evaluated in an earlier invocation (the DB has its runs)
                 strategy_args = [x for s in STRATEGIES for x in ("-s", s)]
                 tad("run", "--base", args.base, "--adapter", str(out), "--adapter-name", out.name,
                     "--dataset", name, "--split", "val", "--limit", str(args.limit), "--format", "llm-adapters",

@@ -1,6 +1,7 @@
 """The protocol study's tables: multi-task adapters (one per train size) x datasets x strategies, from the DB.
 
-A study cell is the newest run of (adapter, dataset, strategy) among jobs of one base model in one prompt format
+A study cell is the newest run of (adapter, dataset, strategy) among finished (`done`) jobs of one base model in
+one prompt format
 whose adapter was trained on a mixture (`tad train --datasets ...`, manifest `mixture`). Per train size the
 8-set average is the macro average of the per-set accuracies (as papers report it), its stderr from the per-set
 stderrs; its McNemar test pools the discordant pairs of every set (the sets' samples are disjoint) and is
@@ -47,7 +48,8 @@ def study_cells(session: Session, *, base: str, fmt: str, limit: int = 5000) -> 
     for r in store.leaderboard(session, limit=limit):  # newest job first
         variant = r.variant.split(",") if r.variant else []
         ad = adapters.get(r.adapter or "")
-        if r.base != base or fmt not in variant or ad is None or (r.adapter, r.dataset, r.key) in seen:
+        if (r.base != base or fmt not in variant or ad is None or r.job_status != "done"
+                or (r.adapter, r.dataset, r.key) in seen):
             continue
         seen.add((r.adapter, r.dataset, r.key))
         unparsed = r.metrics.get("unparsed")
