@@ -14,7 +14,7 @@ run lands in the results DB and the dashboard's Study page shows it):
 3. prints the study tables (services.study): per set and 8-set average per strategy, acc ± stderr, unparsed rate,
    fixed/broken vs ft and McNemar p (Holm-adjusted over the strategies of one train size).
 
-    python bench/study_protocol.py --base smollm2-135m-instruct --sizes 4,16,64 --steps 20,40,80 --limit 25
+    python bench/study_protocol.py --base smollm2-135m-instruct --sizes 4,8,16 --steps 20,20,40 --limit 15
     python bench/study_protocol.py --tables-only   # print the tables of what is in the DB
 
 Whether TaD wins is the finding this prints, not something tuned for.
@@ -57,9 +57,9 @@ def evaluated(base: str) -> set[tuple[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="smollm2-135m-instruct")
-    ap.add_argument("--sizes", default="4,16,64", help="train samples per set, one adapter each")
-    ap.add_argument("--steps", default="20,40,80", help="optimizer steps for each size (batch 8)")
-    ap.add_argument("--limit", type=int, default=25, help="validation samples per set (the first N)")
+    ap.add_argument("--sizes", default="4,8,16", help="train samples per set, one adapter each")
+    ap.add_argument("--steps", default="20,20,40", help="optimizer steps for each size (batch 8)")
+    ap.add_argument("--limit", type=int, default=15, help="validation samples per set (the first N)")
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
