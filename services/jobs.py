@@ -82,6 +82,7 @@ class SubmitRequest:
     submitted_by: str = ""
     token: str | None = None
     shard_size: int | None = None
+    owner_id: int | None = None  # API user id (services.db.users) recorded as the job's owner
 
 
 @dataclass(frozen=True)
@@ -551,7 +552,7 @@ def plan_validated(v: ValidatedRequest, settings: Settings | None = None) -> Pla
         ranges = shard_ranges(n, v.shard_size)
         job = store.create_job(s, spec=spec, submitted_by=req.submitted_by, base_model_id=base.id,
                                adapter_id=adapter.id if adapter else None, dataset_id=dataset.id, n_samples=n,
-                               runs=runs, shard_ranges=ranges)
+                               runs=runs, shard_ranges=ranges, owner_id=req.owner_id)
         return PlannedJob(job, store.job_runs(s, job.id), ranges, dataset, dataset_created, adapter, adapter_created)
 
 
