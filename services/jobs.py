@@ -944,6 +944,26 @@ def enqueue_job(job_id: int, settings: Settings | None = None) -> int:
     return _send_shards(job_id, shards, settings)
 
 
+class QueueUnavailable(RuntimeError):
+    """A planned job could not be queued (broker unreachable); the job was marked failed so it never waits."""
+
+    def __init__(self, job_id: int, cause: BaseException):
+        self.job_id, self.cause = job_id, cause
+        super().__init__(f"job {job_id} stored but the broker is unreachable ({cause}); job marked failed")
+
+
+def enqueue_or_fail(job_id: int, settings: Settings | None = None) -> int:
+    """`enqueue_job`, and when the broker cannot take the shards, mark the stored job failed (a job whose
+    messages were never sent would otherwise stay queued forever) and raise QueueUnavailable."""
+    settings = settings or get_settings()
+    try:
+        return enqueue_job(job_id, settings)
+    except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
+        with session_scope(settings) as s:
+            store.mark_job_failed(s, job_id, f"could not queue the shards: {e}")
+        raise QueueUnavailable(job_id, e) from e
+
+
 def requeue_job(job_id: int, settings: Settings | None = None) -> int:
     """Send a job's unfinished shards to the broker again; returns how many were sent.
 

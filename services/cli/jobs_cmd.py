@@ -248,9 +248,7 @@ def register(app: typer.Typer) -> None:
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
                stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id."""
-        from services.db import store
-        from services.db.session import session_scope
-        from services.jobs import enqueue_job, plan_job
+        from services.jobs import QueueUnavailable, enqueue_or_fail, plan_job
 
         settings = _settings()
         with _user_errors():
@@ -259,12 +257,10 @@ def register(app: typer.Typer) -> None:
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
                                      fmt, stop, extract, num_beams), settings)
         try:
-            sent = enqueue_job(plan.job.id, settings)
-        except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
-            with session_scope(settings) as s:
-                store.mark_job_failed(s, plan.job.id, f"could not queue the shards: {e}")
-            _fail(f"job {plan.job.id} stored but the broker is unreachable ({_first_line(e)}); job marked failed",
-                  EXIT_UNAVAILABLE)
+            sent = enqueue_or_fail(plan.job.id, settings)
+        except QueueUnavailable as e:
+            _fail(f"job {plan.job.id} stored but the broker is unreachable ({_first_line(e.cause)}); job marked "
+                  "failed", EXIT_UNAVAILABLE)
         typer.echo(f"job {plan.job.id}: {plan.job.n_samples} samples x {len(plan.runs)} strategies, "
                    f"{sent} shards queued", err=True)
         typer.echo(plan.job.id)
@@ -428,15 +424,13 @@ def register(app: typer.Typer) -> None:
             if as_json:
                 out.write(json.dumps(payload, default=_json_default) + "\n")
             else:
+                from services.export import SAMPLE_CSV_COLUMNS, sample_csv_cells
+
                 writer = csv.writer(out)
-                cols = ["strategy", "run_id", "sample_index", "sample_id", "pred", "pred_norm", "correct",
-                        "correct_norm", "vs_ft", "tie", "extracted", "output", "tokens", "latency_s", "scores", "kv",
-                        "error"]
-                writer.writerow(cols)
+                writer.writerow(SAMPLE_CSV_COLUMNS)
                 for key, rows in payload["samples"].items():
                     for r in rows:
-                        writer.writerow([key] + [json.dumps(r[c]) if c in ("scores", "kv") else r[c]
-                                                 for c in cols[1:]])
+                        writer.writerow(sample_csv_cells(key, r))
         finally:
             if output:
                 out.close()
