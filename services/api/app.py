@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Path as PathPar
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import current_principal, require_admin, require_job_owner, settings_of
@@ -80,7 +81,7 @@ def _error_handlers(app: FastAPI) -> None:
     async def _schema(_: Request, exc: SchemaOutOfDate) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503)
 
-    for exc_type in (OperationalError, InterfaceError):
+    for exc_type in (OperationalError, InterfaceError, PoolTimeout):
         @app.exception_handler(exc_type)
         async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
             return JSONResponse({"detail": "database unavailable; try again later"}, 503)
