@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 20_000  # TAD_MAX_DATASET_BYTES of the test server
 STRATEGIES = ["ft", "tad:alpha=1"]
+KEYS = ["ft", "tad(alpha=1.0,beta=0.0)"]  # their canonical run keys
 NO_DB = "postgresql+psycopg://nobody:wrong@127.0.0.1:1/nothing"  # a client in API mode must never touch it
 
 
@@ -167,13 +168,13 @@ def test_user_submits_through_the_api_a_worker_runs_it_and_results_stream(api: d
         status = alice.get(f"/jobs/{job['id']}").json()
         assert (status["status"], status["samples_done"], status["progress"]) == ("done", n, 1.0)
         board = alice.get(f"/jobs/{job['id']}/results").json()["leaderboard"]
-        assert sorted(r["key"] for r in board) == sorted(["ft", "tad:alpha=1"]) and all(r["n"] == n for r in board)
+        assert sorted(r["key"] for r in board) == sorted(KEYS) and all(r["n"] == n for r in board)
 
         lines = alice.get(f"/jobs/{job['id']}/samples", params={"format": "jsonl", "page_size": 5}).text.splitlines()
         rows = [json.loads(x) for x in lines]
         assert len(rows) == n * len(STRATEGIES)
         assert sorted((r["strategy"], r["sample_index"]) for r in rows) == sorted(
-            (k, i) for k in ("ft", "tad:alpha=1") for i in range(n))
+            (k, i) for k in KEYS for i in range(n))
         got = alice.get(f"/jobs/{job['id']}/samples", params={"format": "csv", "page_size": 7})
         assert got.headers["content-type"].startswith("text/csv")
         table = list(csv.DictReader(io.StringIO(got.text)))
@@ -207,9 +208,9 @@ def test_cli_server_mode_needs_no_database(api: dict) -> None:
     assert len(list(csv.DictReader(io.StringIO(exported.stdout)))) == n * 2
     dumped = tad(env, "results", str(job_id), "--json")
     payload = json.loads(dumped.stdout)
-    assert {k: len(v) for k, v in payload["samples"].items()} == {"ft": n, "tad:alpha=1": n}
+    assert {k: len(v) for k, v in payload["samples"].items()} == {k: n for k in KEYS}
     table = tad(env, "results", str(job_id))
-    assert table.returncode == 0 and "tad:alpha=1" in table.stdout
+    assert table.returncode == 0 and "tad(alpha=1.0,beta=0.0)" in table.stdout
 
     # bob may not cancel alice's job: a clear message, exit code 2
     as_bob = tad({**env, "TAD_API_TOKEN": api["tokens"]["bob"]}, "cancel", str(job_id))
