@@ -91,7 +91,7 @@ def _token_info(t: ApiToken, user: str) -> TokenInfo:
 
 def add_user(session: Session, name: str, is_admin: bool = False) -> UserInfo:
     """Create a user; UserError when the name is malformed or taken."""
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):
         raise UserError(f"user name {name!r}: use 1-200 letters, digits, '.', '_', '@' or '-', starting with a "
                         "letter or digit")
     if session.scalar(select(User.id).where(User.name == name)) is not None:
