@@ -82,6 +82,7 @@ class SubmitRequest:
     submitted_by: str = ""
     token: str | None = None
     shard_size: int | None = None
+    owner_id: int | None = None  # API user id (services.db.users) recorded as the job's owner
 
 
 @dataclass(frozen=True)
@@ -551,7 +552,7 @@ def plan_validated(v: ValidatedRequest, settings: Settings | None = None) -> Pla
         ranges = shard_ranges(n, v.shard_size)
         job = store.create_job(s, spec=spec, submitted_by=req.submitted_by, base_model_id=base.id,
                                adapter_id=adapter.id if adapter else None, dataset_id=dataset.id, n_samples=n,
-                               runs=runs, shard_ranges=ranges)
+                               runs=runs, shard_ranges=ranges, owner_id=req.owner_id)
         return PlannedJob(job, store.job_runs(s, job.id), ranges, dataset, dataset_created, adapter, adapter_created)
 
 
@@ -941,6 +942,26 @@ def enqueue_job(job_id: int, settings: Settings | None = None) -> int:
     with session_scope(settings) as s:
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status == "queued"]
     return _send_shards(job_id, shards, settings)
+
+
+class QueueUnavailable(RuntimeError):
+    """A planned job could not be queued (broker unreachable); the job was marked failed so it never waits."""
+
+    def __init__(self, job_id: int, cause: BaseException):
+        self.job_id, self.cause = job_id, cause
+        super().__init__(f"job {job_id} stored but the broker is unreachable ({cause}); job marked failed")
+
+
+def enqueue_or_fail(job_id: int, settings: Settings | None = None) -> int:
+    """`enqueue_job`, and when the broker cannot take the shards, mark the stored job failed (a job whose
+    messages were never sent would otherwise stay queued forever) and raise QueueUnavailable."""
+    settings = settings or get_settings()
+    try:
+        return enqueue_job(job_id, settings)
+    except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
+        with session_scope(settings) as s:
+            store.mark_job_failed(s, job_id, f"could not queue the shards: {e}")
+        raise QueueUnavailable(job_id, e) from e
 
 
 def requeue_job(job_id: int, settings: Settings | None = None) -> int:

@@ -62,6 +62,17 @@ ShardOpt = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="sa
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="TAD_TOKEN", help="submit token, when the "
                                                  "deployment sets TAD_SUBMIT_TOKEN")]
 UserOpt = Annotated[str, typer.Option("--user", envvar="USER", help="recorded as the submitter")]
+ServerOpt = Annotated[Optional[str], typer.Option("--server", envvar="TAD_SERVER_URL", help="TaD-Eval API URL "
+                                                  "(tad serve): talk HTTP only, no database credentials needed")]
+ApiTokenOpt = Annotated[Optional[str], typer.Option("--api-token", envvar="TAD_API_TOKEN", help="API token for "
+                                                    "--server (tad tokens create NAME)")]
+
+
+def _client(server: str, api_token: str | None) -> Any:
+    """The API client of `--server` mode (services.cli.remote)."""
+    from services.cli import remote
+
+    return remote.ApiClient(server, api_token)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -246,11 +257,19 @@ def register(app: typer.Typer) -> None:
                split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
                max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
-               stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1) -> None:
-        """Validate and queue an evaluation job for the workers; prints the job id."""
-        from services.db import store
-        from services.db.session import session_scope
-        from services.jobs import enqueue_job, plan_job
+               stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, server: ServerOpt = None,
+               api_token: ApiTokenOpt = None) -> None:
+        """Validate and queue an evaluation job for the workers; prints the job id (with --server: through the
+        API, a local .jsonl dataset uploaded)."""
+        if server:
+            from services.cli import remote
+
+            remote.submit(_client(server, api_token),
+                          _request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit, batch_size,
+                                   max_new_tokens, temperature, seed, shard_size, token, user, mc_floor, fmt, stop,
+                                   extract, num_beams))
+            return
+        from services.jobs import QueueUnavailable, enqueue_or_fail, plan_job
 
         settings = _settings()
         with _user_errors():
@@ -259,12 +278,10 @@ def register(app: typer.Typer) -> None:
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
                                      fmt, stop, extract, num_beams), settings)
         try:
-            sent = enqueue_job(plan.job.id, settings)
-        except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
-            with session_scope(settings) as s:
-                store.mark_job_failed(s, plan.job.id, f"could not queue the shards: {e}")
-            _fail(f"job {plan.job.id} stored but the broker is unreachable ({_first_line(e)}); job marked failed",
-                  EXIT_UNAVAILABLE)
+            sent = enqueue_or_fail(plan.job.id, settings)
+        except QueueUnavailable as e:
+            _fail(f"job {plan.job.id} stored but the broker is unreachable ({_first_line(e.cause)}); job marked "
+                  "failed", EXIT_UNAVAILABLE)
         typer.echo(f"job {plan.job.id}: {plan.job.n_samples} samples x {len(plan.runs)} strategies, "
                    f"{sent} shards queued", err=True)
         typer.echo(plan.job.id)
@@ -308,19 +325,25 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def jobs(limit: Annotated[int, typer.Option(min=1)] = 20, status: Annotated[Optional[str], typer.Option()] = None,
-             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-        """List recent jobs."""
+             as_json: Annotated[bool, typer.Option("--json")] = False, server: ServerOpt = None,
+             api_token: ApiTokenOpt = None) -> None:
+        """List recent jobs (with --server: "by" is the owner of the token that submitted it)."""
         from rich.console import Console
         from rich.table import Table
 
-        from services.db import store
-        from services.db.session import session_scope
+        if server:
+            from services.cli import remote
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
-        with session_scope(settings) as s:
-            rows = store.list_jobs(s, limit=limit, status=status)
+            rows = remote.jobs(_client(server, api_token), limit, status)
+        else:
+            from services.db import store
+            from services.db.session import session_scope
+
+            settings = _settings()
+            with _user_errors():
+                _check_schema(settings, migrate_embedded=True)
+            with session_scope(settings) as s:
+                rows = store.list_jobs(s, limit=limit, status=status)
         if as_json:
             typer.echo(json.dumps([asdict(j) for j in rows], default=_json_default))
             return
@@ -338,8 +361,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def status(job_id: int, watch: Annotated[bool, typer.Option("--watch", help="progress bar until it ends")] = False,
-               interval: Annotated[float, typer.Option(min=0.1)] = 1.0) -> None:
+               interval: Annotated[float, typer.Option(min=0.1)] = 1.0, server: ServerOpt = None,
+               api_token: ApiTokenOpt = None) -> None:
         """Show a job's status (with --watch: a live progress bar until the job ends)."""
+        if server:
+            from services.cli import remote
+
+            client = _client(server, api_token)
+            job = remote.watch(client, job_id, interval) if watch else remote.get_job(client, job_id)
+            _print_status(job)
+            return
         from services.db import store
         from services.db.session import session_scope
 
@@ -362,33 +393,41 @@ def register(app: typer.Typer) -> None:
                         break
                     time.sleep(interval)
                     job = get()
-        typer.echo(f"job {job.id}: {job.status}, {job.samples_done}/{job.n_samples} samples, shards "
-                   f"{job.shards_done}/{job.n_shards} done, {job.shards_failed} failed")
-        if job.error:
-            typer.echo(f"error: {job.error}")
+        _print_status(job)
 
     @app.command()
-    def cancel(job_id: int, token: TokenOpt = None) -> None:
+    def cancel(job_id: int, token: TokenOpt = None, server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
         """Cancel a job: queued shards stop now, running ones within seconds (needs the submit token when the
         deployment sets TAD_SUBMIT_TOKEN, like the dashboard's Cancel button: cancelling is as privileged as
-        submitting)."""
-        from services.db import store
-        from services.db.session import session_scope
-        from services.security import check_submit_token
+        submitting; with --server: the job's owner or an admin token)."""
+        if server:
+            from services.cli import remote
 
-        settings = _settings()
-        with _user_errors():
-            check_submit_token(settings, token)
-            _check_schema(settings, migrate_embedded=True)
-            with session_scope(settings) as s:
-                job = store.request_cancel(s, job_id)
+            job = remote.cancel(_client(server, api_token), job_id)
+        else:
+            from services.db import store
+            from services.db.session import session_scope
+            from services.security import check_submit_token
+
+            settings = _settings()
+            with _user_errors():
+                check_submit_token(settings, token)
+                _check_schema(settings, migrate_embedded=True)
+                with session_scope(settings) as s:
+                    job = store.request_cancel(s, job_id)
         typer.echo(f"job {job.id}: {job.status}" + (" (running shards stop within seconds)"
                                                      if job.status == "running" else ""))
 
     @app.command()
-    def requeue(job_id: int) -> None:
+    def requeue(job_id: int, server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
         """Send a job's unfinished shards to the broker again (after the broker lost its messages): queued shards
         and running ones whose worker stopped beating; shards of live workers are left to them."""
+        if server:
+            from services.cli import remote
+
+            sent = remote.requeue(_client(server, api_token), job_id)
+            typer.echo(f"job {job_id}: {sent} shard(s) sent to the queue by {server}")
+            return
         from services.db.store import NotFound
         from services.jobs import requeue_job
 
@@ -409,8 +448,16 @@ def register(app: typer.Typer) -> None:
                 output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to a file")] = None,
                 lmeval: Annotated[Optional[Path], typer.Option("--lmeval", help="write lm-evaluation-harness output "
                                                                "(results_*.json, samples_*.jsonl) per strategy "
-                                                               "under this directory")] = None) -> None:
+                                                               "under this directory")] = None,
+                server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
         """A job's leaderboard (table), or its per-sample results exported as CSV / JSON / lm-eval output."""
+        if server:
+            from services.cli import remote
+
+            if sum(map(bool, (as_csv, as_json, lmeval))) > 1:
+                _fail("pass one of --csv, --json, --lmeval")
+            remote.results(_client(server, api_token), job_id, as_csv, as_json, output, lmeval)
+            return
         settings = _settings()
         with _user_errors():
             _check_schema(settings, migrate_embedded=True)
@@ -428,15 +475,13 @@ def register(app: typer.Typer) -> None:
             if as_json:
                 out.write(json.dumps(payload, default=_json_default) + "\n")
             else:
+                from services.export import SAMPLE_CSV_COLUMNS, sample_csv_cells
+
                 writer = csv.writer(out)
-                cols = ["strategy", "run_id", "sample_index", "sample_id", "pred", "pred_norm", "correct",
-                        "correct_norm", "vs_ft", "tie", "extracted", "output", "tokens", "latency_s", "scores", "kv",
-                        "error"]
-                writer.writerow(cols)
+                writer.writerow(SAMPLE_CSV_COLUMNS)
                 for key, rows in payload["samples"].items():
                     for r in rows:
-                        writer.writerow([key] + [json.dumps(r[c]) if c in ("scores", "kv") else r[c]
-                                                 for c in cols[1:]])
+                        writer.writerow(sample_csv_cells(key, r))
         finally:
             if output:
                 out.close()
@@ -499,6 +544,13 @@ def register(app: typer.Typer) -> None:
         cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
                "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false"]
         raise typer.Exit(subprocess.call(cmd))
+
+
+def _print_status(job: Any) -> None:
+    typer.echo(f"job {job.id}: {job.status}, {job.samples_done}/{job.n_samples} samples, shards "
+               f"{job.shards_done}/{job.n_shards} done, {job.shards_failed} failed")
+    if job.error:
+        typer.echo(f"error: {job.error}")
 
 
 def _export_lmeval(settings: Any, job_id: int, out_dir: Path) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from services.cli import core_cmd, data_cmd, jobs_cmd, regress_cmd, train_cmd
+from services.cli import core_cmd, data_cmd, jobs_cmd, regress_cmd, serve_cmd, train_cmd, users_cmd
 
 class _Tad(typer.Typer):
     """The `tad` app: a database or broker that cannot be reached ends any command with one line and exit code
@@ -25,7 +25,7 @@ class _Tad(typer.Typer):
 
 app = _Tad(help="TaD-Eval: Task-aware Decoding evaluation service.", no_args_is_help=True,
            pretty_exceptions_enable=False, add_completion=False)
-for module in (core_cmd, data_cmd, train_cmd, jobs_cmd, regress_cmd):
+for module in (core_cmd, data_cmd, train_cmd, jobs_cmd, regress_cmd, users_cmd, serve_cmd):
     module.register(app)
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ NAMING = {
 JOB_STATUSES = ("queued", "running", "done", "failed", "partial", "cancelled")
 SHARD_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 VS_FT = ("fixed", "broken")
+TOKEN_SCOPES = ("submit", "admin")
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 # BIGINT primary keys on Postgres (sample_results grows to millions), INTEGER on SQLite (rowid alias).
@@ -152,6 +153,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The API user who submitted the job (NULL for jobs submitted straight to the DB: CLI, dashboard, embedded).
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
 
     runs: Mapped[list[Run]] = relationship(back_populates="job", order_by="Run.id")
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.start")
@@ -303,3 +306,29 @@ class RegressionCheck(Base):
     verdict: Mapped[str] = mapped_column(String(16))
     rows: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class User(Base):
+    """A person (or a CI robot) who talks to the HTTP API; owns the jobs submitted with their tokens."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of one user. Only the sha256 of the token is stored: a leaked table grants nothing."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_in("scope", TOKEN_SCOPES), name="scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -141,6 +141,7 @@ class JobInfo:
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    owner_id: int | None = None  # the API user who submitted it (services.db.users)
 
     @property
     def finished(self) -> bool:
@@ -282,7 +283,7 @@ def _shard_info(s: Shard) -> ShardInfo:
 def _job_info(j: Job) -> JobInfo:
     return JobInfo(j.id, j.status, j.submitted_by, j.created_at, dict(j.spec), j.dataset_id, j.adapter_id,
                    j.base_model_id, bool(j.cancel_requested), j.n_samples, j.n_shards, j.shards_done,
-                   j.shards_failed, j.samples_done, j.error, j.started_at, j.finished_at)
+                   j.shards_failed, j.samples_done, j.error, j.started_at, j.finished_at, j.owner_id)
 
 
 def _dialect_insert(session: Session, table: Any) -> Any:
@@ -459,15 +460,16 @@ def create_job(
     n_samples: int,
     runs: Sequence[RunSpec],
     shard_ranges: Sequence[tuple[int, int]],
+    owner_id: int | None = None,
 ) -> JobInfo:
-    """Create a queued job with its runs and shards."""
+    """Create a queued job with its runs and shards (`owner_id`: the API user submitting it, if any)."""
     if not runs:
         raise ValueError("a job needs at least one strategy")
     if len({r.key for r in runs}) != len(runs):
         raise ValueError("duplicate strategy specs in one job")
     job = Job(spec=spec, submitted_by=submitted_by, base_model_id=base_model_id, adapter_id=adapter_id,
               dataset_id=dataset_id, status="queued", n_samples=n_samples, n_shards=len(shard_ranges),
-              shards_done=0, shards_failed=0, samples_done=0, cancel_requested=False)
+              shards_done=0, shards_failed=0, samples_done=0, cancel_requested=False, owner_id=owner_id)
     session.add(job)
     session.flush()
     session.add_all(Run(job_id=job.id, strategy=r.strategy, params=r.params, key=r.key, run_hash=r.run_hash, info={})

@@ -32,12 +32,12 @@ def _cli_has(argv: list[str]) -> bool:
 def test_services_and_dependencies() -> None:
     c = _compose()
     services = c["services"]
-    assert {"postgres", "redis", "migrate", "worker", "dashboard"} <= services.keys()
+    assert {"postgres", "redis", "migrate", "worker", "dashboard", "api"} <= services.keys()
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
     assert any("pgdata" in v for v in services["postgres"]["volumes"])
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"]["restart"] == "no"
-    for svc in ("worker", "dashboard"):
+    for svc in ("worker", "dashboard", "api"):
         assert services[svc]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -57,7 +57,7 @@ def test_secrets_come_from_required_env_vars() -> None:
 
 def test_commands_exist_in_the_cli() -> None:
     services = _compose()["services"]
-    for name in ("migrate", "worker", "dashboard"):
+    for name in ("migrate", "worker", "dashboard", "api"):
         command = services[name]["command"]
         assert _cli_has(command), (name, command)
     assert not _cli_has(["tad", "no-such-command"])
@@ -66,3 +66,14 @@ def test_commands_exist_in_the_cli() -> None:
 def test_dockerfile_installs_the_cli() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "requirements.lock" in text and "pip install --no-deps -e ." in text
+
+
+def test_api_service_listens_on_every_interface_with_the_db_and_broker() -> None:
+    api = _compose()["services"]["api"]
+    command = api["command"]
+    assert command[:2] == ["tad", "serve"] and command[command.index("--host") + 1] == "0.0.0.0"
+    assert any(p.endswith(":8000") for p in api["ports"])
+    env = api["environment"]
+    assert env["TAD_DATABASE_URL"].startswith("postgresql+psycopg://") and env["TAD_BROKER_URL"].startswith("redis://")
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "/health" in " ".join(api["healthcheck"]["test"])

@@ -1,0 +1,131 @@
+"""Request and response bodies of the HTTP API (pydantic), and their conversion from the store's dataclasses.
+
+Defaults come from `services.jobs.SubmitRequest`, and a body becomes a SubmitRequest for `plan_job`: the API
+adds no submission rule of its own except that a dataset is a registered name or an upload (a server path would
+let a caller read the server's files).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.db import store
+from services.export import plain
+from services.jobs import SubmitRequest
+
+MAX_TEXT = 1000  # longest accepted free-text field: names and paths, never content
+
+
+def _no_nul(value: Any) -> Any:
+    """Refuse NUL characters in every string (databases and file systems refuse them later, less clearly)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    if isinstance(value, list):
+        for item in value:
+            _no_nul(item)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_nul(k)
+            _no_nul(v)
+    return value
+
+
+class SubmitOptions(BaseModel):
+    """Everything of a submission except the dataset (the upload endpoint takes the dataset as a file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategies: list[str] = Field(default_factory=lambda: list(SubmitRequest.strategies), max_length=64,
+                                  description="strategy specs, e.g. ft, base, tad:alpha=0.5,1")
+    base: str = Field(default=SubmitRequest.base, max_length=MAX_TEXT,
+                      description="registered base model name or model directory on the server")
+    adapter: str | None = Field(default=None, max_length=MAX_TEXT,
+                                description="NAME:VERSION of a registered adapter, or an adapter directory")
+    finetuned: str | None = Field(default=None, max_length=MAX_TEXT, description="fully fine-tuned model directory")
+    adapter_name: str | None = Field(default=None, max_length=200,
+                                     description="name to register a new adapter directory under")
+    split: str = Field(default=SubmitRequest.split, max_length=50)
+    limit: int | None = Field(default=None, ge=1, le=2**31 - 1, description="first N samples only")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="generation config (EvalConfig fields: batch_size, format, ...)")
+    shard_size: int | None = Field(default=None, ge=1, le=1024)
+
+    @field_validator("strategies", "base", "adapter", "finetuned", "adapter_name", "split", "config")
+    @classmethod
+    def _reject_nul(cls, value: Any) -> Any:
+        return _no_nul(value)
+
+    @field_validator("strategies")
+    @classmethod
+    def _short_items(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if len(item) > MAX_TEXT:
+                raise ValueError(f"a strategy spec is longer than {MAX_TEXT} characters")
+        return value
+
+    def to_request(self, dataset: str, submitted_by: str, owner_id: int, token: str | None) -> SubmitRequest:
+        """The SubmitRequest `plan_job` validates and stores (`token`: the deployment's submit token, which the
+        server holds so that its users need none)."""
+        return SubmitRequest(dataset=dataset, strategies=list(self.strategies), base=self.base, adapter=self.adapter,
+                             finetuned=self.finetuned, adapter_name=self.adapter_name, split=self.split,
+                             limit=self.limit, config=dict(self.config), submitted_by=submitted_by, token=token,
+                             shard_size=self.shard_size, owner_id=owner_id)
+
+
+class SubmitBody(SubmitOptions):
+    """A submission on a registered dataset (`tad datasets list`)."""
+
+    dataset: str = Field(min_length=1, max_length=200, description="registered dataset name")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_nul(cls, value: str) -> str:
+        return _no_nul(value)
+
+
+class JobOut(BaseModel):
+    """A job with its progress and its owner."""
+
+    id: int
+    status: str
+    owner: str | None
+    submitted_by: str
+    created_at: datetime
+    spec: dict[str, Any]
+    dataset_id: int
+    adapter_id: int | None
+    base_model_id: int
+    cancel_requested: bool
+    n_samples: int
+    n_shards: int
+    shards_done: int
+    shards_failed: int
+    samples_done: int
+    progress: float = Field(description="samples done / samples, 0..1")
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    finished: bool
+
+
+class SubmittedJob(JobOut):
+    shards_queued: int
+
+
+class RequeuedJob(BaseModel):
+    job_id: int
+    shards_sent: int
+
+
+class ResultsOut(BaseModel):
+    job: JobOut
+    leaderboard: list[dict[str, Any]]
+
+
+def job_out(job: store.JobInfo, owner: str | None) -> dict[str, Any]:
+    """A JobInfo as the API shows it (JSON-safe, with the owner's name and the progress fraction)."""
+    data = plain(job)
+    data.pop("owner_id", None)
+    return {**data, "owner": owner, "progress": job.fraction, "finished": job.finished}
