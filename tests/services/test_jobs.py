@@ -93,7 +93,7 @@ def test_poisoned_shard_fails_after_cap_and_job_is_partial(sqlite_url, tiny_mode
     monkeypatch.setenv("TAD_ENABLE_TEST_FAULTS", "1")
     upgrade(sqlite_url)
     settings = make_settings(sqlite_url, roots, max_redeliveries=2)
-    data = write_mc_dataset(tmp_path / "d.jsonl", 8, poison={5})
+    data = write_mc_dataset(tmp_path / "d.jsonl", 8, meta={5: {"tad_test_fail_shard": "poisoned sample"}})
     plan = plan_job(_req(tiny_model_dir, tiny_lora_dir, data, shard_size=4, strategies=["ft"]), settings)
     info = run_job_embedded(plan.job.id, settings)
     assert info.status == "partial" and "poisoned sample" in info.error
