@@ -51,3 +51,34 @@ def test_out_of_date_message_names_both_revisions(sqlite_url: str) -> None:
         ensure_schema_current(engine)
     assert "<empty>" in str(err.value) and head_revision() in str(err.value)
     engine.dispose()
+
+
+def test_sqlite_walk_down_and_up_keeps_every_row(tmp_path) -> None:
+    """SQLite alters a table by copy + drop: with foreign keys enforced, recreating `jobs` (0006) or
+    `sample_results` cascaded and deleted the runs and results of an embedded database. Walk a seeded database
+    down past every table-altering revision and back: every row is still there."""
+    from sqlalchemy import text
+
+    from services.db.schema import downgrade, upgrade
+    from services.db.session import dispose_engines, make_engine
+    from tests.dashboard.conftest import seed_database
+
+    url = f"sqlite:///{tmp_path / 'seeded.db'}"
+    upgrade(url)
+    seed_database(url)
+    tables = ("jobs", "runs", "sample_results", "run_aggregates", "shards")
+
+    def counts() -> dict[str, int]:
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            out = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in tables}
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall() == []
+        engine.dispose()
+        return out
+
+    before = counts()
+    assert before["runs"] > 0 and before["sample_results"] > 0
+    downgrade(url, "0003")
+    upgrade(url)
+    dispose_engines()
+    assert counts() == before
