@@ -24,7 +24,8 @@ from services.db.session import session_scope
 from tests.services.conftest import free_port
 from tests.services.helpers import write_mc_dataset
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)  # real server + worker: a cold torch import on a loaded 2-core machine takes minutes]
+# 600 s per test: a real server and worker; a cold torch import on an overloaded 2-core machine takes minutes
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 20_000  # TAD_MAX_DATASET_BYTES of the test server
