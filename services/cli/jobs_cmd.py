@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
@@ -242,6 +242,21 @@ def _job_payload(settings: Any, job_id: int, with_samples: bool) -> dict[str, An
     return out
 
 
+def follow_job(job: Any, get: Callable[[], Any], interval: float) -> Any:
+    """Poll `get()` every `interval` s with a progress bar until the job ends (DB and server mode alike)."""
+    if job.finished:
+        return job
+    with _progress_bar(job.n_samples, f"job {job.id}") as bar:
+        while True:
+            bar.n = job.samples_done
+            bar.set_postfix_str(job.status)
+            bar.refresh()
+            if job.finished:
+                return job
+            time.sleep(interval)
+            job = get()
+
+
 def _progress_bar(total: int, desc: str):  # noqa: ANN202
     from tqdm import tqdm
 
@@ -383,16 +398,8 @@ def register(app: typer.Typer) -> None:
         with _user_errors():
             _check_schema(settings, migrate_embedded=True)
             job = get()
-        if watch and not job.finished:
-            with _progress_bar(job.n_samples, f"job {job_id}") as bar:
-                while True:
-                    bar.n = job.samples_done
-                    bar.set_postfix_str(job.status)
-                    bar.refresh()
-                    if job.finished:
-                        break
-                    time.sleep(interval)
-                    job = get()
+        if watch:
+            job = follow_job(job, get, interval)
         _print_status(job)
 
     @app.command()

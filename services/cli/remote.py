@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -18,7 +17,7 @@ from typing import IO, Any
 import httpx
 import typer
 
-from services.cli.jobs_cmd import EXIT_UNAVAILABLE, EXIT_USAGE, _fail, _print_leaderboard, _progress_bar, cell
+from services.cli.jobs_cmd import EXIT_UNAVAILABLE, EXIT_USAGE, _fail, _print_leaderboard, cell, follow_job
 from services.db.store import JobInfo, LeaderboardRow
 from services.jobs import SubmitRequest
 
@@ -169,15 +168,4 @@ def results(client: ApiClient, job_id: int, as_csv: bool, as_json: bool, output:
 
 def watch(client: ApiClient, job_id: int, interval: float) -> JobInfo:
     """Poll a job until it ends, with the database mode's progress bar."""
-    job = get_job(client, job_id)
-    if job.finished:
-        return job
-    with _progress_bar(job.n_samples, f"job {job_id}") as bar:
-        while True:
-            bar.n = job.samples_done
-            bar.set_postfix_str(job.status)
-            bar.refresh()
-            if job.finished:
-                return job
-            time.sleep(interval)
-            job = get_job(client, job_id)
+    return follow_job(get_job(client, job_id), lambda: get_job(client, job_id), interval)

@@ -7,12 +7,31 @@ ci)` captures it; the database keeps only its sha256.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from services.cli.jobs_cmd import _check_schema, _fail, _json_default, _settings, _user_errors, cell
+
+
+@contextmanager
+def _admin_session() -> Iterator[Any]:
+    """A committed session on a current-schema DB; DB trouble and `UserError` (unknown user, bad scope, ...) end
+    the command with one line and the usage exit code."""
+    from services.db import users
+    from services.db.session import session_scope
+
+    settings = _settings()
+    with _user_errors():
+        _check_schema(settings, migrate_embedded=True)
+        try:
+            with session_scope(settings) as s:
+                yield s
+        except users.UserError as e:
+            _fail(str(e))
 
 
 def register(app: typer.Typer) -> None:
@@ -28,16 +47,9 @@ def register(app: typer.Typer) -> None:
                   ) -> None:
         """Create an API user."""
         from services.db import users
-        from services.db.session import session_scope
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
-            try:
-                with session_scope(settings) as s:
-                    user = users.add_user(s, name, is_admin=admin)
-            except users.UserError as e:
-                _fail(str(e))
+        with _admin_session() as s:
+            user = users.add_user(s, name, is_admin=admin)
         typer.echo(f"user {user.name} (id {user.id}){' admin' if user.is_admin else ''} created", err=True)
 
     @users_app.command("list")
@@ -47,12 +59,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from services.db import users
-        from services.db.session import session_scope
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
-        with session_scope(settings) as s:
+        with _admin_session() as s:
             rows = users.list_users(s)
         if as_json:
             typer.echo(json.dumps([asdict(u) for u in rows], default=_json_default))
@@ -69,16 +77,9 @@ def register(app: typer.Typer) -> None:
                       ) -> None:
         """Create a token for user NAME and print it once (only its hash is stored)."""
         from services.db import users
-        from services.db.session import session_scope
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
-            try:
-                with session_scope(settings) as s:
-                    new = users.create_token(s, name, scope)
-            except users.UserError as e:
-                _fail(str(e))
+        with _admin_session() as s:
+            new = users.create_token(s, name, scope)
         typer.echo(f"token {new.info.id} ({new.info.scope}) for {new.info.user}: shown once, store it now", err=True)
         typer.echo(new.secret)
 
@@ -90,12 +91,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from services.db import users
-        from services.db.session import session_scope
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
-        with session_scope(settings) as s:
+        with _admin_session() as s:
             rows = users.list_tokens(s, user)
         if as_json:
             typer.echo(json.dumps([asdict(t) for t in rows], default=_json_default))
@@ -114,11 +111,7 @@ def register(app: typer.Typer) -> None:
     def tokens_revoke(token_id: int) -> None:
         """Revoke a token: the API refuses it (401) from the next request on."""
         from services.db import users
-        from services.db.session import session_scope
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
-            with session_scope(settings) as s:
-                info = users.revoke_token(s, token_id)
+        with _admin_session() as s:
+            info = users.revoke_token(s, token_id)
         typer.echo(f"token {info.id} of {info.user} revoked at {info.revoked_at:%Y-%m-%d %H:%M:%S}")
