@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tad_core.assets import sha256_file
 from tad_core.datasets import load_dataset
-from tad_core.formats import canonical_format, format_context, gold_continuation, parse_format
+from tad_core.formats import canonical_format, format_context, parse_format
 from tad_core.models import DEFAULT_BASE, load_model, load_tokenizer, resolve_base_dir
 from tad_core.samples import Sample
 
@@ -82,11 +82,6 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
-
-
-def training_pair(sample: Sample) -> tuple[str, str]:
-    """(context, target) for a sample: the gold choice's continuation, or the reference for generation."""
-    return gold_continuation(sample)
 
 
 def select_samples(samples: list[Sample], train_size: int, seed: int) -> list[Sample]:

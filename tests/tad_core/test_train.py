@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from tad_core.assets import sha256_file
+from tad_core.formats import gold_continuation
 from tad_core.models import load_pair, load_tokenizer
 from tad_core.samples import Sample
 from tad_core.train import (
@@ -19,7 +20,6 @@ from tad_core.train import (
     _target_loss,
     select_samples,
     train_adapter,
-    training_pair,
 )
 
 ROWS = [
@@ -44,11 +44,11 @@ def config(tmp_path: Path, base: Path, data: Path, method: str, **kw) -> TrainCo
     return TrainConfig(**args)
 
 
-def test_training_pair_targets():
+def test_gold_continuation_targets():
     mc, _, _, wino = (Sample.from_dict(r) for r in ROWS)
-    assert training_pair(mc) == ("Question: What colour is the sky?\nAnswer:", " blue")
-    assert training_pair(wino) == ("Ann beat Bo so Bo", " was sad.")
-    assert training_pair(Sample(id="g", prompt="2+2=", reference="4")) == ("2+2=", " 4")
+    assert gold_continuation(mc) == ("Question: What colour is the sky?\nAnswer:", " blue")
+    assert gold_continuation(wino) == ("Ann beat Bo so Bo", " was sad.")
+    assert gold_continuation(Sample(id="g", prompt="2+2=", reference="4")) == ("2+2=", " 4")
 
 
 def test_encode_masks_context_and_truncates_from_left(tiny_model_dir: Path):
@@ -105,7 +105,7 @@ def test_train_saves_loadable_adapter(tmp_path: Path, tiny_model_dir: Path, tiny
 
 def full_set_loss(model, tok, samples: list[Sample]) -> float:
     """Mean target loss over the whole tiny set in one batch (deterministic, unlike per-step losses)."""
-    batch = _collate([_encode(tok, *training_pair(s), 64) for s in samples], tok.pad_token_id)
+    batch = _collate([_encode(tok, *gold_continuation(s), 64) for s in samples], tok.pad_token_id)
     with torch.no_grad():
         return float(_target_loss(model, batch))
 
