@@ -47,9 +47,12 @@ def adapter_dir(base: str, size: int, steps: int, seed: int) -> Path:
 
 def evaluated(base: str) -> set[tuple[str, str]]:
     """(adapter name, dataset) pairs whose study runs are already in the results DB."""
+    from services.db.schema import upgrade_if_embedded
     from services.db.session import session_scope
+    from services.settings import get_settings
     from services.study import study_cells
 
+    upgrade_if_embedded(get_settings().database_url)  # a fresh machine's embedded DB has no tables yet
     with session_scope() as s:
         return {(c.adapter.rsplit(":", 1)[0], c.dataset) for c in study_cells(s, base=base, fmt="llm-adapters@1")}
 
