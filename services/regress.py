@@ -21,9 +21,12 @@ from typing import Any
 
 from services.db import store, views
 from services.db.session import session_scope
-from services.jobs import (SubmitRequest, ValidatedRequest, enqueue_job, plan_validated, run_job_embedded,
-                           validate_request)
+from services.planning import plan_validated, run_hashes
+from services.queueing import enqueue_job
 from services.settings import Settings, get_settings
+from services.shard_runner import run_job_embedded
+from services.submission import ValidatedRequest, validate_request
+from services.submit_request import SubmitRequest
 from services.suites import SuiteDataset, SuiteSpec
 
 class GateError(ValueError):
@@ -198,7 +201,7 @@ def plan_gate(candidate: str, suite: str, against: str | None = None, *, alpha: 
                                 adapter=adapter.label, split=d.split, limit=d.limit, config=dict(spec.config),
                                 submitted_by=submitted_by, token=token)
             v = validate_request(req, settings)
-            sides.append(_SideRun(adapter, d, v, v.run_hashes(adapter.sha256)))
+            sides.append(_SideRun(adapter, d, v, run_hashes(v, adapter.sha256)))
     # decide what is reused (or shared within this gate) before storing anything
     first: dict[frozenset[str], _SideRun] = {}
     todo: list[_SideRun] = []

@@ -1,6 +1,6 @@
 """Celery tasks. Only ids cross the wire: `run_shard_task(job_id, start, stop)`.
 
-The task calls `services.jobs.run_shard`, the same function embedded mode calls. A failed attempt is retried
+The task calls `services.shard_runner.run_shard`, the same function embedded mode calls. A failed attempt is retried
 (Celery retry, a fresh message); the attempt cap is enforced in the DB by `run_shard`, so a poisoned shard ends
 `failed` instead of looping. Worker processes check the schema at start and drop any DB connection inherited
 across fork.
@@ -44,7 +44,7 @@ def _preload() -> None:
     """Import the engine (torch/transformers, 8-13 s cold on a small machine) once per child, off the start-up
     path; an import error is left for the first shard to raise and record."""
     try:
-        import services.jobs  # noqa: F401
+        import services.shard_runner  # noqa: F401
         import tad_core.evaluate  # noqa: F401
     except Exception as e:  # noqa: BLE001 - the shard's own import raises it again, recorded on the shard
         log.error("preloading the engine failed: %s", e)
@@ -69,10 +69,10 @@ def _child_init(**_: object) -> None:
 
 @app.task(name="tad.run_shard", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def run_shard_task(self, job_id: int, start: int, stop: int) -> dict:  # noqa: ANN001
-    """Evaluate one shard of a job (see services.jobs.run_shard)."""
+    """Evaluate one shard of a job (see services.shard_runner.run_shard)."""
     if _preload_started.is_set():  # one import at a time: the task thread never races the preload thread
         _preloaded.wait(PRELOAD_WAIT_S)
-    from services.jobs import ShardRetry, run_shard
+    from services.shard_runner import ShardRetry, run_shard
 
     try:
         outcome = run_shard(int(job_id), int(start), int(stop), get_settings())

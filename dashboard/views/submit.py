@@ -1,4 +1,4 @@
-"""Submission form: the same request and validation as `tad submit` (services.jobs.plan_job), guarded by the
+"""Submission form: the same request and validation as `tad submit` (services.planning.plan_job), guarded by the
 submit token when TAD_SUBMIT_TOKEN is set. A JSONL upload is checked with tad_core's validator (and the
 deployment's limits) before anything is written; on any error nothing is stored and every problem is listed.
 
@@ -51,7 +51,7 @@ def save_upload(name: str, content: bytes, settings: Settings) -> Path:
 
 
 def _start_embedded(job_id: int, settings: Settings) -> None:
-    from services.jobs import run_job_embedded
+    from services.shard_runner import run_job_embedded
 
     def _run() -> None:
         try:
@@ -142,8 +142,10 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
             user: str, token: str, mode: str) -> None:
     from services.db import store
     from services.db.session import session_scope
-    from services.jobs import SubmissionError, SubmitRequest, enqueue_job, plan_job
+    from services.planning import plan_job
+    from services.queueing import enqueue_job
     from services.security import SecurityError, check_submit_token
+    from services.submit_request import SubmissionError, SubmitRequest
     from tad_core.datasets.validate import DatasetValidationError
 
     try:

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings)`; `tad serve` runs it under uvicorn.
 
-Every endpoint calls the functions the CLI calls (services.jobs.plan_job / enqueue_or_fail / requeue_job,
-services.db.store, services.export), so a rule lives once. Errors a caller can fix are 4xx with the message the
+Every endpoint calls the functions the CLI calls (services.planning.plan_job, services.queueing.enqueue_or_fail /
+requeue_job, services.db.store, services.export), so a rule lives once. Errors a caller can fix are 4xx with the message the
 service raised: a rejected submission is 422 with every problem listed and nothing stored, an unknown job 404,
 an upload over TAD_MAX_DATASET_BYTES 413; an unreachable database or broker is 503.
 """
@@ -34,10 +34,12 @@ from services.db.schema import SchemaOutOfDate
 from services.db.session import session_scope
 from services.export import (DEFAULT_PAGE, SAMPLE_CSV_COLUMNS, iter_sample_rows, job_run_keys, plain,
                              sample_csv_cells)
-from services.jobs import (QueueUnavailable, SubmissionError, enqueue_or_fail, plan_validated, requeue_job,
-                           validate_request)
+from services.planning import plan_validated
+from services.queueing import QueueUnavailable, enqueue_or_fail, requeue_job
 from services.security import SecurityError
 from services.settings import Settings, get_settings
+from services.submission import validate_request
+from services.submit_request import SubmissionError
 
 MAX_ID = 2**31 - 1  # ids are 32-bit integers in the database: larger ones are refused, not looked up
 JobId = PathParam(ge=1, le=MAX_ID, description="job id")

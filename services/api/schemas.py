@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API (pydantic), and their conversion from the store's dataclasses.
 
-Defaults come from `services.jobs.SubmitRequest`, and a body becomes a SubmitRequest for `plan_job`: the API
+Defaults come from `services.submit_request.SubmitRequest`, and a body becomes a SubmitRequest for `plan_job`: the API
 adds no submission rule of its own except that a dataset is a registered name or an upload (a server path would
 let a caller read the server's files).
 """
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.db import store
 from services.export import plain
-from services.jobs import SubmitRequest
+from services.submit_request import SubmitRequest
 
 MAX_TEXT = 1000  # longest accepted free-text field: names and paths, never content
 

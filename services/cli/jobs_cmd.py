@@ -85,8 +85,8 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one message and exit code 2 (1 for an out-of-date schema)."""
     from services.db.schema import SchemaOutOfDate
     from services.db.store import NotFound
-    from services.jobs import SubmissionError
     from services.security import SecurityError
+    from services.submit_request import SubmissionError
 
     try:
         yield
@@ -157,7 +157,7 @@ def _request(dataset: str, strategy: list[str], base: str, adapter: str | None, 
              temperature: float, seed: int, shard_size: int | None, token: str | None, user: str,
              mc_floor: float | None = None, fmt: str = "mc-loglik", stop: list[str] | None = None,
              extract: str | None = None, num_beams: int = 1) -> Any:
-    from services.jobs import SubmitRequest
+    from services.submit_request import SubmitRequest
 
     optional = {"mc_floor": mc_floor, "extract": extract}
     return SubmitRequest(dataset=dataset, strategies=list(strategy), base=base, adapter=adapter,
@@ -284,7 +284,8 @@ def register(app: typer.Typer) -> None:
                                    max_new_tokens, temperature, seed, shard_size, token, user, mc_floor, fmt, stop,
                                    extract, num_beams))
             return
-        from services.jobs import QueueUnavailable, enqueue_or_fail, plan_job
+        from services.planning import plan_job
+        from services.queueing import QueueUnavailable, enqueue_or_fail
 
         settings = _settings()
         with _user_errors():
@@ -312,7 +313,8 @@ def register(app: typer.Typer) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
         from tad_core.models import ModelLoadError
 
-        from services.jobs import plan_job, run_job_embedded
+        from services.planning import plan_job
+        from services.shard_runner import run_job_embedded
 
         settings = _settings()
         with _user_errors():
@@ -436,7 +438,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"job {job_id}: {sent} shard(s) sent to the queue by {server}")
             return
         from services.db.store import NotFound
-        from services.jobs import requeue_job
+        from services.queueing import requeue_job
 
         settings = _settings()
         with _user_errors():

@@ -80,7 +80,8 @@ def register(app: typer.Typer) -> None:
 
         from services.db import store
         from services.db.session import session_scope
-        from services.jobs import SubmissionError, inspect_adapter_dir, resolve_base
+        from services.model_refs import inspect_adapter_dir, resolve_base
+        from services.submit_request import SubmissionError
 
         settings = _settings()
         with _gate_errors():

@@ -19,7 +19,7 @@ import typer
 
 from services.cli.jobs_cmd import EXIT_UNAVAILABLE, EXIT_USAGE, _fail, _print_leaderboard, cell, follow_job
 from services.db.store import JobInfo, LeaderboardRow
-from services.jobs import SubmitRequest
+from services.submit_request import SubmitRequest
 
 TIMEOUT_S = 120.0  # a submission validates the whole dataset on the server
 
