@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from tad_core.metrics import mcnemar_p
+from tad_core.metrics import mcnemar_p, proportion_stderr
 
 from services.db.dialect import dialect_insert as _dialect_insert
 from services.db.entities import RESULT_COLUMNS, DiffRow, LeaderboardRow, RunDiff
@@ -34,10 +34,6 @@ def upsert_sample_results(session: Session, rows: Sequence[dict[str, Any]]) -> i
     )
     session.execute(stmt, values)
     return len(values)
-
-
-def _stderr_of_mean(p: float, n: int) -> float | None:
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
 
 
 def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
@@ -65,10 +61,10 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
             m["errors"] = (float(n_err), None, n)
         if n_c:
             p = k_c / n_c
-            m["acc"] = (p, _stderr_of_mean(p, n_c), n_c)
+            m["acc"] = (p, proportion_stderr(p, n_c), n_c)
         if n_cn:
             p = k_cn / n_cn
-            m["acc_norm"] = (p, _stderr_of_mean(p, n_cn), n_cn)
+            m["acc_norm"] = (p, proportion_stderr(p, n_cn), n_cn)
         m["tokens"] = (float(tok) if tok is not None else None, None, n)
         m["latency_s"] = (float(lat) if lat is not None else None, None, n)
         if n_flip:
