@@ -15,8 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.jobs_cmd import (EXIT_USAGE, TokenOpt, UserOpt, _check_schema, _fail, _json_default,
-                                   _progress_bar, _settings, _user_errors, cell)
+from services.cli.common import (EXIT_USAGE, TokenOpt, UserOpt, check_schema, fail, json_default,
+                                   progress_bar, cli_settings, user_errors, cell)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
@@ -30,7 +30,7 @@ def _gate_errors() -> Iterator[None]:
     from services.regress import EvaluationFailed, GateError
     from services.suites import SuiteError
 
-    with _user_errors():
+    with user_errors():
         try:
             yield
         except SuiteError as e:
@@ -39,9 +39,9 @@ def _gate_errors() -> Iterator[None]:
                 typer.echo(f"  {line}", err=True)
             raise typer.Exit(EXIT_USAGE) from None
         except (GateError, ModelLoadError) as e:
-            _fail(str(e))
+            fail(str(e))
         except EvaluationFailed as e:
-            _fail(f"no verdict: {e}")
+            fail(f"no verdict: {e}")
 
 
 def _manifest_summary(manifest: dict[str, Any]) -> str:
@@ -83,18 +83,18 @@ def register(app: typer.Typer) -> None:
         from services.model_refs import inspect_adapter_dir, resolve_base
         from services.submit_request import SubmissionError
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
             if not NAME_RE.match(name):
-                _fail(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (no ':' or '/')")
-            _check_schema(settings, migrate_embedded=True)
+                fail(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (no ':' or '/')")
+            check_schema(settings, migrate_embedded=True)
             errors: list[str] = []
             found = inspect_adapter_dir(str(directory), settings, errors)
             if found is None:
                 raise SubmissionError(errors)
             trained_on = found.manifest.get("base")
             if base is not None and trained_on and trained_on != base:
-                _fail(f"adapter {directory} was trained on base model {trained_on!r} (tad_manifest.json), not "
+                fail(f"adapter {directory} was trained on base model {trained_on!r} (tad_manifest.json), not "
                       f"{base!r}")
             base_name = base or trained_on or DEFAULT_BASE
             resolved = resolve_base(base_name, settings, errors)
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
                         s, name=name, path=str(found.path), method=found.method, sha256=found.sha256,
                         base_model_id=base_row.id, manifest=found.manifest, version=version)
                 except ValueError as e:
-                    _fail(str(e))
+                    fail(str(e))
         if not created:
             typer.echo(f"{info.label} already has these weights (sha256 {info.sha256[:12]}): nothing registered")
             return
@@ -135,13 +135,13 @@ def register(app: typer.Typer) -> None:
         from services.db import store
         from services.db.session import session_scope
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
         with session_scope(settings) as s:
             rows = store.list_adapters(s, name)
         if as_json:
-            typer.echo(json.dumps([asdict(a) for a in rows], default=_json_default))
+            typer.echo(json.dumps([asdict(a) for a in rows], default=json_default))
             return
         table = Table()
         for col in ("adapter", "promoted", "method", "base", "sha256", "trained on", "registered", "path"):
@@ -159,9 +159,9 @@ def register(app: typer.Typer) -> None:
         from services.db.session import session_scope
         from services.regress import GateError, parse_ref
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
             name, version = parse_ref(ref, "adapter")
             if version is None:
                 raise GateError(f"adapter {ref!r}: give the version to promote, NAME:VERSION")
@@ -177,10 +177,10 @@ def register(app: typer.Typer) -> None:
         from services.regress import GateError
         from services.suites import load_suite_file
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
             spec = load_suite_file(file)
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
             with session_scope(settings) as s:
                 try:
                     info, created = store.add_suite(s, name=spec.name, version=spec.version, spec=spec.to_json(),
@@ -201,13 +201,13 @@ def register(app: typer.Typer) -> None:
         from services.db.session import session_scope
         from services.suites import SuiteSpec
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
         with session_scope(settings) as s:
             rows = store.list_suites(s)
         if as_json:
-            typer.echo(json.dumps([asdict(x) for x in rows], default=_json_default))
+            typer.echo(json.dumps([asdict(x) for x in rows], default=json_default))
             return
         table = Table()
         for col in ("suite", "datasets", "strategies", "config", "added"):
@@ -241,9 +241,9 @@ def register(app: typer.Typer) -> None:
         """Gate a candidate adapter version against its baseline on a suite (exit 0: passed, 1: regressed, 2: error)."""
         from services.regress import finish_gate, plan_gate, run_embedded, run_on_workers
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=not workers)
+            check_schema(settings, migrate_embedded=not workers)
             plan = plan_gate(candidate, suite, against, alpha=alpha, min_effect=min_effect, force=force,
                              submitted_by=user or "", token=token, settings=settings)
             reused = sum(1 for side in plan.sides if side.reused)
@@ -251,7 +251,7 @@ def register(app: typer.Typer) -> None:
                        f"{len(plan.jobs)} job(s) to run ({plan.total_samples} samples), "
                        f"{reused} of {len(plan.sides)} dataset run(s) reused", err=True)
             if plan.jobs:
-                with _progress_bar(plan.total_samples, "regress") as bar:
+                with progress_bar(plan.total_samples, "regress") as bar:
                     if workers:
                         def _set(done: int) -> None:
                             bar.n = done
@@ -262,7 +262,7 @@ def register(app: typer.Typer) -> None:
                         run_embedded(plan, settings, progress=bar.update)
             result = finish_gate(plan, settings)
         if as_json:
-            typer.echo(json.dumps(result.to_json(), default=_json_default))
+            typer.echo(json.dumps(result.to_json(), default=json_default))
         else:
             _print_gate(result)
         raise typer.Exit(result.exit_code)
