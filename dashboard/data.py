@@ -225,6 +225,14 @@ def cancel_job(url: str, job_id: int) -> store.JobInfo:
     return info
 
 
+def mark_job_failed(url: str, job_id: int, error: str) -> None:
+    """Record that a job the dashboard ran in its own process failed (store.mark_job_failed), for the Live jobs
+    page; the other write besides cancel."""
+    with _session(url) as s:
+        store.mark_job_failed(s, job_id, error)
+    clear_caches()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Token decoding for the knowledge-vector token view (per-step entries store token ids)
 

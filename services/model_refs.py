@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tad_core import adapter_dir as layout
+from tad_core.assets import sha256_file
+
+from services.refs import RefError, parse_ref
 from services.security import SecurityError, resolve_under_roots
 from services.settings import Settings
 from services.submit_request import SubmissionError, SubmitRequest
@@ -29,14 +33,6 @@ class ModelSide:
     finetuned_fingerprint: str = ""
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dir_fingerprint(path: Path) -> str:
     """Identity of a model directory without hashing gigabytes: config bytes + weight file names and sizes."""
     h = hashlib.sha256()
@@ -50,16 +46,12 @@ def _dir_fingerprint(path: Path) -> str:
 
 def _parse_adapter_ref(text: str) -> tuple[str, int | None] | None:
     """`name:version` or `name:latest` -> (name, version); None when `text` looks like a path."""
-    if "/" in text or text.startswith((".", "~")) or Path(text).expanduser().exists():
+    if "/" in text or text.startswith((".", "~")) or Path(text).expanduser().exists() or ":" not in text:
         return None
-    name, sep, ver = text.partition(":")
-    if not sep:
-        return None
-    if ver == "latest":
-        return name, None
-    if not ver.isdigit():
-        raise SubmissionError([f"--adapter {text!r}: version must be an integer or 'latest'"])
-    return name, int(ver)
+    try:
+        return parse_ref(text, "--adapter")
+    except RefError as e:
+        raise SubmissionError([str(e)]) from None
 
 
 @dataclass(frozen=True)
@@ -80,33 +72,24 @@ def inspect_adapter_dir(text: str, settings: Settings, errors: list[str]) -> Ada
     except SecurityError as e:
         errors.append(str(e))
         return None
-    if not (adir / "adapter_config.json").is_file():
-        errors.append(f"adapter {text!r}: not a PEFT adapter directory (no adapter_config.json)")
+    if not (adir / layout.CONFIG).is_file():
+        errors.append(f"adapter {text!r}: not a PEFT adapter directory (no {layout.CONFIG})")
         return None
-    weights = adir / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (adir / "adapter_model.bin").is_file() and not settings.allow_pickle:
-            errors.append(f"adapter {text!r} stores pickled weights (adapter_model.bin); convert it to "
-                          "safetensors (pickle can run code on load; TAD_ALLOW_PICKLE=1 overrides)")
-            return None
-        weights = adir / "adapter_model.bin"
-        if not weights.is_file():
-            errors.append(f"adapter {text!r} has no adapter_model.safetensors")
-            return None
+    weights = layout.weights_file(adir)
+    if weights is None:
+        errors.append(f"adapter {text!r} has no {layout.SAFETENSORS}")
+        return None
+    if weights.name == layout.PICKLED and not settings.allow_pickle:
+        errors.append(f"adapter {text!r} stores pickled weights ({layout.PICKLED}); convert it to "
+                      "safetensors (pickle can run code on load; TAD_ALLOW_PICKLE=1 overrides)")
+        return None
     try:
-        cfg = json.loads((adir / "adapter_config.json").read_text())
+        cfg = json.loads((adir / layout.CONFIG).read_text())
     except (OSError, ValueError) as e:
-        errors.append(f"adapter {text!r}: unreadable adapter_config.json ({e})")
+        errors.append(f"adapter {text!r}: unreadable {layout.CONFIG} ({e})")
         return None
-    manifest: dict[str, Any] = {}
-    for name in ("tad_manifest.json", "manifest.json"):
-        if (adir / name).is_file():
-            try:
-                manifest = json.loads((adir / name).read_text())
-            except ValueError:
-                manifest = {}
-            break
-    return AdapterDir(adir, _sha256_file(weights), str(cfg.get("peft_type", "unknown")).lower(), manifest)
+    return AdapterDir(adir, sha256_file(weights), str(cfg.get("peft_type", "unknown")).lower(),
+                      layout.read_manifest(adir))
 
 
 def resolve_base(base: str, settings: Settings, errors: list[str]) -> tuple[str, str] | None:

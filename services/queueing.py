@@ -32,13 +32,24 @@ class QueueUnavailable(RuntimeError):
 def enqueue_or_fail(job_id: int, settings: Settings | None = None) -> int:
     """`enqueue_job`, and when the broker cannot take the shards, mark the stored job failed (a job whose
     messages were never sent would otherwise stay queued forever) and raise QueueUnavailable."""
+    return enqueue_all_or_fail([job_id], settings)
+
+
+def enqueue_all_or_fail(job_ids: list[int], settings: Settings | None = None) -> int:
+    """Queue every job of a group that only means something whole (a regression gate's jobs); when the broker
+    cannot take one, mark them all failed and raise QueueUnavailable (naming the first that could not be
+    queued). Returns how many shard messages were sent."""
     settings = settings or get_settings()
-    try:
-        return enqueue_job(job_id, settings)
-    except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
-        with session_scope(settings) as s:
-            store.mark_job_failed(s, job_id, f"could not queue the shards: {e}")
-        raise QueueUnavailable(job_id, e) from e
+    sent = 0
+    for job_id in job_ids:
+        try:
+            sent += enqueue_job(job_id, settings)
+        except Exception as e:  # noqa: BLE001 - broker unreachable: the stored jobs must not wait forever
+            with session_scope(settings) as s:
+                for j in job_ids:
+                    store.mark_job_failed(s, j, f"could not queue the shards: {e}")
+            raise QueueUnavailable(job_id, e) from e
+    return sent
 
 
 def requeue_job(job_id: int, settings: Settings | None = None) -> int:

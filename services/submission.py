@@ -77,7 +77,7 @@ def _check_budgets(data: DatasetData, config: Any, side: ModelSide, settings: Se
             count = token_counter(_submit_tokenizer(str(local)))
         except Exception as e:  # noqa: BLE001 - an unreadable tokenizer: the worker will say more
             log.warning("no tokenizer for the submission's token budgets (%s); the worker checks them", e)
-    lines = line_numbers(data.source)
+    lines = line_numbers(data.path)
     found = 0
     for i, d in enumerate(data.samples[:limit]):
         why = over_budget(Sample.from_dict(d), budgets, count, config.delimiter)

@@ -35,3 +35,4 @@ class SubmitRequest:
     token: str | None = None
     shard_size: int | None = None
     owner_id: int | None = None  # API user id (services.db.users) recorded as the job's owner
+    source_name: str | None = None  # recorded as a dataset file's source instead of its path (an upload's name)

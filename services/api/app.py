@@ -102,11 +102,13 @@ def _get_job(settings: Settings, job_id: int) -> dict[str, Any]:
     return job_out(job, owner)
 
 
-def _submit(settings: Settings, opts: SubmitOptions, dataset: str, principal: users.Principal) -> dict[str, Any]:
+def _submit(settings: Settings, opts: SubmitOptions, dataset: str, principal: users.Principal,
+            source_name: str | None = None) -> dict[str, Any]:
     """Plan (validate everything, store) and queue a job for the workers, owned by the caller: the same
-    functions as `tad submit`."""
+    functions as `tad submit` (`source_name`: what the datasets table records for an uploaded file)."""
     token = settings.submit_token.get_secret_value() if settings.submit_token else None
-    valid = validate_request(opts.to_request(dataset, principal.user, principal.user_id, token), settings)
+    valid = validate_request(opts.to_request(dataset, principal.user, principal.user_id, token, source_name),
+                             settings)
     for attempt in range(1, PLAN_ATTEMPTS + 1):
         try:
             plan = plan_validated(valid, settings)
@@ -216,13 +218,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValidationError as e:
             raise SubmissionError([f"options: {'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                    for err in e.errors()]) from None
+        shown = _text(Path(file.filename or "upload.jsonl").name, "file name")
         with tempfile.TemporaryDirectory(prefix="tad-upload-") as tmp:
             path = Path(tmp) / f"{_safe_stem(file.filename)}.jsonl"
             await _save_upload(file, path, cfg.max_dataset_bytes)
             try:
-                return await run_in_threadpool(_submit, cfg, opts, str(path), principal)
+                return await run_in_threadpool(_submit, cfg, opts, str(path), principal, f"upload:{shown}")
             except SubmissionError as e:  # name the uploaded file, not the server's temporary copy
-                shown = file.filename or "upload"
                 raise SubmissionError([m.replace(str(path), shown) for m in e.errors]) from None
 
     @app.get("/jobs", response_model=list[JobOut], tags=["jobs"])

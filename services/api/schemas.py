@@ -65,13 +65,14 @@ class SubmitOptions(BaseModel):
                 raise ValueError(f"a strategy spec is longer than {MAX_TEXT} characters")
         return value
 
-    def to_request(self, dataset: str, submitted_by: str, owner_id: int, token: str | None) -> SubmitRequest:
+    def to_request(self, dataset: str, submitted_by: str, owner_id: int, token: str | None,
+                   source_name: str | None = None) -> SubmitRequest:
         """The SubmitRequest `plan_job` validates and stores (`token`: the deployment's submit token, which the
-        server holds so that its users need none)."""
+        server holds so that its users need none; `source_name`: an uploaded file's name)."""
         return SubmitRequest(dataset=dataset, strategies=list(self.strategies), base=self.base, adapter=self.adapter,
                              finetuned=self.finetuned, adapter_name=self.adapter_name, split=self.split,
                              limit=self.limit, config=dict(self.config), submitted_by=submitted_by, token=token,
-                             shard_size=self.shard_size, owner_id=owner_id)
+                             shard_size=self.shard_size, owner_id=owner_id, source_name=source_name)
 
 
 class SubmitBody(SubmitOptions):

@@ -6,7 +6,6 @@ evaluation it needed did not finish, so there is no verdict), so a CI pipeline c
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -15,10 +14,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.common import (EXIT_USAGE, TokenOpt, UserOpt, check_schema, fail, json_default,
-                                   progress_bar, cli_settings, user_errors, cell)
+from services.cli.common import (EXIT_USAGE, TokenOpt, UserOpt, cell, check_schema, cli_settings, fail,
+                                 json_default, progress_bar, user_errors)
+from services.refs import NAME_RE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
 
 
@@ -27,6 +26,7 @@ def _gate_errors() -> Iterator[None]:
     """The errors of this module a user can fix: one message, exit code 2, no traceback."""
     from tad_core.models import ModelLoadError
 
+    from services.refs import RefError
     from services.regress import EvaluationFailed, GateError
     from services.suites import SuiteError
 
@@ -38,7 +38,7 @@ def _gate_errors() -> Iterator[None]:
             for line in e.errors:
                 typer.echo(f"  {line}", err=True)
             raise typer.Exit(EXIT_USAGE) from None
-        except (GateError, ModelLoadError) as e:
+        except (GateError, RefError, ModelLoadError) as e:
             fail(str(e))
         except EvaluationFailed as e:
             fail(f"no verdict: {e}")
@@ -157,7 +157,8 @@ def register(app: typer.Typer) -> None:
         """Mark NAME:VERSION as the accepted baseline of its family (what `tad regress` compares with)."""
         from services.db import store
         from services.db.session import session_scope
-        from services.regress import GateError, parse_ref
+        from services.refs import parse_ref
+        from services.regress import GateError
 
         settings = cli_settings()
         with _gate_errors():

@@ -137,3 +137,15 @@ def test_cancel_checks_the_submit_token(pg: dict) -> None:
     r = tad_cli(env, "cancel", "1", "--token", "t0ken")
     assert r.returncode == 0 and "job 1: cancelled" in r.stdout, r.stderr
     engine.dispose()
+
+
+def test_a_dataset_file_records_the_name_it_was_sent_under_not_a_server_path(pg: dict) -> None:
+    """An upload is planned from a temporary copy: the datasets table records the uploaded file's name (what the
+    API and the dashboard pass as `source_name`); a file named on the command line records its absolute path."""
+    uploaded = write_mc_dataset(pg["tmp"] / "copy.jsonl", 4)
+    plan = plan_job(SubmitRequest(dataset=str(uploaded), base=str(pg["model"]), source_name="upload:my colours.jsonl"),
+                    pg["settings"])
+    assert plan.dataset_created and plan.dataset.source == "upload:my colours.jsonl" and plan.dataset.name == "copy"
+    local = write_mc_dataset(pg["tmp"] / "local.jsonl", 5)
+    plan = plan_job(SubmitRequest(dataset=str(local), base=str(pg["model"])), pg["settings"])
+    assert plan.dataset.source == str(local.resolve())
