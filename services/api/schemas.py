@@ -6,10 +6,10 @@ let a caller read the server's files).
 """
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import dataclasses
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from services.db import store
 from services.export import plain
@@ -86,32 +86,25 @@ class SubmitBody(SubmitOptions):
         return _no_nul(value)
 
 
-class JobOut(BaseModel):
-    """A job with its progress and its owner."""
-
-    id: int
-    status: str
-    owner: str | None
-    submitted_by: str
-    created_at: datetime
-    spec: dict[str, Any]
-    dataset_id: int
-    adapter_id: int | None
-    base_model_id: int
-    cancel_requested: bool
-    n_samples: int
-    n_shards: int
-    shards_done: int
-    shards_failed: int
-    samples_done: int
-    progress: float = Field(description="samples done / samples, 0..1")
-    error: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    finished: bool
+def _fields_of(cls: type, drop: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """pydantic field definitions of a store dataclass (its resolved annotations, every field required), so a
+    response body restates no field of the store's type."""
+    hints = get_type_hints(cls)
+    return {f.name: (hints[f.name], ...) for f in dataclasses.fields(cls) if f.name not in drop}
 
 
-class SubmittedJob(JobOut):
+JobOut = create_model(
+    "JobOut",
+    __doc__="A job with its progress and its owner: the store's JobInfo without the owner's id, plus the owner's "
+            "name, the progress fraction and whether it ended.",
+    **_fields_of(store.JobInfo, drop=frozenset({"owner_id"})),
+    owner=(str | None, ...),
+    progress=(float, Field(description="samples done / samples, 0..1")),
+    finished=(bool, ...),
+)
+
+
+class SubmittedJob(JobOut):  # type: ignore[misc,valid-type]
     shards_queued: int
 
 
@@ -121,7 +114,7 @@ class RequeuedJob(BaseModel):
 
 
 class ResultsOut(BaseModel):
-    job: JobOut
+    job: JobOut  # type: ignore[valid-type]
     leaderboard: list[dict[str, Any]]
 
 
