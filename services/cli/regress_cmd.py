@@ -16,7 +16,6 @@ import typer
 
 from services.cli.common import (EXIT_USAGE, TokenOpt, UserOpt, cell, check_schema, cli_settings, fail,
                                  json_default, progress_bar, user_errors)
-from services.refs import NAME_RE
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
 
@@ -74,61 +73,78 @@ def register(app: typer.Typer) -> None:
                                                        "next free one)")] = None,
         base: Annotated[Optional[str], typer.Option("--base", help="base model it belongs to (default: the one "
                                                     "in tad_manifest.json, else smollm2-135m-instruct)")] = None,
+        gate: Annotated[Optional[list[str]], typer.Option("--gate", metavar="SUITE", help="queue the regression "
+                                                          "gate on this suite on the workers (repeatable; default: "
+                                                          "the family's gate suites, tad adapters gates)")] = None,
+        wait: Annotated[bool, typer.Option("--wait", help="wait for the gates' verdicts; exit 0 passed, 1 "
+                                           "regressed, 2 no verdict")] = False,
+        timeout: Annotated[Optional[float], typer.Option("--timeout", min=1.0, help="with --wait: give up after "
+                                                         "this many seconds (exit 2)")] = None,
+        alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="gate significance level")] = 0.05,
+        min_effect: Annotated[float, typer.Option("--min-effect", min=0.0, max=1.0,
+                                                  help="gate: smallest accuracy change that counts")] = 0.01,
+        user: UserOpt = "",
     ) -> None:
-        """Register an adapter directory as a new version of NAME (identical weights: nothing to do)."""
-        from tad_core.models import DEFAULT_BASE, check_adapter_fits, model_licence
-
-        from services.db import store
-        from services.db.session import session_scope
-        from services.model_refs import inspect_adapter_dir, resolve_base
-        from services.submit_request import SubmissionError
+        """Register an adapter directory as a new version of NAME (identical weights: nothing to do), and queue
+        its regression gates on the workers."""
+        from services.gates import gate_exit_code, wait_for_gates
+        from services.registration import register_adapter_dir
 
         settings = cli_settings()
         with _gate_errors():
-            if not NAME_RE.match(name):
-                fail(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (no ':' or '/')")
             check_schema(settings, migrate_embedded=True)
-            errors: list[str] = []
-            found = inspect_adapter_dir(str(directory), settings, errors)
-            if found is None:
-                raise SubmissionError(errors)
-            trained_on = found.manifest.get("base")
-            if base is not None and trained_on and trained_on != base:
-                fail(f"adapter {directory} was trained on base model {trained_on!r} (tad_manifest.json), not "
-                      f"{base!r}")
-            base_name = base or trained_on or DEFAULT_BASE
-            resolved = resolve_base(base_name, settings, errors)
-            if resolved is None:
-                raise SubmissionError(errors)
-            check_adapter_fits(resolved[0], found.path, allow_pickle=settings.allow_pickle)
-            if found.manifest.get("adapter_sha256") not in (None, found.sha256):
-                typer.secho(f"warning: {found.path}/tad_manifest.json describes other weights (sha256 "
-                            f"{str(found.manifest['adapter_sha256'])[:12]}) than the directory holds "
-                            f"({found.sha256[:12]})", err=True, fg=typer.colors.YELLOW)
-            with session_scope(settings) as s:
-                base_row = store.get_or_create_base_model(s, base_name, resolved[0], resolved[1],
-                                                          model_licence(base_name, Path(resolved[0])))
-                same = [a for a in store.list_adapters(s) if a.sha256 == found.sha256]
-                try:
-                    info, created = store.register_adapter(
-                        s, name=name, path=str(found.path), method=found.method, sha256=found.sha256,
-                        base_model_id=base_row.id, manifest=found.manifest, version=version)
-                except ValueError as e:
-                    fail(str(e))
-        if not created:
+            reg = register_adapter_dir(name, str(directory), version=version, base=base, gate=gate or None,
+                                       alpha=alpha, min_effect=min_effect, submitted_by=user or "",
+                                       settings=settings)
+        for warning in reg.warnings:
+            typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+        info = reg.adapter
+        if not reg.created:
             typer.echo(f"{info.label} already has these weights (sha256 {info.sha256[:12]}): nothing registered")
+        else:
+            summary = _manifest_summary(info.manifest)
+            typer.echo(f"registered {info.label}: {info.method}, sha256 {info.sha256[:12]}, base {info.base_model}"
+                       + (f", trained on {summary}" if summary else "") + f"\n  {info.path}")
+        if reg.twins:
+            typer.echo(f"  note: the same weights are registered as {', '.join(reg.twins)}")
+        if reg.gates_skipped:
+            typer.secho(f"note: {reg.gates_skipped}", err=True, fg=typer.colors.YELLOW)
+        for g in reg.gates:
+            typer.echo(f"gate {g.id}: {g.candidate} on suite {g.suite}: {g.status}")
+        if not (wait and reg.gates):
             return
-        summary = _manifest_summary(info.manifest)
-        typer.echo(f"registered {info.label}: {info.method}, sha256 {info.sha256[:12]}, base {info.base_model}"
-                   + (f", trained on {summary}" if summary else "") + f"\n  {info.path}")
-        twins = [a.label for a in same if a.id != info.id]
-        if twins:
-            typer.echo(f"  note: the same weights are registered as {', '.join(twins)}")
+        gates = wait_for_gates([g.id for g in reg.gates], settings, timeout=timeout)
+        for g in gates:
+            typer.echo(f"gate {g.id}: {g.candidate} on suite {g.suite}: {g.status}"
+                       + (f" (check {g.check_id})" if g.check_id else "") + (f": {g.error}" if g.error else ""))
+        raise typer.Exit(gate_exit_code(gates))
+
+    @adapters_app.command("gates")
+    def adapters_gates(
+        name: Annotated[str, typer.Argument(help="adapter family name")],
+        suites: Annotated[Optional[list[str]], typer.Argument(metavar="[SUITE]...", help="suites every new "
+                                                              "version is gated on")] = None,
+        clear: Annotated[bool, typer.Option("--clear", help="gate new versions on no suite")] = False,
+    ) -> None:
+        """Show or set the default gate suites of an adapter family (what `register` queues without --gate)."""
+        from services.db import store
+        from services.db.session import session_scope
+        from services.registration import set_default_gates
+
+        settings = cli_settings()
+        with _gate_errors():
+            check_schema(settings, migrate_embedded=True)
+            if suites or clear:
+                current = set_default_gates(name, [] if clear else suites or [], settings)
+            else:
+                with session_scope(settings) as s:
+                    current = store.family_gate_suites(s, name)
+        typer.echo(f"{name}: new versions are gated on " + (", ".join(current) if current else "no suite"))
 
     @adapters_app.command("list")
     def adapters_list(name: Annotated[Optional[str], typer.Argument(help="only this family")] = None,
                       as_json: JsonOpt = False) -> None:
-        """List registered adapter versions (★ = promoted baseline)."""
+        """List registered adapter versions (★ = promoted baseline) with their gates' verdicts."""
         from rich.console import Console
         from rich.table import Table
 
@@ -140,17 +156,26 @@ def register(app: typer.Typer) -> None:
             check_schema(settings, migrate_embedded=True)
         with session_scope(settings) as s:
             rows = store.list_adapters(s, name)
+            gates = store.gate_runs(s, candidate_ids=[a.id for a in rows]) if rows else []
+        by_adapter: dict[int, list[Any]] = {}
+        for g in gates:  # newest first: one (the newest) per suite
+            if all(x.suite != g.suite for x in by_adapter.get(g.candidate_id, [])):
+                by_adapter.setdefault(g.candidate_id, []).append(g)
         if as_json:
-            typer.echo(json.dumps([asdict(a) for a in rows], default=json_default))
+            typer.echo(json.dumps([{**asdict(a), "gates": [{"id": g.id, "suite": g.suite, "status": g.status,
+                                                            "verdict": g.verdict, "check_id": g.check_id,
+                                                            "error": g.error} for g in by_adapter.get(a.id, [])]}
+                                   for a in rows], default=json_default))
             return
         table = Table()
-        for col in ("adapter", "promoted", "method", "base", "sha256", "trained on", "registered", "path"):
+        for col in ("adapter", "promoted", "gates", "method", "base", "sha256", "trained on", "registered", "path"):
             table.add_column(col, overflow="fold")
         for a in rows:
-            table.add_row(cell(a.label), "★" if a.promoted else "", cell(a.method), cell(a.base_model), a.sha256[:12],
-                          cell(_manifest_summary(a.manifest) or "-"), a.created_at.strftime("%Y-%m-%d %H:%M"),
-                          cell(a.path))
-        Console(width=180).print(table)
+            verdicts = "\n".join(f"{g.suite} {g.status}" for g in by_adapter.get(a.id, [])) or "-"
+            table.add_row(cell(a.label), "★" if a.promoted else "", cell(verdicts), cell(a.method),
+                          cell(a.base_model), a.sha256[:12], cell(_manifest_summary(a.manifest) or "-"),
+                          a.created_at.strftime("%Y-%m-%d %H:%M"), cell(a.path))
+        Console(width=200).print(table)
 
     @adapters_app.command("promote")
     def adapters_promote(ref: Annotated[str, typer.Argument(metavar="NAME:VERSION")]) -> None:

@@ -226,3 +226,36 @@ class WorkerInfo:
     last_seen: datetime
     job_id: int | None
     shard_id: int | None
+
+
+GATE_FINISHED = ("passed", "regressed", "error")
+
+
+@dataclass(frozen=True)
+class GateRunInfo:
+    """A gate queued for an adapter version at registration (services.gates); `verdict` once it has one."""
+
+    id: int
+    candidate_id: int
+    candidate: str  # name:version
+    suite_id: int
+    suite: str  # name:version
+    status: str  # queued | running | finishing | passed | regressed | error
+    alpha: float
+    min_effect: float
+    job_ids: list[int]
+    check_id: int | None
+    error: str | None
+    submitted_by: str
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in GATE_FINISHED
+
+    @property
+    def verdict(self) -> str | None:
+        """passed / regressed once the check is stored, else None (queued, running, or no verdict: error)."""
+        return self.status if self.status in ("passed", "regressed") else None
+

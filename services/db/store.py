@@ -1,10 +1,10 @@
 """The store facade: every read and write the services do, as functions of a Session.
 
-The functions live in one module per area (services.db.registry, .jobs, .results, .workers) and return the plain
-types of services.db.entities; they never commit: the caller's `session_scope()` decides. Writes that can be
-repeated (a redelivered shard) are idempotent. This module re-exports them under one name because the CLI, the
-API, the dashboard, the workers and the tests (some forty modules) all call `store.<function>`: one facade for
-every caller, and the areas stay small.
+The functions live in one module per area (services.db.registry, .jobs, .results, .workers, .gates) and return the
+plain types of services.db.entities; they never commit: the caller's `session_scope()` decides. Writes that can be
+repeated (a redelivered shard) are idempotent. This module re-exports them under one name because the CLI, the API,
+the dashboard, the workers and the tests (some forty modules) all call `store.<function>`: one facade for every
+caller, and the areas stay small.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from services.db.entities import (  # noqa: F401
     ShardClaim,
     LeaderboardRow,
     DiffRow,
+    GATE_FINISHED,
+    GateRunInfo,
     RunDiff,
     SuiteInfo,
     RegressionCheckInfo,
@@ -30,6 +32,14 @@ from services.db.entities import (  # noqa: F401
 from services.db.naming import (  # noqa: F401
     scoring_variant,
     with_variant,
+)
+from services.db.gates import (  # noqa: F401
+    create_gate_run,
+    family_gate_suites,
+    gate_runs,
+    get_gate_run,
+    move_gate_run,
+    set_family_gate_suites,
 )
 from services.db.registry import (  # noqa: F401
     get_base_model,
