@@ -159,6 +159,13 @@ def regression_checks(url: str, adapter_name: str) -> list[store.RegressionCheck
         return store.regression_checks(s, adapter_name)
 
 
+@st.cache_data(ttl=LIVE_TTL, show_spinner=False)
+def gate_runs(url: str, adapter_name: str) -> list[store.GateRunInfo]:
+    """The gates queued for this family's versions, newest first (live: a verdict shows as soon as it lands)."""
+    with _session(url) as s:
+        return store.gate_runs(s, adapter_name=adapter_name)
+
+
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
 def paired(url: str, run_a: int, run_b: int, norm: bool = False) -> list[views.PairedOutcome]:
     with _session(url) as s:

@@ -173,6 +173,15 @@ def advance_open_gates(settings: Settings | None = None) -> list[int]:
     return [g for g in running if advance_gate(g, settings).finished]
 
 
+def newest_per_suite(gates: Sequence[store.GateRunInfo]) -> dict[int, list[store.GateRunInfo]]:
+    """Adapter version id -> its newest gate on each suite (what `tad adapters list` and the dashboard show)."""
+    out: dict[int, list[store.GateRunInfo]] = {}
+    for g in sorted(gates, key=lambda g: -g.id):
+        if all(x.suite != g.suite for x in out.get(g.candidate_id, [])):
+            out.setdefault(g.candidate_id, []).append(g)
+    return out
+
+
 def gate_exit_code(gates: Sequence[store.GateRunInfo]) -> int:
     """The CI exit code of a set of gates: 1 when one regressed, 2 when one has no verdict (an error, or still
     running at the timeout), else 0."""

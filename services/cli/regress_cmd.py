@@ -150,6 +150,7 @@ def register(app: typer.Typer) -> None:
 
         from services.db import store
         from services.db.session import session_scope
+        from services.gates import newest_per_suite
 
         settings = cli_settings()
         with _gate_errors():
@@ -157,10 +158,7 @@ def register(app: typer.Typer) -> None:
         with session_scope(settings) as s:
             rows = store.list_adapters(s, name)
             gates = store.gate_runs(s, candidate_ids=[a.id for a in rows]) if rows else []
-        by_adapter: dict[int, list[Any]] = {}
-        for g in gates:  # newest first: one (the newest) per suite
-            if all(x.suite != g.suite for x in by_adapter.get(g.candidate_id, [])):
-                by_adapter.setdefault(g.candidate_id, []).append(g)
+        by_adapter = newest_per_suite(gates)
         if as_json:
             typer.echo(json.dumps([{**asdict(a), "gates": [{"id": g.id, "suite": g.suite, "status": g.status,
                                                             "verdict": g.verdict, "check_id": g.check_id,
