@@ -41,8 +41,8 @@ def register_adapter_dir(name: str, directory: str, *, version: int | None = Non
                          gate: Sequence[str] | None = None, alpha: float = 0.05, min_effect: float = 0.01,
                          submitted_by: str = "", settings: Settings | None = None) -> Registration:
     """Register `directory` as a version of family `name` and queue its gates (`gate`: suite references; None:
-    the family's defaults). Raises GateError / SubmissionError / ModelLoadError before storing anything."""
-    from tad_core.models import DEFAULT_BASE, check_adapter_fits, model_licence
+    the family's defaults). Raises GateError / SubmissionError before storing anything."""
+    from tad_core.models import DEFAULT_BASE, ModelLoadError, check_adapter_fits, model_licence
 
     settings = settings or get_settings()
     check_family_name(name)
@@ -58,7 +58,10 @@ def register_adapter_dir(name: str, directory: str, *, version: int | None = Non
     resolved = resolve_base(base_name, settings, errors)
     if resolved is None:
         raise SubmissionError(errors)
-    check_adapter_fits(resolved[0], found.path, allow_pickle=settings.allow_pickle)
+    try:
+        check_adapter_fits(resolved[0], found.path, allow_pickle=settings.allow_pickle)
+    except ModelLoadError as e:
+        raise GateError(str(e)) from None
     warnings = []
     if found.manifest.get("adapter_sha256") not in (None, found.sha256):
         warnings.append(f"{found.path}/tad_manifest.json describes other weights (sha256 "

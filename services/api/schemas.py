@@ -118,6 +118,27 @@ class ResultsOut(BaseModel):
     leaderboard: list[dict[str, Any]]
 
 
+class RegisterBody(BaseModel):
+    """An adapter directory on the server (inside its model roots) to register as a version of family `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="adapter family name (letters, digits, _ . -)")
+    path: str = Field(min_length=1, max_length=MAX_TEXT, description="PEFT adapter directory on the server")
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="version number (default: the next one)")
+    base: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="base model (default: the "
+                                                                                 "adapter's manifest)")
+    gate: list[str] = Field(default_factory=list, max_length=20, description="suites to gate the version on "
+                                                                            "(default: the family's gate suites)")
+    alpha: float = Field(0.05, gt=0, le=1, description="gate significance level")
+    min_effect: float = Field(0.01, ge=0, lt=1, description="gate: smallest accuracy change that counts")
+
+
+def gate_out(gate: store.GateRunInfo) -> dict[str, Any]:
+    """A gate as the API shows it (JSON-safe, with its verdict: null until one lands)."""
+    return {**plain(gate), "verdict": gate.verdict, "finished": gate.finished}
+
+
 def job_out(job: store.JobInfo, owner: str | None) -> dict[str, Any]:
     """A JobInfo as the API shows it (JSON-safe, with the owner's name and the progress fraction)."""
     data = plain(job)

@@ -159,3 +159,41 @@ def test_register_with_gate_runs_on_a_celery_worker_and_ci_waits(service: dict, 
     with session_scope(settings) as s:
         newest = store.gate_runs(s, adapter_name="fam")[0]
     assert newest.candidate == "fam:3" and newest.status in ("passed", "regressed") and newest.check_id
+
+
+def test_api_registers_a_version_with_its_gate_and_reports_the_gate(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path, tiny_lora_dir: Path,
+        third_lora: Path) -> None:
+    """POST /adapters with a `gate` field: refused with 422 naming the problem (nothing stored) when the suite is
+    unknown; else the version is registered and its gate queued, and GET /gates/{id} and GET /adapters show it."""
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.db import users
+
+    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
+                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
+                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
+    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    with session_scope(settings) as s:
+        users.add_user(s, "ci")
+        secret = users.create_token(s, "ci").secret
+    body = {"name": "fam", "path": str(third_lora), "base": str(tiny_model_dir), "gate": ["nosuch"]}
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {secret}"}) as api:
+        refused = api.post("/adapters", json=body)
+        assert refused.status_code == 422 and "gate suite 'nosuch' is not registered" in refused.text
+        assert [a["label"] for a in api.get("/adapters").json()] == ["fam:1"]
+        assert api.post("/adapters", json={**body, "name": "a:b"}).status_code == 422
+        created = api.post("/adapters", json={**body, "gate": ["smoke"]})
+        assert created.status_code == 201, created.text
+        reply = created.json()
+        assert reply["adapter"]["label"] == "fam:2" and reply["created"] is True
+        (gate,) = reply["gates"]
+        assert (gate["candidate"], gate["suite"], gate["status"], gate["verdict"]) == ("fam:2", "smoke:1", "queued",
+                                                                                      None)
+        assert api.get(f"/gates/{gate['id']}").json()["status"] == "queued"
+        assert api.get("/gates/999").status_code == 404
+        listed = {a["label"]: a["gates"] for a in api.get("/adapters").json()}
+        assert [g["id"] for g in listed["fam:2"]] == [gate["id"]] and listed["fam:1"] == []
+        again = api.post("/adapters", json={**body, "gate": ["smoke"]}).json()  # CI re-run: the same gate
+        assert again["created"] is False and [g["id"] for g in again["gates"]] == [gate["id"]]
