@@ -20,6 +20,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+from sqlalchemy.orm import Session
+
 from services.db import store
 from services.db.session import session_scope
 from services.queueing import QueueUnavailable, enqueue_all_or_fail
@@ -37,7 +39,7 @@ def _server_token(settings: Settings) -> str | None:
     return settings.submit_token.get_secret_value() if settings.submit_token else None
 
 
-def resolve_gate_suites(s: object, family: str, candidate_sha256: str | None,
+def resolve_gate_suites(s: Session, family: str, candidate_sha256: str | None,
                         suites: Sequence[str]) -> list[store.SuiteInfo]:
     """The registered suites named by `suites` (NAME or NAME:VERSION, newest when no version), after checking that
     `family` has a promoted baseline to compare with that is not these very weights; GateError otherwise."""
