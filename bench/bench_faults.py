@@ -243,7 +243,9 @@ def _dataset(path: Path, n: int, special: dict[int, dict[str, Any]] | None = Non
 
 
 def _submit(e: Env, data: Path, base: str, lora: Path, shard_size: int, loose: bool = False) -> int:
-    from services.jobs import SubmitRequest, enqueue_job, plan_job
+    from services.planning import plan_job
+    from services.queueing import enqueue_job
+    from services.submit_request import SubmitRequest
 
     settings = e.settings.model_copy(update={"max_choices": 20_000, "max_prompt_tokens": 1_000_000}) if loose \
         else e.settings
@@ -256,7 +258,7 @@ def _submit(e: Env, data: Path, base: str, lora: Path, shard_size: int, loose: b
 
 def _finish(e: Env, job_id: int, started: float, patience: float) -> tuple[Any, int]:
     """Wait for the job to end; when it is still open after `patience` s, run `tad requeue` (a manual step)."""
-    from services.jobs import requeue_job
+    from services.queueing import requeue_job
 
     manual = 0
     while True:
@@ -295,7 +297,8 @@ def run_fault(name: str, args: argparse.Namespace, base: str, lora: Path, work: 
             special = {n // 2: {"prompt": "\U0001d518" * 16_700}}
         data = _dataset(work / f"{name.replace(' ', '_')}.jsonl", n, special)
         if name in ("10k-choice line", "huge prompt"):
-            from services.jobs import SubmissionError, SubmitRequest, plan_job
+            from services.planning import plan_job
+            from services.submit_request import SubmissionError, SubmitRequest
 
             try:
                 plan_job(SubmitRequest(dataset=str(data), base=base, adapter=str(lora), strategies=STRATEGIES),

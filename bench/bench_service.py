@@ -85,8 +85,12 @@ def bench_job(args: argparse.Namespace, work: Path) -> dict:
     from services.db import store
     from services.db.schema import upgrade
     from services.db.session import session_scope
-    from services.jobs import SubmitRequest, clear_pair_cache, enqueue_job, plan_job, run_job_embedded
+    from services.model_cache import clear_pair_cache
+    from services.planning import plan_job
+    from services.queueing import enqueue_job
     from services.settings import Settings
+    from services.shard_runner import run_job_embedded
+    from services.submit_request import SubmitRequest
 
     base, lora = _models(args.model, work)
     strategies = ["ft", "base", "tad:alpha=0.5,1,2"]

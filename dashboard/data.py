@@ -159,6 +159,13 @@ def regression_checks(url: str, adapter_name: str) -> list[store.RegressionCheck
         return store.regression_checks(s, adapter_name)
 
 
+@st.cache_data(ttl=LIVE_TTL, show_spinner=False)
+def gate_runs(url: str, adapter_name: str) -> list[store.GateRunInfo]:
+    """The gates queued for this family's versions, newest first (live: a verdict shows as soon as it lands)."""
+    with _session(url) as s:
+        return store.gate_runs(s, adapter_name=adapter_name)
+
+
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
 def paired(url: str, run_a: int, run_b: int, norm: bool = False) -> list[views.PairedOutcome]:
     with _session(url) as s:
@@ -223,6 +230,14 @@ def cancel_job(url: str, job_id: int) -> store.JobInfo:
         info = store.request_cancel(s, job_id)
     clear_caches()
     return info
+
+
+def mark_job_failed(url: str, job_id: int, error: str) -> None:
+    """Record that a job the dashboard ran in its own process failed (store.mark_job_failed), for the Live jobs
+    page; the other write besides cancel."""
+    with _session(url) as s:
+        store.mark_job_failed(s, job_id, error)
+    clear_caches()
 
 
 # ---------------------------------------------------------------------------------------------------------------

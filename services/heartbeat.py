@@ -6,15 +6,17 @@ tell a busy worker from a dead one. Each Celery worker process therefore runs a 
 `run_shard` last declared with `working_on`). A failed beat (database briefly unreachable) is logged and the next
 one tries again: a heartbeat never stops a worker.
 
-The same thread sweeps for dead workers (services.jobs.sweep_dead_workers): every worker process requeues the
+The same thread sweeps for dead workers (services.queueing.sweep_dead_workers): every worker process requeues the
 running shards of processes whose heartbeat is older than `TAD_WORKER_DEAD_AFTER`, and sends the queued shards
-again when the broker lost its data (services.jobs.recover_lost_queue), so recovery needs no person and no single
+again when the broker lost its data (services.queueing.recover_lost_queue), and gives a regression gate whose jobs
+have all ended its verdict (services.gates.advance_open_gates), so recovery needs no person and no single
 coordinator.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _current: dict[str, int | None] = {"job_id": None, "shard_id": None}
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def working_on(job_id: int | None, shard_id: int | None) -> None:
@@ -42,7 +48,6 @@ def beat(settings: Settings, info: dict[str, Any] | None = None) -> None:
     """Record one heartbeat of this process now."""
     from services.db import store
     from services.db.session import session_scope
-    from services.jobs import worker_name
 
     now = current()
     with session_scope(settings) as s:
@@ -51,7 +56,7 @@ def beat(settings: Settings, info: dict[str, Any] | None = None) -> None:
 
 class HeartbeatThread(threading.Thread):
     """Beats every `settings.heartbeat_interval` seconds until `stop()`; with `sweep`, also requeues the shards
-    of dead workers every `settings.sweep_every_s` seconds (services.jobs.sweep_dead_workers)."""
+    of dead workers every `settings.sweep_every_s` seconds (services.queueing.sweep_dead_workers)."""
 
     def __init__(self, settings: Settings, info: dict[str, Any] | None = None, sweep: bool = False) -> None:
         super().__init__(name="tad-heartbeat", daemon=True)
@@ -68,10 +73,12 @@ class HeartbeatThread(threading.Thread):
             if self.sweep and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.settings.sweep_every_s
                 try:
-                    from services.jobs import recover_lost_queue, sweep_dead_workers
+                    from services.gates import advance_open_gates
+                    from services.queueing import recover_lost_queue, sweep_dead_workers
 
                     sweep_dead_workers(self.settings)
                     recover_lost_queue(self.settings)
+                    advance_open_gates(self.settings)
                 except Exception as e:  # noqa: BLE001 - nor does a failed sweep; the next one tries again
                     log.warning("dead-worker sweep failed: %s", e)
             wait = self.settings.heartbeat_interval

@@ -21,9 +21,13 @@ from typing import Any
 
 from services.db import store, views
 from services.db.session import session_scope
-from services.jobs import (SubmitRequest, ValidatedRequest, enqueue_job, plan_validated, run_job_embedded,
-                           validate_request)
+from services.planning import plan_validated, run_hashes
+from services.queueing import QueueUnavailable, enqueue_all_or_fail
+from services.refs import RefError, parse_ref
 from services.settings import Settings, get_settings
+from services.shard_runner import run_job_embedded
+from services.submission import ValidatedRequest, validate_request
+from services.submit_request import SubmitRequest
 from services.suites import SuiteDataset, SuiteSpec
 
 class GateError(ValueError):
@@ -32,18 +36,6 @@ class GateError(ValueError):
 
 class EvaluationFailed(RuntimeError):
     """A job the gate needed did not finish (failed, partial, cancelled or timed out): no verdict."""
-
-
-def parse_ref(text: str, what: str) -> tuple[str, int | None]:
-    """`NAME:VERSION` (or `NAME`, `NAME:latest`) -> (name, version or None)."""
-    name, sep, ver = text.strip().partition(":")
-    if not name:
-        raise GateError(f"{what} {text!r}: expected NAME:VERSION")
-    if not sep or ver == "latest":
-        return name, None
-    if not ver.isdigit() or int(ver) < 1:
-        raise GateError(f"{what} {text!r}: the version must be a positive integer or 'latest'")
-    return name, int(ver)
 
 
 def verdict(diff: float, p_value: float, alpha: float, min_effect: float) -> str:
@@ -136,8 +128,15 @@ class GateResult:
                 "jobs_run": self.jobs_run, "rows": [asdict(r) for r in self.rows]}
 
 
+def _ref(text: str, what: str) -> tuple[str, int | None]:
+    try:
+        return parse_ref(text, what)
+    except RefError as e:
+        raise GateError(str(e)) from None
+
+
 def _adapter(s: Any, text: str, what: str) -> store.AdapterInfo:
-    name, version = parse_ref(text, what)
+    name, version = _ref(text, what)
     found = store.find_adapter(s, name, version)
     if found is None:
         raise GateError(f"{what} {name}:{version if version is not None else 'latest'} is not registered "
@@ -147,10 +146,10 @@ def _adapter(s: Any, text: str, what: str) -> store.AdapterInfo:
 
 def _check_weights(adapter: store.AdapterInfo) -> None:
     """The registered weights must still be the ones on disk before results are computed and labelled with them."""
+    from tad_core.adapter_dir import weights_file
     from tad_core.assets import sha256_file
 
-    path = Path(adapter.path)
-    weights = next((path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).is_file()), None)
+    weights = weights_file(Path(adapter.path))
     if weights is None:
         raise GateError(f"adapter {adapter.label}: no weights at {adapter.path} any more")
     if sha256_file(weights) != adapter.sha256:
@@ -171,7 +170,7 @@ def plan_gate(candidate: str, suite: str, against: str | None = None, *, alpha: 
     if not 0 <= min_effect < 1:
         raise GateError(f"--min-effect must be in [0, 1), got {min_effect}")
     with session_scope(settings) as s:
-        name, version = parse_ref(suite, "suite")
+        name, version = _ref(suite, "suite")
         suite_info = store.find_suite(s, name, version)
         if suite_info is None:
             raise GateError(f"suite {name}:{version if version is not None else 'latest'} is not registered "
@@ -198,7 +197,7 @@ def plan_gate(candidate: str, suite: str, against: str | None = None, *, alpha: 
                                 adapter=adapter.label, split=d.split, limit=d.limit, config=dict(spec.config),
                                 submitted_by=submitted_by, token=token)
             v = validate_request(req, settings)
-            sides.append(_SideRun(adapter, d, v, v.run_hashes(adapter.sha256)))
+            sides.append(_SideRun(adapter, d, v, run_hashes(v, adapter.sha256)))
     # decide what is reused (or shared within this gate) before storing anything
     first: dict[frozenset[str], _SideRun] = {}
     todo: list[_SideRun] = []
@@ -254,14 +253,10 @@ def run_on_workers(plan: GatePlan, settings: Settings | None = None, *,
     """
     settings = settings or get_settings()
     job_ids = list(plan.jobs)
-    for job_id in job_ids:
-        try:
-            enqueue_job(job_id, settings)
-        except Exception as e:  # noqa: BLE001 - broker unreachable: the stored jobs must not wait forever
-            with session_scope(settings) as s:
-                for j in job_ids:
-                    store.mark_job_failed(s, j, f"could not queue the shards: {e}")
-            raise EvaluationFailed(f"the broker is unreachable ({e}); jobs {job_ids} marked failed") from e
+    try:
+        enqueue_all_or_fail(job_ids, settings)
+    except QueueUnavailable as e:
+        raise EvaluationFailed(f"the broker is unreachable ({e.cause}); jobs {job_ids} marked failed") from e
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         with session_scope(settings) as s:

@@ -9,14 +9,13 @@ Holm-adjusted over the strategies of that train size. Used by `bench/study_proto
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from services.db import store
-from tad_core.metrics import holm, mcnemar_p
+from tad_core.metrics import holm, macro_average_stderr, mcnemar_p
 
 AVERAGE = "average"
 
@@ -84,7 +83,7 @@ def _averages(cells: Sequence[StudyCell]) -> list[StudyCell]:
         fixed = sum(c.fixed or 0 for c in cs) if any(c.fixed is not None for c in cs) else None
         broken = sum(c.broken or 0 for c in cs) if fixed is not None else None
         out.append(StudyCell(size, adapter, AVERAGE, strategy, sum(accs) / len(accs) if accs else None,
-                             math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None,
+                             macro_average_stderr(ses),
                              sum(c.n for c in cs), sum(c.unparsed for c in cs), fixed, broken,
                              mcnemar_p(fixed, broken) if fixed is not None else None, None,
                              cs[0].final_loss))

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.refs import NAME_RE
+
 SUITE_FIELDS = ("name", "version", "description", "datasets", "strategies", "config")
 DATASET_FIELDS = ("dataset", "split", "limit")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 class SuiteError(ValueError):

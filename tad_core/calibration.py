@@ -20,6 +20,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from tad_core import adapter_dir as layout
+from tad_core.assets import sha256_file
 from tad_core.models import PairedModel
 from tad_core.paths import cache_subdir
 from tad_core.samples import Sample
@@ -92,14 +94,6 @@ def calibrate_svdecode_mu(pair: PairedModel, samples: Sequence[Sample], beta: fl
                              beta=float(beta))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dir_identity(d: Path) -> dict[str, Any]:
     """A model directory's identity: config bytes, the GGUF it came from, and its weight files' names and sizes
     (not their full hash, which would read gigabytes at every look-up)."""
@@ -120,11 +114,11 @@ def pair_fingerprint(pair: PairedModel) -> str:
     ident: dict[str, Any] = {"base": pair.base_name, "base_dir": _dir_identity(Path(pair.base_dir)), "path": pair.path}
     if pair.adapter_dir is not None:
         adir = Path(pair.adapter_dir)
-        weights = adir / "adapter_model.safetensors"
-        if not weights.exists():
-            weights = adir / "adapter_model.bin"
-        ident["adapter"] = _sha256_file(weights)
-        ident["adapter_config"] = hashlib.sha256((adir / "adapter_config.json").read_bytes()).hexdigest()
+        weights = layout.weights_file(adir)
+        if weights is None:
+            raise FileNotFoundError(f"adapter {adir} has no {layout.SAFETENSORS}")
+        ident["adapter"] = sha256_file(weights)
+        ident["adapter_config"] = hashlib.sha256((adir / layout.CONFIG).read_bytes()).hexdigest()
     if pair.finetuned_dir is not None:
         ident["finetuned"] = _dir_identity(Path(pair.finetuned_dir))
     fp = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

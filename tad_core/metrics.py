@@ -31,6 +31,17 @@ def _std_err(x: np.ndarray) -> float:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+def proportion_stderr(p: float, n: int) -> float | None:
+    """Standard error of a proportion `p` of `n` 0/1 outcomes, from the counts alone: sqrt(p(1-p)/(n-1)), which
+    is the sample std / sqrt(n) of `accuracy` (so aggregates computed in SQL match it); None when n < 2."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+
+
+def macro_average_stderr(stderrs: Sequence[float]) -> float | None:
+    """Standard error of the unweighted mean of k independent estimates: sqrt(sum se_i^2) / k (None for none)."""
+    return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs) if stderrs else None
+
+
 def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean."""
     x = np.asarray(values, dtype=float)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tad_core import adapter_dir as layout
 from tad_core.assets import download_wheel, extract_members, sha256_file
 from tad_core.paths import cache_subdir
 
@@ -242,31 +243,21 @@ class PairedModel:
 
 
 def _adapter_weights(adapter_dir: Path, allow_pickle: bool) -> Path:
-    st = adapter_dir / "adapter_model.safetensors"
-    if st.exists():
-        return st
-    binf = adapter_dir / "adapter_model.bin"
-    if binf.exists():
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"adapter {adapter_dir} stores pickled weights (adapter_model.bin), which can run code on load; "
-                "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it"
-            )
-        return binf
-    raise ModelLoadError(f"adapter {adapter_dir} has no adapter_model.safetensors")
+    weights = layout.weights_file(adapter_dir)
+    if weights is None:
+        raise ModelLoadError(f"adapter {adapter_dir} has no {layout.SAFETENSORS}")
+    if weights.name == layout.PICKLED and not allow_pickle:
+        raise ModelLoadError(
+            f"adapter {adapter_dir} stores pickled weights ({layout.PICKLED}), which can run code on load; "
+            "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it"
+        )
+    return weights
 
 
 def _adapter_made_for(adapter_dir: Path, cfg: Any) -> str:
     """The base an adapter says it was trained on: `tad train`'s manifest, else PEFT's `base_model_name_or_path`."""
-    manifest = adapter_dir / "tad_manifest.json"
-    if manifest.is_file():
-        try:
-            base = json.loads(manifest.read_text()).get("base")
-        except (ValueError, OSError):
-            base = None
-        if base:
-            return str(base)
-    return str(cfg.base_model_name_or_path or "an unrecorded base")
+    base = layout.read_manifest(adapter_dir).get("base")
+    return str(base or cfg.base_model_name_or_path or "an unrecorded base")
 
 
 def _skeleton(model_dir: Path) -> PreTrainedModel:
@@ -381,8 +372,8 @@ def load_pair(
         from peft import PeftConfig, PeftModel
 
         adapter_dir = Path(adapter).expanduser()
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise ModelLoadError(f"adapter {adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+        if not (adapter_dir / layout.CONFIG).exists():
+            raise ModelLoadError(f"adapter {adapter_dir} is not a PEFT adapter directory (no {layout.CONFIG})")
         weights = _adapter_weights(adapter_dir, allow_pickle)
         if (adapter_dir / "tokenizer_config.json").exists() and not same_vocabulary(tok, load_tokenizer(adapter_dir)):
             raise ModelLoadError(f"adapter {adapter_dir} ships a tokenizer that differs from the base model's")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from tad_core.adapter_dir import MANIFEST, SAFETENSORS
 from tad_core.assets import sha256_file
 from tad_core.datasets import load_dataset
 from tad_core.formats import canonical_format, format_context, parse_format
@@ -27,7 +28,6 @@ METHODS: tuple[str, ...] = ("lora", "ia3", "prefix")
 DEFAULT_LR: dict[str, float] = {"lora": 5e-4, "ia3": 3e-3, "prefix": 1e-2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PREFIX_VIRTUAL_TOKENS = 16
-MANIFEST = "tad_manifest.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,7 +228,7 @@ def _train(cfg: TrainConfig, parts: list[tuple[Any, list[Sample]]], base_dir: Pa
     model.eval()
     cfg.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(cfg.out), safe_serialization=True)
-    weights = cfg.out / "adapter_model.safetensors"
+    weights = cfg.out / SAFETENSORS
     tail = losses[-10:]
     manifest: dict[str, Any] = {
         "base": cfg.base,

@@ -18,6 +18,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.views.common import as_utc, md
 from services.db import store
+from services.gates import newest_per_suite
 from services.db.views import PairedOutcome, RunRow
 from services.regress import verdict
 from tad_core.metrics import mcnemar
@@ -108,11 +109,16 @@ def render() -> None:
     alpha = c3.number_input("significance", 0.001, 0.5, 0.05, step=0.01, format="%.3f", key="rg_alpha")
     min_effect = c4.number_input("min effect", 0.0, 1.0, 0.0, step=0.01, key="rg_min_effect",
                                  help="smallest |acc difference| that counts as a change")
+    gates = data.gate_runs(url, family)
+    newest = newest_per_suite(gates)
     st.dataframe(pd.DataFrame.from_records([{
-        "version": a.version, "promoted": "★" if a.promoted else "", "registered": as_utc(a.created_at),
+        "version": a.version, "promoted": "★" if a.promoted else "",
+        "gates": ", ".join(f"{g.suite} {g.status}" for g in newest.get(a.id, [])) or "-",
+        "registered": as_utc(a.created_at),
         "method": a.method, "sha256": a.sha256[:12], "base model": a.base_model, "path": a.path,
         "manifest": ", ".join(f"{k}={v}" for k, v in list(a.manifest.items())[:4])} for a in versions]),
         hide_index=True, width="stretch")
+    _gate_runs(gates)
     _gate_checks(data.regression_checks(url, family))
     rows = data.runs(url, adapter_name=family)
     if not rows:
@@ -160,6 +166,18 @@ def render() -> None:
                           "p_value", "verdict"]], hide_index=True, width="stretch",
                      column_config={c: st.column_config.NumberColumn(format="%.4f")
                                     for c in ("acc", "stderr", "diff", "ci_low", "ci_high")})
+
+
+def _gate_runs(gates: Sequence[store.GateRunInfo]) -> None:
+    """The gates queued when versions were registered (`--gate`, or the family's gate suites): status, verdict,
+    the check it stored, or why there is none."""
+    if not gates:
+        return
+    st.subheader("Gates queued at registration")
+    st.dataframe(pd.DataFrame.from_records([{
+        "gate": g.id, "candidate": g.candidate, "suite": g.suite, "status": g.status, "check": g.check_id,
+        "queued": as_utc(g.created_at), "finished": as_utc(g.finished_at),
+        "error": g.error or ""} for g in gates]), hide_index=True, width="stretch")
 
 
 def _gate_checks(checks: Sequence[store.RegressionCheckInfo]) -> None:

@@ -1,4 +1,4 @@
-"""Submission form: the same request and validation as `tad submit` (services.jobs.plan_job), guarded by the
+"""Submission form: the same request and validation as `tad submit` (services.planning.plan_job), guarded by the
 submit token when TAD_SUBMIT_TOKEN is set. A JSONL upload is checked with tad_core's validator (and the
 deployment's limits) before anything is written; on any error nothing is stored and every problem is listed.
 
@@ -26,18 +26,13 @@ MODES = {"workers": "Queue for the workers (tad submit)", "embedded": "Run in th
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def dataset_limits(settings: Settings) -> Any:
-    from tad_core.datasets.validate import DatasetLimits
-
-    return DatasetLimits(max_bytes=settings.max_dataset_bytes, max_rows=settings.max_dataset_rows,
-                         max_field_chars=settings.max_sample_chars)
-
-
 def save_upload(name: str, content: bytes, settings: Settings) -> Path:
     """Validate an uploaded canonical JSONL file and keep it under the cache (content-addressed, so the job's
     dataset source stays readable); raises DatasetValidationError listing every problem (nothing written)."""
     from tad_core.datasets.validate import validate_jsonl
     from tad_core.paths import cache_subdir
+
+    from services.dataset_input import dataset_limits
 
     validate_jsonl(content, dataset_limits(settings))
     stem = _SAFE_NAME.sub("_", Path(name).stem).strip("._") or "upload"
@@ -51,18 +46,14 @@ def save_upload(name: str, content: bytes, settings: Settings) -> Path:
 
 
 def _start_embedded(job_id: int, settings: Settings) -> None:
-    from services.jobs import run_job_embedded
+    from services.shard_runner import run_job_embedded
 
     def _run() -> None:
         try:
             run_job_embedded(job_id, settings)
         except Exception as e:  # noqa: BLE001 - recorded on the job so the Live jobs page shows it
             log.exception("embedded job %s failed", job_id)
-            from services.db import store
-            from services.db.session import session_scope
-
-            with session_scope(settings) as s:
-                store.mark_job_failed(s, job_id, f"{type(e).__name__}: {e}")
+            data.mark_job_failed(settings.database_url, job_id, f"{type(e).__name__}: {e}")
 
     threading.Thread(target=_run, name=f"tad-job-{job_id}", daemon=True).start()
 
@@ -140,10 +131,10 @@ def render() -> None:
 def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, upload: Any, split: str, limit: int,
             base: str, adapter: str, finetuned: str, strategies: str, config: dict[str, Any], shard_size: int,
             user: str, token: str, mode: str) -> None:
-    from services.db import store
-    from services.db.session import session_scope
-    from services.jobs import SubmissionError, SubmitRequest, enqueue_job, plan_job
+    from services.planning import plan_job
+    from services.queueing import QueueUnavailable, enqueue_or_fail
     from services.security import SecurityError, check_submit_token
+    from services.submit_request import SubmissionError, SubmitRequest
     from tad_core.datasets.validate import DatasetValidationError
 
     try:
@@ -165,11 +156,12 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
         dataset = ds_path.strip()
     else:
         dataset = ds_name
+    source_name = f"upload:{upload.name}" if source == "upload" else None
     specs = [line.strip() for line in strategies.splitlines() if line.strip()]
     req = SubmitRequest(dataset=dataset, strategies=specs, base=base.strip(), adapter=adapter.strip() or None,
                         finetuned=finetuned.strip() or None, split=split.strip() or "val", limit=limit or None,
                         config=config, submitted_by=user.strip(), token=token or None,
-                        shard_size=shard_size or None)
+                        shard_size=shard_size or None, source_name=source_name)
     try:
         plan = plan_job(req, settings)
     except SubmissionError as e:
@@ -185,11 +177,9 @@ def _submit(settings: Settings, *, source: str, ds_name: str, ds_path: str, uplo
         st.success(f"{what}, running in the dashboard process. Follow it on the Live jobs page.")
     else:
         try:
-            sent = enqueue_job(job.id, settings)
-        except Exception as e:  # noqa: BLE001 - broker unreachable: the stored job must not wait forever
-            with session_scope(settings) as s:
-                store.mark_job_failed(s, job.id, f"could not queue the shards: {e}")
-            st.error(f"{what} was stored but the broker is unreachable ({md(e)}); the job is marked failed.")
+            sent = enqueue_or_fail(job.id, settings)
+        except QueueUnavailable as e:
+            st.error(f"{what} was stored but the broker is unreachable ({md(e.cause)}); the job is marked failed.")
             return
         st.success(f"{what}, {sent} shards queued for the workers. Follow it on the Live jobs page.")
     data.clear_caches()

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings)`; `tad serve` runs it under uvicorn.
 
-Every endpoint calls the functions the CLI calls (services.jobs.plan_job / enqueue_or_fail / requeue_job,
-services.db.store, services.export), so a rule lives once. Errors a caller can fix are 4xx with the message the
+Every endpoint calls the functions the CLI calls (services.planning.plan_job, services.queueing.enqueue_or_fail /
+requeue_job, services.db.store, services.export), so a rule lives once. Errors a caller can fix are 4xx with the message the
 service raised: a rejected submission is 422 with every problem listed and nothing stored, an unknown job 404,
 an upload over TAD_MAX_DATASET_BYTES 413; an unreachable database or broker is 503.
 """
@@ -26,18 +26,23 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import current_principal, require_admin, require_job_owner, settings_of
-from services.api.schemas import (JobOut, RequeuedJob, ResultsOut, SubmitBody, SubmitOptions, SubmittedJob,
-                                  job_out)
+from services.api.schemas import (JobOut, RegisterBody, RequeuedJob, ResultsOut, SubmitBody, SubmitOptions,
+                                  SubmittedJob, gate_out, job_out)
 from services.db import store, users
 from services.db.models import JOB_STATUSES
 from services.db.schema import SchemaOutOfDate
 from services.db.session import session_scope
 from services.export import (DEFAULT_PAGE, SAMPLE_CSV_COLUMNS, iter_sample_rows, job_run_keys, plain,
                              sample_csv_cells)
-from services.jobs import (QueueUnavailable, SubmissionError, enqueue_or_fail, plan_validated, requeue_job,
-                           validate_request)
+from services.gates import newest_per_suite
+from services.planning import plan_validated
+from services.queueing import QueueUnavailable, enqueue_or_fail, requeue_job
+from services.registration import register_adapter_dir
+from services.regress import GateError
 from services.security import SecurityError
 from services.settings import Settings, get_settings
+from services.submission import validate_request
+from services.submit_request import SubmissionError
 
 MAX_ID = 2**31 - 1  # ids are 32-bit integers in the database: larger ones are refused, not looked up
 JobId = PathParam(ge=1, le=MAX_ID, description="job id")
@@ -51,6 +56,10 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SubmissionError)
     async def _submission(_: Request, exc: SubmissionError) -> JSONResponse:
         return JSONResponse({"detail": "submission rejected, nothing was stored", "errors": exc.errors}, 422)
+
+    @app.exception_handler(GateError)
+    async def _gate(_: Request, exc: GateError) -> JSONResponse:
+        return JSONResponse({"detail": "registration refused, nothing was stored", "errors": [str(exc)]}, 422)
 
     @app.exception_handler(SecurityError)
     async def _security(_: Request, exc: SecurityError) -> JSONResponse:
@@ -100,11 +109,13 @@ def _get_job(settings: Settings, job_id: int) -> dict[str, Any]:
     return job_out(job, owner)
 
 
-def _submit(settings: Settings, opts: SubmitOptions, dataset: str, principal: users.Principal) -> dict[str, Any]:
+def _submit(settings: Settings, opts: SubmitOptions, dataset: str, principal: users.Principal,
+            source_name: str | None = None) -> dict[str, Any]:
     """Plan (validate everything, store) and queue a job for the workers, owned by the caller: the same
-    functions as `tad submit`."""
+    functions as `tad submit` (`source_name`: what the datasets table records for an uploaded file)."""
     token = settings.submit_token.get_secret_value() if settings.submit_token else None
-    valid = validate_request(opts.to_request(dataset, principal.user, principal.user_id, token), settings)
+    valid = validate_request(opts.to_request(dataset, principal.user, principal.user_id, token, source_name),
+                             settings)
     for attempt in range(1, PLAN_ATTEMPTS + 1):
         try:
             plan = plan_validated(valid, settings)
@@ -214,13 +225,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValidationError as e:
             raise SubmissionError([f"options: {'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                    for err in e.errors()]) from None
+        shown = _text(Path(file.filename or "upload.jsonl").name, "file name")
         with tempfile.TemporaryDirectory(prefix="tad-upload-") as tmp:
             path = Path(tmp) / f"{_safe_stem(file.filename)}.jsonl"
             await _save_upload(file, path, cfg.max_dataset_bytes)
             try:
-                return await run_in_threadpool(_submit, cfg, opts, str(path), principal)
+                return await run_in_threadpool(_submit, cfg, opts, str(path), principal, f"upload:{shown}")
             except SubmissionError as e:  # name the uploaded file, not the server's temporary copy
-                shown = file.filename or "upload"
                 raise SubmissionError([m.replace(str(path), shown) for m in e.errors]) from None
 
     @app.get("/jobs", response_model=list[JobOut], tags=["jobs"])
@@ -326,7 +337,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Registered adapter versions (optionally of one family)."""
         with session_scope(settings_of(request)) as s:
             rows = store.list_adapters(s, _text(name, "name") if name else None)
-        return [{**plain(a), "label": a.label} for a in rows]
+            gates = newest_per_suite(store.gate_runs(s, candidate_ids=[a.id for a in rows])) if rows else {}
+        return [{**plain(a), "label": a.label, "gates": [gate_out(g) for g in gates.get(a.id, [])]} for a in rows]
+
+    @app.post("/adapters", status_code=201, tags=["adapters"])
+    def register(body: RegisterBody, request: Request,
+                 principal: users.Principal = Depends(current_principal)) -> dict[str, Any]:
+        """Register a server-side adapter directory (inside the model roots) as a version of its family and queue
+        its regression gates on the workers (`gate`: suites; none given: the family's gate suites). 422 lists
+        what is wrong, and nothing is stored."""
+        reg = register_adapter_dir(body.name, _text(body.path, "path"), version=body.version,
+                                   base=_text(body.base, "base") if body.base else None,
+                                   gate=[_text(g, "gate") for g in body.gate] or None, alpha=body.alpha,
+                                   min_effect=body.min_effect, submitted_by=principal.user,
+                                   settings=settings_of(request))
+        return {"adapter": {**plain(reg.adapter), "label": reg.adapter.label}, "created": reg.created,
+                "twins": reg.twins, "warnings": reg.warnings, "gates": [gate_out(g) for g in reg.gates],
+                "gates_skipped": reg.gates_skipped}
+
+    @app.get("/gates/{gate_id}", tags=["adapters"])
+    def gate(request: Request, gate_id: int = PathParam(ge=1, le=MAX_ID),
+             _: users.Principal = Depends(current_principal)) -> dict[str, Any]:
+        """A gate queued at registration: its status, and its verdict and check once they land."""
+        with session_scope(settings_of(request)) as s:
+            return gate_out(store.get_gate_run(s, gate_id))
 
     @app.post("/adapters/{name}/{version}/promote", tags=["adapters"])
     def promote(request: Request, name: str = PathParam(max_length=200),

@@ -1,19 +1,19 @@
 """Request and response bodies of the HTTP API (pydantic), and their conversion from the store's dataclasses.
 
-Defaults come from `services.jobs.SubmitRequest`, and a body becomes a SubmitRequest for `plan_job`: the API
+Defaults come from `services.submit_request.SubmitRequest`, and a body becomes a SubmitRequest for `plan_job`: the API
 adds no submission rule of its own except that a dataset is a registered name or an upload (a server path would
 let a caller read the server's files).
 """
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import dataclasses
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from services.db import store
 from services.export import plain
-from services.jobs import SubmitRequest
+from services.submit_request import SubmitRequest
 
 MAX_TEXT = 1000  # longest accepted free-text field: names and paths, never content
 
@@ -65,13 +65,14 @@ class SubmitOptions(BaseModel):
                 raise ValueError(f"a strategy spec is longer than {MAX_TEXT} characters")
         return value
 
-    def to_request(self, dataset: str, submitted_by: str, owner_id: int, token: str | None) -> SubmitRequest:
+    def to_request(self, dataset: str, submitted_by: str, owner_id: int, token: str | None,
+                   source_name: str | None = None) -> SubmitRequest:
         """The SubmitRequest `plan_job` validates and stores (`token`: the deployment's submit token, which the
-        server holds so that its users need none)."""
+        server holds so that its users need none; `source_name`: an uploaded file's name)."""
         return SubmitRequest(dataset=dataset, strategies=list(self.strategies), base=self.base, adapter=self.adapter,
                              finetuned=self.finetuned, adapter_name=self.adapter_name, split=self.split,
                              limit=self.limit, config=dict(self.config), submitted_by=submitted_by, token=token,
-                             shard_size=self.shard_size, owner_id=owner_id)
+                             shard_size=self.shard_size, owner_id=owner_id, source_name=source_name)
 
 
 class SubmitBody(SubmitOptions):
@@ -85,32 +86,25 @@ class SubmitBody(SubmitOptions):
         return _no_nul(value)
 
 
-class JobOut(BaseModel):
-    """A job with its progress and its owner."""
-
-    id: int
-    status: str
-    owner: str | None
-    submitted_by: str
-    created_at: datetime
-    spec: dict[str, Any]
-    dataset_id: int
-    adapter_id: int | None
-    base_model_id: int
-    cancel_requested: bool
-    n_samples: int
-    n_shards: int
-    shards_done: int
-    shards_failed: int
-    samples_done: int
-    progress: float = Field(description="samples done / samples, 0..1")
-    error: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    finished: bool
+def _fields_of(cls: type, drop: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """pydantic field definitions of a store dataclass (its resolved annotations, every field required), so a
+    response body restates no field of the store's type."""
+    hints = get_type_hints(cls)
+    return {f.name: (hints[f.name], ...) for f in dataclasses.fields(cls) if f.name not in drop}
 
 
-class SubmittedJob(JobOut):
+JobOut = create_model(
+    "JobOut",
+    __doc__="A job with its progress and its owner: the store's JobInfo without the owner's id, plus the owner's "
+            "name, the progress fraction and whether it ended.",
+    **_fields_of(store.JobInfo, drop=frozenset({"owner_id"})),
+    owner=(str | None, ...),
+    progress=(float, Field(description="samples done / samples, 0..1")),
+    finished=(bool, ...),
+)
+
+
+class SubmittedJob(JobOut):  # type: ignore[misc,valid-type]
     shards_queued: int
 
 
@@ -120,8 +114,29 @@ class RequeuedJob(BaseModel):
 
 
 class ResultsOut(BaseModel):
-    job: JobOut
+    job: JobOut  # type: ignore[valid-type]
     leaderboard: list[dict[str, Any]]
+
+
+class RegisterBody(BaseModel):
+    """An adapter directory on the server (inside its model roots) to register as a version of family `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="adapter family name (letters, digits, _ . -)")
+    path: str = Field(min_length=1, max_length=MAX_TEXT, description="PEFT adapter directory on the server")
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="version number (default: the next one)")
+    base: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="base model (default: the "
+                                                                                 "adapter's manifest)")
+    gate: list[str] = Field(default_factory=list, max_length=20, description="suites to gate the version on "
+                                                                            "(default: the family's gate suites)")
+    alpha: float = Field(0.05, gt=0, le=1, description="gate significance level")
+    min_effect: float = Field(0.01, ge=0, lt=1, description="gate: smallest accuracy change that counts")
+
+
+def gate_out(gate: store.GateRunInfo) -> dict[str, Any]:
+    """A gate as the API shows it (JSON-safe, with its verdict: null until one lands)."""
+    return {**plain(gate), "verdict": gate.verdict, "finished": gate.finished}
 
 
 def job_out(job: store.JobInfo, owner: str | None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from services.cli import core_cmd, data_cmd, jobs_cmd, regress_cmd, serve_cmd, train_cmd, users_cmd
+from services.cli import common, core_cmd, data_cmd, jobs_cmd, regress_cmd, serve_cmd, train_cmd, users_cmd
 
 class _Tad(typer.Typer):
     """The `tad` app: a database or broker that cannot be reached ends any command with one line and exit code
@@ -16,11 +16,11 @@ class _Tad(typer.Typer):
         try:
             return super().__call__(*args, **kwargs)
         except Exception as e:
-            message = jobs_cmd.unavailable_message(e)
+            message = common.unavailable_message(e)
             if message is None:
                 raise
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-            sys.exit(jobs_cmd.EXIT_UNAVAILABLE)
+            sys.exit(common.EXIT_UNAVAILABLE)
 
 
 app = _Tad(help="TaD-Eval: Task-aware Decoding evaluation service.", no_args_is_help=True,

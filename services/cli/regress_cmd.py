@@ -6,7 +6,6 @@ evaluation it needed did not finish, so there is no verdict), so a CI pipeline c
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -15,10 +14,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.jobs_cmd import (EXIT_USAGE, TokenOpt, UserOpt, _check_schema, _fail, _json_default,
-                                   _progress_bar, _settings, _user_errors, cell)
+from services.cli.common import (EXIT_USAGE, TokenOpt, UserOpt, cell, check_schema, cli_settings, fail,
+                                 json_default, progress_bar, user_errors)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
 
 
@@ -27,10 +25,11 @@ def _gate_errors() -> Iterator[None]:
     """The errors of this module a user can fix: one message, exit code 2, no traceback."""
     from tad_core.models import ModelLoadError
 
+    from services.refs import RefError
     from services.regress import EvaluationFailed, GateError
     from services.suites import SuiteError
 
-    with _user_errors():
+    with user_errors():
         try:
             yield
         except SuiteError as e:
@@ -38,10 +37,10 @@ def _gate_errors() -> Iterator[None]:
             for line in e.errors:
                 typer.echo(f"  {line}", err=True)
             raise typer.Exit(EXIT_USAGE) from None
-        except (GateError, ModelLoadError) as e:
-            _fail(str(e))
+        except (GateError, RefError, ModelLoadError) as e:
+            fail(str(e))
         except EvaluationFailed as e:
-            _fail(f"no verdict: {e}")
+            fail(f"no verdict: {e}")
 
 
 def _manifest_summary(manifest: dict[str, Any]) -> str:
@@ -74,93 +73,119 @@ def register(app: typer.Typer) -> None:
                                                        "next free one)")] = None,
         base: Annotated[Optional[str], typer.Option("--base", help="base model it belongs to (default: the one "
                                                     "in tad_manifest.json, else smollm2-135m-instruct)")] = None,
+        gate: Annotated[Optional[list[str]], typer.Option("--gate", metavar="SUITE", help="queue the regression "
+                                                          "gate on this suite on the workers (repeatable; default: "
+                                                          "the family's gate suites, tad adapters gates)")] = None,
+        wait: Annotated[bool, typer.Option("--wait", help="wait for the gates' verdicts; exit 0 passed, 1 "
+                                           "regressed, 2 no verdict")] = False,
+        timeout: Annotated[Optional[float], typer.Option("--timeout", min=1.0, help="with --wait: give up after "
+                                                         "this many seconds (exit 2)")] = None,
+        alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="gate significance level")] = 0.05,
+        min_effect: Annotated[float, typer.Option("--min-effect", min=0.0, max=1.0,
+                                                  help="gate: smallest accuracy change that counts")] = 0.01,
+        user: UserOpt = "",
     ) -> None:
-        """Register an adapter directory as a new version of NAME (identical weights: nothing to do)."""
-        from tad_core.models import DEFAULT_BASE, check_adapter_fits, model_licence
+        """Register an adapter directory as a new version of NAME (identical weights: nothing to do), and queue
+        its regression gates on the workers."""
+        from services.gates import gate_exit_code, wait_for_gates
+        from services.registration import register_adapter_dir
 
+        settings = cli_settings()
+        with _gate_errors():
+            check_schema(settings, migrate_embedded=True)
+            reg = register_adapter_dir(name, str(directory), version=version, base=base, gate=gate or None,
+                                       alpha=alpha, min_effect=min_effect, submitted_by=user or "",
+                                       settings=settings)
+        for warning in reg.warnings:
+            typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+        info = reg.adapter
+        if not reg.created:
+            typer.echo(f"{info.label} already has these weights (sha256 {info.sha256[:12]}): nothing registered")
+        else:
+            summary = _manifest_summary(info.manifest)
+            typer.echo(f"registered {info.label}: {info.method}, sha256 {info.sha256[:12]}, base {info.base_model}"
+                       + (f", trained on {summary}" if summary else "") + f"\n  {info.path}")
+        if reg.twins:
+            typer.echo(f"  note: the same weights are registered as {', '.join(reg.twins)}")
+        if reg.gates_skipped:
+            typer.secho(f"note: {reg.gates_skipped}", err=True, fg=typer.colors.YELLOW)
+        for g in reg.gates:
+            typer.echo(f"gate {g.id}: {g.candidate} on suite {g.suite}: {g.status}")
+        if not (wait and reg.gates):
+            return
+        gates = wait_for_gates([g.id for g in reg.gates], settings, timeout=timeout)
+        for g in gates:
+            typer.echo(f"gate {g.id}: {g.candidate} on suite {g.suite}: {g.status}"
+                       + (f" (check {g.check_id})" if g.check_id else "") + (f": {g.error}" if g.error else ""))
+        raise typer.Exit(gate_exit_code(gates))
+
+    @adapters_app.command("gates")
+    def adapters_gates(
+        name: Annotated[str, typer.Argument(help="adapter family name")],
+        suites: Annotated[Optional[list[str]], typer.Argument(metavar="[SUITE]...", help="suites every new "
+                                                              "version is gated on")] = None,
+        clear: Annotated[bool, typer.Option("--clear", help="gate new versions on no suite")] = False,
+    ) -> None:
+        """Show or set the default gate suites of an adapter family (what `register` queues without --gate)."""
         from services.db import store
         from services.db.session import session_scope
-        from services.jobs import SubmissionError, inspect_adapter_dir, resolve_base
+        from services.registration import set_default_gates
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            if not NAME_RE.match(name):
-                _fail(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (no ':' or '/')")
-            _check_schema(settings, migrate_embedded=True)
-            errors: list[str] = []
-            found = inspect_adapter_dir(str(directory), settings, errors)
-            if found is None:
-                raise SubmissionError(errors)
-            trained_on = found.manifest.get("base")
-            if base is not None and trained_on and trained_on != base:
-                _fail(f"adapter {directory} was trained on base model {trained_on!r} (tad_manifest.json), not "
-                      f"{base!r}")
-            base_name = base or trained_on or DEFAULT_BASE
-            resolved = resolve_base(base_name, settings, errors)
-            if resolved is None:
-                raise SubmissionError(errors)
-            check_adapter_fits(resolved[0], found.path, allow_pickle=settings.allow_pickle)
-            if found.manifest.get("adapter_sha256") not in (None, found.sha256):
-                typer.secho(f"warning: {found.path}/tad_manifest.json describes other weights (sha256 "
-                            f"{str(found.manifest['adapter_sha256'])[:12]}) than the directory holds "
-                            f"({found.sha256[:12]})", err=True, fg=typer.colors.YELLOW)
-            with session_scope(settings) as s:
-                base_row = store.get_or_create_base_model(s, base_name, resolved[0], resolved[1],
-                                                          model_licence(base_name, Path(resolved[0])))
-                same = [a for a in store.list_adapters(s) if a.sha256 == found.sha256]
-                try:
-                    info, created = store.register_adapter(
-                        s, name=name, path=str(found.path), method=found.method, sha256=found.sha256,
-                        base_model_id=base_row.id, manifest=found.manifest, version=version)
-                except ValueError as e:
-                    _fail(str(e))
-        if not created:
-            typer.echo(f"{info.label} already has these weights (sha256 {info.sha256[:12]}): nothing registered")
-            return
-        summary = _manifest_summary(info.manifest)
-        typer.echo(f"registered {info.label}: {info.method}, sha256 {info.sha256[:12]}, base {info.base_model}"
-                   + (f", trained on {summary}" if summary else "") + f"\n  {info.path}")
-        twins = [a.label for a in same if a.id != info.id]
-        if twins:
-            typer.echo(f"  note: the same weights are registered as {', '.join(twins)}")
+            check_schema(settings, migrate_embedded=True)
+            if suites or clear:
+                current = set_default_gates(name, [] if clear else suites or [], settings)
+            else:
+                with session_scope(settings) as s:
+                    current = store.family_gate_suites(s, name)
+        typer.echo(f"{name}: new versions are gated on " + (", ".join(current) if current else "no suite"))
 
     @adapters_app.command("list")
     def adapters_list(name: Annotated[Optional[str], typer.Argument(help="only this family")] = None,
                       as_json: JsonOpt = False) -> None:
-        """List registered adapter versions (★ = promoted baseline)."""
+        """List registered adapter versions (★ = promoted baseline) with their gates' verdicts."""
         from rich.console import Console
         from rich.table import Table
 
         from services.db import store
         from services.db.session import session_scope
+        from services.gates import newest_per_suite
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
         with session_scope(settings) as s:
             rows = store.list_adapters(s, name)
+            gates = store.gate_runs(s, candidate_ids=[a.id for a in rows]) if rows else []
+        by_adapter = newest_per_suite(gates)
         if as_json:
-            typer.echo(json.dumps([asdict(a) for a in rows], default=_json_default))
+            typer.echo(json.dumps([{**asdict(a), "gates": [{"id": g.id, "suite": g.suite, "status": g.status,
+                                                            "verdict": g.verdict, "check_id": g.check_id,
+                                                            "error": g.error} for g in by_adapter.get(a.id, [])]}
+                                   for a in rows], default=json_default))
             return
         table = Table()
-        for col in ("adapter", "promoted", "method", "base", "sha256", "trained on", "registered", "path"):
+        for col in ("adapter", "promoted", "gates", "method", "base", "sha256", "trained on", "registered", "path"):
             table.add_column(col, overflow="fold")
         for a in rows:
-            table.add_row(cell(a.label), "★" if a.promoted else "", cell(a.method), cell(a.base_model), a.sha256[:12],
-                          cell(_manifest_summary(a.manifest) or "-"), a.created_at.strftime("%Y-%m-%d %H:%M"),
-                          cell(a.path))
-        Console(width=180).print(table)
+            verdicts = "\n".join(f"{g.suite} {g.status}" for g in by_adapter.get(a.id, [])) or "-"
+            table.add_row(cell(a.label), "★" if a.promoted else "", cell(verdicts), cell(a.method),
+                          cell(a.base_model), a.sha256[:12], cell(_manifest_summary(a.manifest) or "-"),
+                          a.created_at.strftime("%Y-%m-%d %H:%M"), cell(a.path))
+        Console(width=200).print(table)
 
     @adapters_app.command("promote")
     def adapters_promote(ref: Annotated[str, typer.Argument(metavar="NAME:VERSION")]) -> None:
         """Mark NAME:VERSION as the accepted baseline of its family (what `tad regress` compares with)."""
         from services.db import store
         from services.db.session import session_scope
-        from services.regress import GateError, parse_ref
+        from services.refs import parse_ref
+        from services.regress import GateError
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
             name, version = parse_ref(ref, "adapter")
             if version is None:
                 raise GateError(f"adapter {ref!r}: give the version to promote, NAME:VERSION")
@@ -176,10 +201,10 @@ def register(app: typer.Typer) -> None:
         from services.regress import GateError
         from services.suites import load_suite_file
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
             spec = load_suite_file(file)
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
             with session_scope(settings) as s:
                 try:
                     info, created = store.add_suite(s, name=spec.name, version=spec.version, spec=spec.to_json(),
@@ -200,13 +225,13 @@ def register(app: typer.Typer) -> None:
         from services.db.session import session_scope
         from services.suites import SuiteSpec
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=True)
+            check_schema(settings, migrate_embedded=True)
         with session_scope(settings) as s:
             rows = store.list_suites(s)
         if as_json:
-            typer.echo(json.dumps([asdict(x) for x in rows], default=_json_default))
+            typer.echo(json.dumps([asdict(x) for x in rows], default=json_default))
             return
         table = Table()
         for col in ("suite", "datasets", "strategies", "config", "added"):
@@ -240,9 +265,9 @@ def register(app: typer.Typer) -> None:
         """Gate a candidate adapter version against its baseline on a suite (exit 0: passed, 1: regressed, 2: error)."""
         from services.regress import finish_gate, plan_gate, run_embedded, run_on_workers
 
-        settings = _settings()
+        settings = cli_settings()
         with _gate_errors():
-            _check_schema(settings, migrate_embedded=not workers)
+            check_schema(settings, migrate_embedded=not workers)
             plan = plan_gate(candidate, suite, against, alpha=alpha, min_effect=min_effect, force=force,
                              submitted_by=user or "", token=token, settings=settings)
             reused = sum(1 for side in plan.sides if side.reused)
@@ -250,7 +275,7 @@ def register(app: typer.Typer) -> None:
                        f"{len(plan.jobs)} job(s) to run ({plan.total_samples} samples), "
                        f"{reused} of {len(plan.sides)} dataset run(s) reused", err=True)
             if plan.jobs:
-                with _progress_bar(plan.total_samples, "regress") as bar:
+                with progress_bar(plan.total_samples, "regress") as bar:
                     if workers:
                         def _set(done: int) -> None:
                             bar.n = done
@@ -261,7 +286,7 @@ def register(app: typer.Typer) -> None:
                         run_embedded(plan, settings, progress=bar.update)
             result = finish_gate(plan, settings)
         if as_json:
-            typer.echo(json.dumps(result.to_json(), default=_json_default))
+            typer.echo(json.dumps(result.to_json(), default=json_default))
         else:
             _print_gate(result)
         raise typer.Exit(result.exit_code)

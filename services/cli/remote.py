@@ -17,9 +17,9 @@ from typing import IO, Any
 import httpx
 import typer
 
-from services.cli.jobs_cmd import EXIT_UNAVAILABLE, EXIT_USAGE, _fail, _print_leaderboard, cell, follow_job
+from services.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, cell, fail, follow_job, print_leaderboard
 from services.db.store import JobInfo, LeaderboardRow
-from services.jobs import SubmitRequest
+from services.submit_request import SubmitRequest
 
 TIMEOUT_S = 120.0  # a submission validates the whole dataset on the server
 
@@ -29,7 +29,7 @@ class ApiClient:
 
     def __init__(self, server: str, token: str | None) -> None:
         if not token:
-            _fail("--server needs an API token: pass --api-token or set TAD_API_TOKEN (tad tokens create NAME)")
+            fail("--server needs an API token: pass --api-token or set TAD_API_TOKEN (tad tokens create NAME)")
         self.server = server.rstrip("/")
         self.http = httpx.Client(base_url=self.server, headers={"Authorization": f"Bearer {token}"},
                                  timeout=TIMEOUT_S)
@@ -39,7 +39,7 @@ class ApiClient:
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            _fail(f"API server unavailable at {self.server}: {e} (check --server / TAD_SERVER_URL)", EXIT_UNAVAILABLE)
+            fail(f"API server unavailable at {self.server}: {e} (check --server / TAD_SERVER_URL)", EXIT_UNAVAILABLE)
         _raise_for(resp)
         return resp
 
@@ -51,7 +51,7 @@ class ApiClient:
                 for text in resp.iter_text():
                     out.write(text)
         except httpx.HTTPError as e:
-            _fail(f"API server unavailable at {self.server}: {e}", EXIT_UNAVAILABLE)
+            fail(f"API server unavailable at {self.server}: {e}", EXIT_UNAVAILABLE)
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -73,8 +73,8 @@ def _raise_for(resp: httpx.Response) -> None:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(EXIT_USAGE)
     if resp.status_code == 401:
-        _fail(f"API token rejected: {detail} (check --api-token / TAD_API_TOKEN)")
-    _fail(f"{detail} (HTTP {resp.status_code})", EXIT_USAGE if resp.status_code < 500 else EXIT_UNAVAILABLE)
+        fail(f"API token rejected: {detail} (check --api-token / TAD_API_TOKEN)")
+    fail(f"{detail} (HTTP {resp.status_code})", EXIT_USAGE if resp.status_code < 500 else EXIT_UNAVAILABLE)
 
 
 def _parse(value: Any, kind: Any) -> Any:
@@ -137,12 +137,12 @@ def results(client: ApiClient, job_id: int, as_csv: bool, as_json: bool, output:
     """`tad results` through the API: the leaderboard table, or the samples streamed as CSV, or the JSON
     payload of the database mode."""
     if lmeval is not None:
-        _fail("--lmeval needs the database (it is not available with --server); use --json or --csv")
+        fail("--lmeval needs the database (it is not available with --server); use --json or --csv")
     if not (as_csv or as_json):
         data = client.call("GET", f"/jobs/{job_id}/results").json()
         job = job_from_json(data["job"])
         model = job.spec.get("adapter_label") or job.spec.get("finetuned") or job.spec.get("base")
-        _print_leaderboard([_row_from_json(r) for r in data["leaderboard"]],
+        print_leaderboard([_row_from_json(r) for r in data["leaderboard"]],
                            f"job {job.id} ({job.status}): {cell(model)} on {cell(job.spec.get('dataset'))}:"
                            f"{cell(job.spec.get('split'))}, {job.samples_done}/{job.n_samples} samples")
         return

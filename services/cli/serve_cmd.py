@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli.jobs_cmd import _check_schema, _settings, _user_errors
+from services.cli.common import check_schema, cli_settings, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
         from services.api import create_app
 
-        settings = _settings()
-        with _user_errors():
-            _check_schema(settings, migrate_embedded=True)
+        settings = cli_settings()
+        with user_errors():
+            check_schema(settings, migrate_embedded=True)
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, proxy_headers=True)

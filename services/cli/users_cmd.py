@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from services.cli.jobs_cmd import _check_schema, _fail, _json_default, _settings, _user_errors, cell
+from services.cli.common import cell, check_schema, cli_settings, fail, json_default, user_errors
 
 
 @contextmanager
@@ -24,14 +24,14 @@ def _admin_session() -> Iterator[Any]:
     from services.db import users
     from services.db.session import session_scope
 
-    settings = _settings()
-    with _user_errors():
-        _check_schema(settings, migrate_embedded=True)
+    settings = cli_settings()
+    with user_errors():
+        check_schema(settings, migrate_embedded=True)
         try:
             with session_scope(settings) as s:
                 yield s
         except users.UserError as e:
-            _fail(str(e))
+            fail(str(e))
 
 
 def register(app: typer.Typer) -> None:
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         with _admin_session() as s:
             rows = users.list_users(s)
         if as_json:
-            typer.echo(json.dumps([asdict(u) for u in rows], default=_json_default))
+            typer.echo(json.dumps([asdict(u) for u in rows], default=json_default))
             return
         table = Table()
         for col in ("id", "name", "admin", "created"):
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         with _admin_session() as s:
             rows = users.list_tokens(s, user)
         if as_json:
-            typer.echo(json.dumps([asdict(t) for t in rows], default=_json_default))
+            typer.echo(json.dumps([asdict(t) for t in rows], default=json_default))
             return
         table = Table()
         for col in ("id", "user", "scope", "created", "last used", "revoked"):

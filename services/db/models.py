@@ -308,6 +308,44 @@ class RegressionCheck(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+GATE_STATUSES = ("queued", "running", "finishing", "passed", "regressed", "error")
+
+
+class AdapterFamily(Base):
+    """Settings of an adapter family (every version registered under one name): the suites each new version is
+    gated on when it is registered (`gate_suites`, suite references NAME or NAME:VERSION)."""
+
+    __tablename__ = "adapter_families"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    gate_suites: Mapped[list[str]] = mapped_column(JsonType, default=list)
+
+
+class GateRun(Base):
+    """A regression gate queued for an adapter version at registration and run by the workers: `queued` until a
+    worker plans its jobs, `running` while they run, then the verdict (`passed` / `regressed`, with the stored
+    check) or `error` (why there is no verdict)."""
+
+    __tablename__ = "gate_runs"
+    __table_args__ = (
+        CheckConstraint(_in("status", GATE_STATUSES), name="status"),
+        Index(None, "candidate_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    suite_id: Mapped[int] = mapped_column(ForeignKey("suites.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    alpha: Mapped[float] = mapped_column(Float)
+    min_effect: Mapped[float] = mapped_column(Float)
+    job_ids: Mapped[list[int]] = mapped_column(JsonType, default=list)
+    check_id: Mapped[int | None] = mapped_column(ForeignKey("regression_checks.id"), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    submitted_by: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class User(Base):
     """A person (or a CI robot) who talks to the HTTP API; owns the jobs submitted with their tokens."""
 

@@ -216,12 +216,14 @@ def _task_type(samples: list[Sample]) -> TaskType:
     return "mixed" if len(kinds) > 1 else ("gen" if kinds == {"gen"} else "mc")
 
 
-def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None = None) -> LoadedDataset:
+def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None = None,
+                 limits: DatasetLimits | None = None) -> LoadedDataset:
     """Load a registered dataset split (fetched on first use), a canonical `.jsonl` file (validated first) or
     `lmeval:TASK.yaml` (a local lm-evaluation-harness task, converted and validated).
 
     `limit` keeps the first N samples (deterministic). For a file, `name` is the file stem and `split` is kept as
-    given; the content hash always covers the whole file.
+    given; the content hash always covers the whole file. `limits` bounds a file's size, rows and fields (a
+    deployment's own limits; the validator's defaults otherwise).
     """
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
@@ -249,7 +251,7 @@ def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None
             raise DatasetNotFoundError(
                 f"unknown dataset {key!r}: not a registered name ({', '.join(REGISTRY)}) nor an existing .jsonl file"
             )
-        samples = validate_jsonl(path, DatasetLimits())  # checks the size before reading
+        samples = validate_jsonl(path, limits or DatasetLimits())  # checks the size before reading
         data = path.read_bytes()
         source = str(path.resolve())
         task_type = _task_type(samples)

@@ -487,5 +487,9 @@ def test_submit_upload_runs_embedded_job_to_completion(app_on, fresh_url: str, t
     engine.dispose()
     assert job.status == "done" and job.samples_done == 5, job
     assert job.spec["dataset"] == "my_eval" and {r.key for r in board} == {"ft", "base"}
+    engine = make_engine(fresh_url)
+    with session_scope(engine) as s:
+        assert store.get_dataset(s, job.dataset_id).source == "upload:my eval.jsonl"  # not the saved copy's path
+    engine.dispose()
     lb = app_on(fresh_url)
     assert "my_eval:val" in lb.dataframe[0].value.columns

@@ -22,22 +22,16 @@ from sqlalchemy import create_engine, text
 from services.db import store, users
 from services.db.session import session_scope
 from tests.services.conftest import free_port
-from tests.services.helpers import write_mc_dataset
+from tests.services.helpers import ROOT, write_mc_dataset
+from tests.services.helpers import tad_cli as tad
 
 # 600 s per test: a real server and worker; a cold torch import on an overloaded 2-core machine takes minutes
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 20_000  # TAD_MAX_DATASET_BYTES of the test server
 STRATEGIES = ["ft", "tad:alpha=1"]
 KEYS = ["ft", "tad(alpha=1.0,beta=0.0)"]  # their canonical run keys
 NO_DB = "postgresql+psycopg://nobody:wrong@127.0.0.1:1/nothing"  # a client in API mode must never touch it
-
-
-def tad(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real `tad` CLI of this worktree."""
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 class ApiServer:

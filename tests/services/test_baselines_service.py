@@ -8,7 +8,9 @@ import pytest
 from services.db import store
 from services.db.schema import upgrade
 from services.db.session import session_scope
-from services.jobs import SubmissionError, SubmitRequest, plan_job, run_job_embedded
+from services.planning import plan_job
+from services.shard_runner import run_job_embedded
+from services.submit_request import SubmissionError, SubmitRequest
 from tad_core.calibration import load_calibration
 from tests.services.helpers import make_settings, write_mc_dataset
 

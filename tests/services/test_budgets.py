@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +20,11 @@ from sqlalchemy import create_engine, text
 from services.db import store
 from services.db.schema import upgrade
 from services.db.session import session_scope
-from services.jobs import SubmissionError, SubmitRequest, enqueue_job, plan_job
+from services.planning import plan_job
+from services.queueing import enqueue_job
 from services.settings import Settings
-from tests.services.helpers import write_mc_dataset
+from services.submit_request import SubmissionError, SubmitRequest
+from tests.services.helpers import tad_cli, write_mc_dataset
 from tests.services.test_fault_tolerance import _assert_complete, _job, _shards, _submit, _wait, _wait_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -87,8 +87,7 @@ def test_cancel_interrupts_a_running_batch_within_seconds(service: dict) -> None
     service["start_worker"]("a", TAD_TEST_BATCH_DELAY="0", TAD_INTERRUPT_CHECK_INTERVAL="0.5")
     _wait(lambda: (sh := _shards(settings, job_id)[0]).status == "running" and sh, 90, "the slow batch", service)
     time.sleep(1.0)  # inside the slow sample now
-    r = subprocess.run([str(Path(sys.executable).with_name("tad")), "cancel", str(job_id)], env=service["env"],
-                       capture_output=True, text=True, timeout=60)
+    r = tad_cli(service["env"], "cancel", str(job_id), timeout=60)
     assert r.returncode == 0, r.stderr
     asked = time.monotonic()
     job = _wait(lambda: (j := _job(settings, job_id)).finished and j, 20, "the cancelled job to end", service)

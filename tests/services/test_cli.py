@@ -95,7 +95,7 @@ def test_out_of_date_database_is_refused(env: dict, monkeypatch: pytest.MonkeyPa
 
 def test_leaderboard_shows_the_calibrated_mu_and_its_calibration(capsys: pytest.CaptureFixture[str]) -> None:
     """A calibrated svdecode run prints the mu it ran with (brackets are not taken for rich markup)."""
-    from services.cli.jobs_cmd import _print_leaderboard
+    from services.cli.common import print_leaderboard
     from services.db.store import LeaderboardRow
 
     info = {"mu": 0.981002, "calibration": "9c483289e9ea395f", "calibration_dataset": "arc_easy:train",
@@ -104,7 +104,7 @@ def test_leaderboard_shows_the_calibrated_mu_and_its_calibration(capsys: pytest.
                          adapter="a:1", strategy="svdecode", key="svdecode(beta=0.1,mu=auto)", params={}, n=300,
                          acc=0.49, acc_stderr=0.0289, acc_norm=0.4933, acc_norm_stderr=0.0289, fixed=21, broken=61,
                          mcnemar_p=1.13e-05, info=info, mcnemar_p_holm=4.52e-05)
-    _print_leaderboard([row], "job [1]")
+    print_leaderboard([row], "job [1]")
     out = capsys.readouterr().out
     assert "svdecode(beta=0.1,mu=auto) mu=0.981" in out and "21/61" in out and "job [1]" in out
     assert "4.52e-05" in out and "Holm-Bonferroni" in out

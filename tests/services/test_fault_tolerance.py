@@ -1,13 +1,11 @@
 """Fault tolerance with real components: `tad worker` (Celery prefork) subprocesses, a private Redis, Postgres.
 
-The model is the tiny random Llama + LoRA (fast). `TAD_TEST_BATCH_DELAY` (test-only, see services/jobs.py) makes
+The model is the tiny random Llama + LoRA (fast). `TAD_TEST_BATCH_DELAY` (test-only, see services/fault_hooks.py) makes
 each batch take ~0.3 s so a job can be interrupted mid-way; `tad_test_raise` sample metadata (test-only, gated
 by TAD_ENABLE_TEST_FAULTS) makes a poisoned shard.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,9 +16,12 @@ from sqlalchemy import create_engine, text
 from services.db import store
 from services.db.schema import upgrade
 from services.db.session import session_scope
-from services.jobs import SubmitRequest, enqueue_job, plan_job, run_job_embedded
+from services.planning import plan_job
+from services.queueing import enqueue_job
 from services.settings import Settings
-from tests.services.helpers import write_mc_dataset
+from services.shard_runner import run_job_embedded
+from services.submit_request import SubmitRequest
+from tests.services.helpers import tad_cli, write_mc_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -128,9 +129,7 @@ def _worker(settings: Settings, name: str) -> store.WorkerInfo | None:
 
 def _tad_requeue(service: dict, job_id: int) -> str:
     """The real CLI, with the deployment's heartbeat interval (it decides when a worker counts as silent)."""
-    res = subprocess.run([str(Path(sys.executable).with_name("tad")), "requeue", str(job_id)],
-                         env={**service["env"], "TAD_HEARTBEAT_INTERVAL": "0.5"}, capture_output=True, text=True,
-                         timeout=60)
+    res = tad_cli({**service["env"], "TAD_HEARTBEAT_INTERVAL": "0.5"}, "requeue", str(job_id), timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout
 

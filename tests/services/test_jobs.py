@@ -8,8 +8,10 @@ import pytest
 from services.db import store
 from services.db.schema import upgrade
 from services.db.session import session_scope
-from services.jobs import SubmissionError, SubmitRequest, plan_job, run_job_embedded, run_shard
+from services.planning import plan_job
 from services.security import SecurityError
+from services.shard_runner import run_job_embedded, run_shard
+from services.submit_request import SubmissionError, SubmitRequest
 from tests.services.helpers import make_settings, write_mc_dataset
 
 

@@ -3,7 +3,7 @@
 - A pool child killed with SIGKILL (an OOM kill, a segfault) is replaced and the SAME worker finishes the job: the
   replacement child reports itself up before its torch import (services.tasks), so Celery does not kill it.
 - A whole worker killed (main process and children): another worker's periodic sweep (services.heartbeat ->
-  services.jobs.sweep_dead_workers) requeues its shard once its heartbeat is stale; nobody runs `tad requeue`.
+  services.queueing.sweep_dead_workers) requeues its shard once its heartbeat is stale; nobody runs `tad requeue`.
 - Several sweepers racing on one dead shard send exactly one message.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import redis
 
 from services.db import store
 from services.db.session import session_scope
-from services.jobs import SubmitRequest, broker_epoch_key, plan_job, sweep_dead_workers
+from services.planning import plan_job
+from services.queueing import broker_epoch_key, sweep_dead_workers
+from services.submit_request import SubmitRequest
 from tests.services.helpers import write_mc_dataset
 from tests.services.test_fault_tolerance import _assert_complete, _shards, _submit, _wait, _wait_finished
 
@@ -184,8 +186,8 @@ def test_redis_restart_without_its_data_mid_job(service: dict) -> None:
 def test_a_shard_its_live_worker_no_longer_runs_is_swept(migrated_url: str) -> None:
     """A process that beats but reports another shard (or none) no longer runs the shard it holds (its end was
     never recorded): once started longer than `dead_after` ago, the shard is stale like a dead worker's."""
-    from services.jobs import _holder_alive
     from services.settings import Settings
+    from services.shard_runner import _holder_alive
 
     settings = Settings(database_url=migrated_url, heartbeat_interval=0.1)  # dead after 0.3 s
     with session_scope(settings) as s:

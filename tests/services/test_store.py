@@ -143,3 +143,14 @@ def test_aggregates_count_mc_ties_and_unparsed_generations(migrated_url: str) ->
         assert aggs["tad(alpha=1.0,beta=0.0)"]["ties"] == 4 and "unparsed" not in aggs["tad(alpha=1.0,beta=0.0)"]
         assert aggs["ft"]["unparsed"] == 3 and "ties" not in aggs["ft"]
     engine.dispose()
+
+
+def test_one_name_version_rule_for_every_reference() -> None:
+    """`NAME:VERSION` is parsed by services.refs alone: the gate, the promote command and --adapter agree."""
+    from services.refs import RefError, parse_ref
+
+    assert parse_ref("fam:3", "adapter") == ("fam", 3)
+    assert parse_ref(" fam:latest ", "adapter") == ("fam", None) and parse_ref("fam", "suite") == ("fam", None)
+    for bad in ("fam:0", "fam:x", ":2"):
+        with pytest.raises(RefError, match="adapter"):
+            parse_ref(bad, "adapter")

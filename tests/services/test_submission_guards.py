@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,14 +20,14 @@ from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
 from services.db.schema import upgrade
-from services.jobs import SubmissionError, SubmitRequest, plan_job
+from services.planning import plan_job
 from services.settings import Settings
+from services.submit_request import SubmissionError, SubmitRequest
 from tad_core.extraction import extract_answer
 from tad_core.samples import Sample
 from tests.services.conftest import free_port
-from tests.services.helpers import write_mc_dataset
+from tests.services.helpers import tad_cli, write_mc_dataset
 
-TAD = str(Path(sys.executable).with_name("tad"))
 
 
 @pytest.fixture
@@ -49,10 +47,6 @@ def _count(url: str, table: str) -> int:
         n = c.execute(text(f"SELECT count(*) FROM {table}")).scalar()
     engine.dispose()
     return int(n)
-
-
-def _tad(env: dict, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TAD, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -108,7 +102,7 @@ def test_markup_in_user_names_prints_literally(pg: dict) -> None:
                     pg["settings"])
     for args, expect in ((["jobs"], "mallory[/]"), (["jobs"], "d[red]x:val"), (["results", str(plan.job.id)], "evil[/bold]:1"),
                          (["adapters", "list"], "evil[/bold]:1")):
-        r = _tad(pg["env"], *args)
+        r = tad_cli(pg["env"], *args)
         assert r.returncode == 0, r.stderr
         assert expect in r.stdout, r.stdout
         assert "Traceback" not in r.stderr
@@ -117,13 +111,13 @@ def test_markup_in_user_names_prints_literally(pg: dict) -> None:
 def test_unreachable_database_and_broker_exit_3_in_one_line(pg: dict) -> None:
     dead_db = f"postgresql+psycopg://postgres:s3cretpw@127.0.0.1:{free_port()}/test"
     for args in (["jobs"], ["status", "1"], ["cancel", "1"], ["worker"]):
-        r = _tad({**pg["env"], "TAD_DATABASE_URL": dead_db}, *args)
+        r = tad_cli({**pg["env"], "TAD_DATABASE_URL": dead_db}, *args)
         assert r.returncode == 3, (args, r.stderr)
         assert r.stderr.startswith("error: database unavailable at postgresql+psycopg://postgres:***@127.0.0.1")
         assert len(r.stderr.strip().splitlines()) == 1 and "s3cretpw" not in r.stderr, r.stderr
     plan_job(SubmitRequest(dataset=str(write_mc_dataset(pg["tmp"] / "d.jsonl", 4)), base=str(pg["model"]),
                            strategies=["ft"]), pg["settings"])
-    r = _tad({**pg["env"], "TAD_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}, "requeue", "1")
+    r = tad_cli({**pg["env"], "TAD_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}, "requeue", "1")
     assert r.returncode == 3 and "could not reach the broker" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -133,13 +127,25 @@ def test_cancel_checks_the_submit_token(pg: dict) -> None:
                            strategies=["ft"], token="t0ken"),
              pg["settings"].model_copy(update={"submit_token": SecretStr("t0ken")}))
     env = {**pg["env"], "TAD_SUBMIT_TOKEN": "t0ken"}
-    r = _tad(env, "cancel", "1")
+    r = tad_cli(env, "cancel", "1")
     assert r.returncode == 2 and "requires a submit token" in r.stderr
-    r = _tad(env, "cancel", "1", "--token", "wrong")
+    r = tad_cli(env, "cancel", "1", "--token", "wrong")
     assert r.returncode == 2 and "submit token rejected" in r.stderr
     engine = create_engine(pg["url"])
     with engine.connect() as c:
         assert c.execute(text("SELECT status, cancel_requested FROM jobs")).one() == ("queued", False)
-    r = _tad(env, "cancel", "1", "--token", "t0ken")
+    r = tad_cli(env, "cancel", "1", "--token", "t0ken")
     assert r.returncode == 0 and "job 1: cancelled" in r.stdout, r.stderr
     engine.dispose()
+
+
+def test_a_dataset_file_records_the_name_it_was_sent_under_not_a_server_path(pg: dict) -> None:
+    """An upload is planned from a temporary copy: the datasets table records the uploaded file's name (what the
+    API and the dashboard pass as `source_name`); a file named on the command line records its absolute path."""
+    uploaded = write_mc_dataset(pg["tmp"] / "copy.jsonl", 4)
+    plan = plan_job(SubmitRequest(dataset=str(uploaded), base=str(pg["model"]), source_name="upload:my colours.jsonl"),
+                    pg["settings"])
+    assert plan.dataset_created and plan.dataset.source == "upload:my colours.jsonl" and plan.dataset.name == "copy"
+    local = write_mc_dataset(pg["tmp"] / "local.jsonl", 5)
+    plan = plan_job(SubmitRequest(dataset=str(local), base=str(pg["model"])), pg["settings"])
+    assert plan.dataset.source == str(local.resolve())

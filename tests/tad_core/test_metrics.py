@@ -75,3 +75,18 @@ def test_holm_adjustment():
     assert all(a >= p for a, p in zip(adj, raw)) and max(adj) <= 1.0
     order = np.argsort(raw)
     assert all(adj[order[k]] <= adj[order[k + 1]] for k in range(len(raw) - 1))  # keeps the order of the raw p
+
+
+def test_proportion_stderr_from_counts_matches_the_per_sample_estimate():
+    from tad_core.metrics import proportion_stderr
+
+    outcomes = [True] * 7 + [False] * 5
+    assert proportion_stderr(7 / 12, 12) == pytest.approx(accuracy(outcomes).stderr)
+    assert proportion_stderr(1.0, 1) is None
+
+
+def test_macro_average_stderr_of_independent_estimates():
+    from tad_core.metrics import macro_average_stderr
+
+    assert macro_average_stderr([0.03, 0.04]) == pytest.approx(0.025)
+    assert macro_average_stderr([]) is None

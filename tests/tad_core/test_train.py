@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tad_core.adapter_dir import MANIFEST
 from tad_core.assets import sha256_file
 from tad_core.formats import gold_continuation
 from tad_core.models import load_pair, load_tokenizer
 from tad_core.samples import Sample
 from tad_core.train import (
-    MANIFEST,
     TrainConfig,
     _collate,
     _encode,

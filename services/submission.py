@@ -1,0 +1,151 @@
+"""Submission: validate a whole request (token, strategies, generation config, models, dataset, per-sample
+budgets, prompt format) BEFORE anything is stored. `validate_request` raises SubmissionError listing every
+problem (or SecurityError); services.planning stores what passed."""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.dataset_input import check_dataset, DatasetData, line_numbers
+from services.model_refs import check_models, ModelSide, local_base_dir
+from services.security import check_submit_token
+from services.settings import Settings, get_settings
+from services.submit_request import SubmissionError, SubmitRequest
+
+log = logging.getLogger(__name__)
+
+
+def _check_strategies(args: Sequence[str], errors: list[str]) -> list[Any]:
+    from tad_core.strategies import parse_strategy_arg
+
+    specs: dict[str, Any] = {}
+    for arg in args:
+        try:
+            for spec in parse_strategy_arg(arg):
+                specs.setdefault(spec.key, spec)
+        except ValueError as e:
+            errors.append(f"--strategy {arg!r}: {e}")
+    if not args:
+        errors.append("give at least one --strategy")
+    if specs and "ft" not in {s.name for s in specs.values()}:
+        # every other strategy is compared with the fine-tuned model (fixed/broken, McNemar): always include it
+        (ft,) = parse_strategy_arg("ft")
+        specs = {ft.key: ft, **specs}
+    return list(specs.values())
+
+
+def _check_config(values: dict[str, Any], errors: list[str]) -> Any:
+    from tad_core.evaluate import EvalConfig
+
+    try:
+        return EvalConfig(**{k: v for k, v in values.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        errors.append(f"generation config: {e}")
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _submit_tokenizer(model_dir: str) -> Any:
+    """The base model's tokenizer, loaded once per process (the dashboard submits many times)."""
+    from tad_core.models import load_tokenizer
+
+    return load_tokenizer(Path(model_dir))
+
+
+def _check_budgets(data: DatasetData, config: Any, side: ModelSide, settings: Settings,
+                   errors: list[str], limit: int | None = None, max_errors: int = 50) -> None:
+    """Refuse samples over the per-sample budgets (services.budgets) before anything is stored, naming line, id and
+    field. Token budgets need the base model's tokenizer; a submitting machine without the base model checks the
+    choice counts only (the worker checks everything again)."""
+    from tad_core.samples import Sample
+
+    from services.budgets import Budgets, generation_over_budget, over_budget, token_counter
+
+    budgets = Budgets.from_settings(settings)
+    if any(d.get("reference") is not None for d in data.samples):
+        why = generation_over_budget(config.max_new_tokens, budgets)
+        if why:
+            errors.append(f"generation config: {why}")
+    local = local_base_dir(side.base_name, side.base_path)
+    count = None
+    if local is not None:
+        try:
+            count = token_counter(_submit_tokenizer(str(local)))
+        except Exception as e:  # noqa: BLE001 - an unreadable tokenizer: the worker will say more
+            log.warning("no tokenizer for the submission's token budgets (%s); the worker checks them", e)
+    lines = line_numbers(data.path)
+    found = 0
+    for i, d in enumerate(data.samples[:limit]):
+        why = over_budget(Sample.from_dict(d), budgets, count, config.delimiter)
+        if why is None:
+            continue
+        where = f"line {lines[i]}" if lines is not None and i < len(lines) else f"sample {i}"
+        errors.append(f"dataset {data.name!r}: {where} (id {d.get('id')!r}): {why}")
+        found += 1
+        if found >= max_errors:
+            errors.append(f"stopped after {max_errors} samples over budget")
+            return
+
+
+def _check_format(fmt_key: str, data: DatasetData, limit: int | None, errors: list[str]) -> None:
+    """Every sample the job will evaluate must render in the prompt format (the first few problems listed)."""
+    from tad_core.formats import FormatError, parse_format
+    from tad_core.samples import Sample
+
+    fmt = parse_format(fmt_key)
+    bad: list[str] = []
+    for i, d in enumerate(data.samples[:limit]):
+        try:
+            fmt.check(Sample.from_dict(d), data.name)
+        except FormatError as e:
+            bad.append(f"--format {fmt_key}: sample {i + 1} ({d.get('id')!r}): {e}")
+    errors.extend(bad[:5] + ([f"--format {fmt_key}: {len(bad) - 5} more samples cannot be rendered"]
+                             if len(bad) > 5 else []))
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that passed every check, with what planning and reuse need; nothing is stored yet."""
+
+    req: SubmitRequest
+    specs: list[Any]
+    config_json: dict[str, Any]
+    side: ModelSide
+    data: DatasetData
+    n_samples: int
+    shard_size: int
+
+
+def validate_request(req: SubmitRequest, settings: Settings | None = None) -> ValidatedRequest:
+    """Check `req` completely (token, strategies, config, models, dataset) without storing anything.
+
+    Raises SubmissionError (listing every problem) or SecurityError.
+    """
+    settings = settings or get_settings()
+    check_submit_token(settings, req.token)
+    errors: list[str] = []
+    specs = _check_strategies(req.strategies, errors)
+    config = _check_config(dict(req.config), errors)
+    side = check_models(req, settings, errors)
+    data = check_dataset(req, settings, errors) if not errors else None
+    if data is not None and any(sp.name == "svdecode" and sp.params.get("mu") == "auto" for sp in specs):
+        from tad_core.datasets import REGISTRY
+
+        if req.dataset not in REGISTRY or "train" not in REGISTRY[req.dataset].splits:
+            errors.append("svdecode with mu=auto calibrates on the train split of a registered dataset; "
+                          f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
+    if data is not None and side is not None and config is not None:
+        _check_budgets(data, config, side, settings, errors, limit=req.limit)
+    if data is not None and config is not None:
+        _check_format(config.format, data, req.limit, errors)
+    size = req.shard_size or settings.shard_size
+    if size < 1:
+        errors.append(f"shard size must be positive, got {size}")
+    if errors or data is None or side is None or config is None:
+        raise SubmissionError(errors or ["invalid submission"])
+    n = len(data.samples) if req.limit is None else min(req.limit, len(data.samples))
+    return ValidatedRequest(req, specs, config.to_json(), side, data, n, size)

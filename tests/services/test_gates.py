@@ -1,0 +1,199 @@
+"""New adapter versions evaluate themselves: `tad adapters register NAME DIR --gate SUITE` queues the regression
+gate, the workers run it and its verdict is stored and listed.
+
+The gate's verdict is checked against `tad regress` on the same runs (the same rule, services.regress.verdict),
+and the check it stores is the one `tad adapters list` and the dashboard show.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.cli.main import app
+from services.db import store
+from services.db.session import session_scope
+from services.gates import advance_gate, gate_exit_code, start_gate
+from services.shard_runner import run_job_embedded
+from tests.conftest import build_adapter
+from tests.services.helpers import write_mc_dataset
+from tests.services.test_regress import SUITE, _gate, _ok, _use_env
+
+
+@pytest.fixture(scope="module")
+def third_lora(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return build_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny_lora3") / "lora3", "lora", seed=3)
+
+
+def _family(tmp: Path, model: str, first: Path) -> None:
+    """fam:1 registered and promoted, suite smoke:1 stored."""
+    write_mc_dataset(tmp / "mc.jsonl", 24)
+    (tmp / "suite.yaml").write_text(SUITE)
+    _ok(["adapters", "register", "fam", str(first), "--base", model])
+    _ok(["adapters", "promote", "fam:1"])
+    _ok(["suites", "add", str(tmp / "suite.yaml")])
+
+
+def test_a_gate_that_cannot_run_is_refused_before_the_version_is_stored(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, tiny_lora_dir: Path,
+        third_lora: Path) -> None:
+    _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}", [tiny_model_dir.parent.parent, tmp_path,
+                                                              third_lora.parent])
+    model = str(tiny_model_dir)
+    write_mc_dataset(tmp_path / "mc.jsonl", 24)
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    _ok(["suites", "add", str(tmp_path / "suite.yaml")])
+    out = _ok(["adapters", "register", "fam", str(tiny_lora_dir), "--base", model, "--gate", "smoke"], 2)
+    assert "has no promoted version to gate against" in out
+    assert json.loads(_ok(["adapters", "list", "--json"])) == []  # nothing stored
+    _ok(["adapters", "register", "fam", str(tiny_lora_dir), "--base", model])
+    _ok(["adapters", "promote", "fam:1"])
+    out = _ok(["adapters", "register", "fam", str(third_lora), "--base", model, "--gate", "nosuch"], 2)
+    assert "gate suite 'nosuch' is not registered" in out
+    assert "gate suite 'smoke:x'" in _ok(["adapters", "register", "fam", str(third_lora), "--base", model,
+                                          "--gate", "smoke:x"], 2)
+    assert [f"{a['name']}:{a['version']}" for a in json.loads(_ok(["adapters", "list", "--json"]))] == ["fam:1"]
+    assert "gate suite 'nosuch' is not registered" in _ok(["adapters", "gates", "fam", "nosuch"], 2)
+    assert "gated on smoke" in _ok(["adapters", "gates", "fam", "smoke"])
+    assert "gated on smoke" in _ok(["adapters", "gates", "fam"])
+    # the family's default gate cannot compare the baseline's own weights: registered, gate skipped with a note
+    copy = tmp_path / "copy_of_1"
+    shutil.copytree(tiny_lora_dir, copy)
+    out = _ok(["adapters", "register", "fam", str(copy), "--base", model, "--version", "2"])
+    assert "registered fam:2" in out and "default gates of fam not queued: these weights are the promoted " \
+        "baseline fam:1" in out and "\ngate " not in out
+    assert "gated on no suite" in _ok(["adapters", "gates", "fam", "--clear"])
+
+
+def test_gate_lifecycle_reaches_the_regress_verdict_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path,
+        tiny_lora_dir: Path, third_lora: Path) -> None:
+    """The worker's path without a worker: the gate is queued (private Redis), `start_gate` plans and queues its
+    jobs, the jobs run through the shard function, and `advance_gate` stores the verdict `tad regress` gives;
+    advancing again (a racing worker, the sweep) stores nothing more."""
+    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
+                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
+                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
+    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    out = _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "smoke"])
+    assert "registered fam:2" in out and "on suite smoke:1: queued" in out
+    with session_scope(settings) as s:
+        (gate,) = store.gate_runs(s, adapter_name="fam")
+    assert gate.status == "queued" and gate.candidate == "fam:2" and gate.verdict is None
+
+    gate = start_gate(gate.id, settings)
+    assert gate.status == "running" and len(gate.job_ids) == 4  # 2 datasets x (baseline, candidate)
+    assert start_gate(gate.id, settings).job_ids == gate.job_ids  # a duplicate delivery plans nothing
+    for job_id in gate.job_ids[:-1]:
+        run_job_embedded(job_id, settings)
+        assert advance_gate(gate.id, settings).status == "running"  # a job still to run
+    run_job_embedded(gate.job_ids[-1], settings)
+    done = advance_gate(gate.id, settings)
+    assert done.status in ("passed", "regressed") and done.check_id is not None and done.finished
+    assert advance_gate(gate.id, settings) == done
+    with session_scope(settings) as s:
+        checks = store.regression_checks(s, "fam")
+    assert [c.id for c in checks] == [done.check_id] and checks[0].verdict == done.status
+    code, payload = _gate(["fam:2", "--suite", "smoke"])  # the same runs, reused
+    assert payload["jobs_run"] == [] and payload["verdict"] == done.status and code == gate_exit_code([done])
+    assert [r["verdict"] for r in payload["rows"]] == [r["verdict"] for r in checks[0].rows]
+    listed = {a["version"]: a["gates"] for a in json.loads(_ok(["adapters", "list", "--json"]))}
+    assert listed[1] == [] and [(g["suite"], g["verdict"], g["check_id"]) for g in listed[2]] == [
+        ("smoke:1", done.status, done.check_id)]
+    assert f"smoke:1 {done.status}" in _ok(["adapters", "list"])
+
+
+def test_a_gate_whose_job_fails_ends_in_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server,
+                                              tiny_model_dir: Path, tiny_lora_dir: Path, third_lora: Path) -> None:
+    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
+                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
+                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
+    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "smoke"])
+    with session_scope(settings) as s:
+        (gate,) = store.gate_runs(s)
+    gate = start_gate(gate.id, settings)
+    with session_scope(settings) as s:
+        for job_id in gate.job_ids:
+            store.mark_job_failed(s, job_id, "the model no longer loads")
+    failed = advance_gate(gate.id, settings)
+    assert failed.status == "error" and "ended failed: the model no longer loads" in failed.error
+    assert failed.verdict is None and gate_exit_code([failed]) == 2
+    with session_scope(settings) as s:
+        assert store.regression_checks(s, "fam") == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_register_with_gate_runs_on_a_celery_worker_and_ci_waits(service: dict, monkeypatch: pytest.MonkeyPatch,
+                                                                 tiny_lora_dir: Path, third_lora: Path) -> None:
+    """The CI recipe: register with --gate --wait against a real `tad worker` (Celery, Redis, Postgres): the
+    exit code is the verdict's, the verdict is stored with its check, and a family's default gate runs for the
+    next version without --gate."""
+    env, tmp = service["env"], service["tmp"]
+    settings = _use_env(monkeypatch, env["TAD_DATABASE_URL"], [service["model"].parent.parent, tmp,
+                                                               third_lora.parent],
+                        TAD_BROKER_URL=env["TAD_BROKER_URL"], TAD_QUEUE=env["TAD_QUEUE"])
+    model = str(service["model"])
+    _family(tmp, model, tiny_lora_dir)
+    worker = service["start_worker"]("gates")
+    r = CliRunner().invoke(app, ["adapters", "register", "fam", str(third_lora), "--base", model, "--gate", "smoke",
+                                 "--wait", "--timeout", "400"])
+    assert r.exit_code in (0, 1), (r.output, worker.tail())
+    with session_scope(settings) as s:
+        (gate,) = store.gate_runs(s, adapter_name="fam")
+        (check,) = store.regression_checks(s, "fam")
+        ran_by = {sh.worker for j in gate.job_ids for sh in store.job_shards(s, j)}
+    assert gate.status == check.verdict == ("regressed" if r.exit_code == 1 else "passed"), r.output
+    assert gate.check_id == check.id and f"gate {gate.id}: fam:2 on suite smoke:1: {gate.status}" in r.output
+    assert ran_by and all(w for w in ran_by)
+
+    _ok(["adapters", "gates", "fam", "smoke"])
+    fourth = build_adapter(service["model"], tmp / "lora4", "lora", seed=4)
+    r = CliRunner().invoke(app, ["adapters", "register", "fam", str(fourth), "--base", model, "--wait",
+                                 "--timeout", "400"])
+    assert r.exit_code in (0, 1), (r.output, worker.tail())
+    with session_scope(settings) as s:
+        newest = store.gate_runs(s, adapter_name="fam")[0]
+    assert newest.candidate == "fam:3" and newest.status in ("passed", "regressed") and newest.check_id
+
+
+def test_api_registers_a_version_with_its_gate_and_reports_the_gate(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path, tiny_lora_dir: Path,
+        third_lora: Path) -> None:
+    """POST /adapters with a `gate` field: refused with 422 naming the problem (nothing stored) when the suite is
+    unknown; else the version is registered and its gate queued, and GET /gates/{id} and GET /adapters show it."""
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.db import users
+
+    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
+                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
+                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
+    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    with session_scope(settings) as s:
+        users.add_user(s, "ci")
+        secret = users.create_token(s, "ci").secret
+    body = {"name": "fam", "path": str(third_lora), "base": str(tiny_model_dir), "gate": ["nosuch"]}
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {secret}"}) as api:
+        refused = api.post("/adapters", json=body)
+        assert refused.status_code == 422 and "gate suite 'nosuch' is not registered" in refused.text
+        assert [a["label"] for a in api.get("/adapters").json()] == ["fam:1"]
+        assert api.post("/adapters", json={**body, "name": "a:b"}).status_code == 422
+        created = api.post("/adapters", json={**body, "gate": ["smoke"]})
+        assert created.status_code == 201, created.text
+        reply = created.json()
+        assert reply["adapter"]["label"] == "fam:2" and reply["created"] is True
+        (gate,) = reply["gates"]
+        assert (gate["candidate"], gate["suite"], gate["status"], gate["verdict"]) == ("fam:2", "smoke:1", "queued",
+                                                                                      None)
+        assert api.get(f"/gates/{gate['id']}").json()["status"] == "queued"
+        assert api.get("/gates/999").status_code == 404
+        listed = {a["label"]: a["gates"] for a in api.get("/adapters").json()}
+        assert [g["id"] for g in listed["fam:2"]] == [gate["id"]] and listed["fam:1"] == []
+        again = api.post("/adapters", json={**body, "gate": ["smoke"]}).json()  # CI re-run: the same gate
+        assert again["created"] is False and [g["id"] for g in again["gates"]] == [gate["id"]]
