@@ -456,20 +456,29 @@ def register(app: typer.Typer) -> None:
                 lmeval: Annotated[Optional[Path], typer.Option("--lmeval", help="write lm-evaluation-harness output "
                                                                "(results_*.json, samples_*.jsonl) per strategy "
                                                                "under this directory")] = None,
+                mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="log one MLflow run "
+                                                              "per strategy to this tracking URI (needs "
+                                                              "tad-eval[mlflow])")] = None,
+                mlflow_experiment: Annotated[str, typer.Option("--mlflow-experiment", help="MLflow experiment "
+                                                               "name (created if missing)")] = "tad-eval",
                 server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
-        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON / lm-eval output."""
+        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON / lm-eval output, or
+        logged to an MLflow tracking server."""
+        if sum(map(bool, (as_csv, as_json, lmeval, mlflow))) > 1:
+            _fail("pass one of --csv, --json, --lmeval, --mlflow")
         if server:
             from services.cli import remote
 
-            if sum(map(bool, (as_csv, as_json, lmeval))) > 1:
-                _fail("pass one of --csv, --json, --lmeval")
+            if mlflow:
+                _fail("--mlflow needs the database (it is not available with --server); use --json or --csv")
             remote.results(_client(server, api_token), job_id, as_csv, as_json, output, lmeval)
             return
         settings = _settings()
         with _user_errors():
             _check_schema(settings, migrate_embedded=True)
-            if sum(map(bool, (as_csv, as_json, lmeval))) > 1:
-                _fail("pass one of --csv, --json, --lmeval")
+            if mlflow:
+                _export_mlflow(settings, job_id, mlflow, mlflow_experiment)
+                return
             if lmeval is not None:
                 _export_lmeval(settings, job_id, lmeval)
                 return
@@ -569,6 +578,17 @@ def _export_lmeval(settings: Any, job_id: int, out_dir: Path) -> None:
         _fail(str(e))
     for run in runs:
         typer.echo(f"{run.key}: {run.results} {run.samples}")
+
+
+def _export_mlflow(settings: Any, job_id: int, uri: str, experiment: str) -> None:
+    from services.mlflow_export import MlflowExportError, export_job_mlflow
+
+    try:
+        logged = export_job_mlflow(settings, job_id, uri, experiment)
+    except MlflowExportError as e:
+        _fail(str(e))
+    for run in logged:
+        typer.echo(f"{run.key}: MLflow run {run.mlflow_run_id}{' (already logged)' if run.skipped else ''}")
 
 
 def _print_results(settings: Any, job_id: int) -> None:
