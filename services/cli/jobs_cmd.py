@@ -40,8 +40,14 @@ AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapt
 AdapterNameOpt = Annotated[Optional[str], typer.Option("--adapter-name", help="register a new adapter DIR under "
                                                        "this name (default: the directory name)")]
 FinetunedOpt = Annotated[Optional[str], typer.Option("--finetuned", help="fully fine-tuned model DIR")]
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME, FILE.jsonl or "
-                                         "lmeval:TASK.yaml (a local lm-evaluation-harness task)")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME, FILE.jsonl, FILE.json "
+                                         "(an array), NAME=FILE, NAME=train.jsonl,val.jsonl (one file per split) "
+                                         "or lmeval:TASK.yaml (a local lm-evaluation-harness task)")]
+DatasetNameOpt = Annotated[Optional[str], typer.Option("--dataset-name", help="label a dataset file (default: its "
+                                                       "file name without extension)")]
+ShuffleOpt = Annotated[Optional[int], typer.Option("--shuffle-choices", metavar="SEED", help="show every MC "
+                                                   "sample's choices in a seeded order (sets whose gold sits at a "
+                                                   "fixed position); the dataset is then labelled NAME+shuffleSEED")]
 SplitOpt = Annotated[str, typer.Option("--split", help="dataset split")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="first N samples only")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="samples per forward batch")]
@@ -273,9 +279,14 @@ def register(app: typer.Typer) -> None:
                max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
                stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, server: ServerOpt = None,
-               api_token: ApiTokenOpt = None) -> None:
+               api_token: ApiTokenOpt = None, dataset_name: DatasetNameOpt = None,
+               shuffle_choices: ShuffleOpt = None) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id (with --server: through the
         API, a local .jsonl dataset uploaded)."""
+        from services.cli.dataset_arg import resolve_dataset
+
+        with _user_errors():
+            dataset = resolve_dataset(dataset, split, dataset_name, shuffle_choices)
         if server:
             from services.cli import remote
 
@@ -308,14 +319,17 @@ def register(app: typer.Typer) -> None:
             max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
             shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
             stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1,
-            as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
+            as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+            dataset_name: DatasetNameOpt = None, shuffle_choices: ShuffleOpt = None) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
         from tad_core.models import ModelLoadError
 
+        from services.cli.dataset_arg import resolve_dataset
         from services.jobs import plan_job, run_job_embedded
 
         settings = _settings()
         with _user_errors():
+            dataset = resolve_dataset(dataset, split, dataset_name, shuffle_choices)
             _check_schema(settings, migrate_embedded=True)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,

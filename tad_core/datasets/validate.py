@@ -22,7 +22,8 @@ from tad_core.extraction import check_mode, first_match
 from tad_core.samples import Sample
 
 KNOWN_FIELDS = ("id", "prompt", "choices", "choice_prompts", "continuation", "answer", "reference",
-                "answer_pattern", "extract", "stop", "metadata")
+                "answer_pattern", "extract", "stop", "metadata", "split")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         elif len(json.dumps(obj["metadata"])) > limits.max_field_chars:
             err("metadata", f"longer than {limits.max_field_chars} characters when serialised (limit)")
 
+    if "split" in obj and not (isinstance(obj["split"], str) and SPLIT_NAME.match(obj["split"])):
+        err("split", "must be a split name (letters, digits, _ and -, e.g. train, val, test)")
     if "stop" in obj and (not _is_str_list(obj["stop"]) or not all(obj["stop"])):
         err("stop", "must be a list of non-empty strings")
     if "reference" in obj:
