@@ -244,7 +244,11 @@ def _job_payload(settings: Any, job_id: int, with_samples: bool) -> dict[str, An
         board = store.leaderboard(s, job_ids=[job_id])
         out: dict[str, Any] = {"job": asdict(job), "leaderboard": [asdict(r) for r in board]}
         if with_samples:
-            out["samples"] = {r.key: store.sample_rows(s, r.run_id) for r in board}
+            from services.export import export_row, gold_of
+
+            golds = [gold_of(x) for x in store.load_samples(s, job.dataset_id, 0, job.n_samples)]
+            out["samples"] = {r.key: [export_row(row, golds[row["sample_index"]]) for row in
+                                      store.sample_rows(s, r.run_id)] for r in board}
     return out
 
 

@@ -76,6 +76,7 @@ def test_one_mlflow_run_per_strategy_with_params_metrics_and_samples(env: dict) 
         stored = payload["samples"][row["key"]]
         assert [int(t["sample_index"]) for t in table] == [x["sample_index"] for x in stored] == list(range(5))
         assert [t["correct"] == "True" for t in table] == [bool(x["correct"]) for x in stored]
+        assert [t["gold"] for t in table] == [str(i % 2) for i in range(5)]  # write_mc_dataset's answers
 
     # exporting again logs nothing new (same runs, same sample counts)
     again = runner.invoke(app, ["results", str(job_id), "--mlflow", env["uri"], "--mlflow-experiment", "colours"])

@@ -125,3 +125,37 @@ def test_data_list_json(env: dict) -> None:
     assert [d["name"] for d in listed] == list(REGISTRY)
     arc = next(d for d in listed if d["name"] == "arc_easy")
     assert arc["splits"]["val"] == 570 and arc["task_type"] == "mc" and isinstance(arc["fetched"], bool)
+
+
+def test_exports_carry_the_gold_answer_and_spell_minus_inf(env: dict) -> None:
+    import csv
+    import io
+
+    mc = _jsonl(env["tmp"] / "mc.jsonl", [{**r, "answer": i % 3} for i, r in enumerate(_rows(6))])
+    job = _run(env, str(mc), "-s", "contrastive:beta=0.9")
+    job_id = job["job"]["id"]
+    for key, rows in job["samples"].items():
+        assert [r["gold"] for r in rows] == [i % 3 for i in range(6)]
+        assert all(x == "-inf" or isinstance(x, float) for r in rows for x in r["scores"]), key
+    # the plausibility head (beta 0.9) excludes tokens: those choices are spelled -inf, not null
+    contrastive = next(k for k in job["samples"] if k.startswith("contrastive"))
+    assert any(x == "-inf" for r in job["samples"][contrastive] for x in r["scores"])
+    r = runner.invoke(app, ["results", str(job_id), "--csv"])
+    assert r.exit_code == 0, r.output
+    table = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [t["gold"] for t in table if t["strategy"] == "ft"] == [str(i % 3) for i in range(6)]
+    assert any('"-inf"' in t["scores"] for t in table) and not any("null" in t["scores"] for t in table)
+    gen = _jsonl(env["tmp"] / "gen.jsonl", [{"id": f"g{i}", "prompt": f"{i}+1=", "reference": str(i + 1)}
+                                            for i in range(3)])
+    gjob = _run(env, str(gen), "--max-new-tokens", "2")
+    assert [r["gold"] for r in gjob["samples"]["ft"]] == ["1", "2", "3"]
+
+
+def test_export_row_spells_minus_inf_and_keeps_finite_scores() -> None:
+    from services.export import SAMPLE_CSV_COLUMNS, export_row, sample_csv_cells
+
+    row = {c: None for c in SAMPLE_CSV_COLUMNS[1:-1]} | {"scores": [-1.5, None], "kv": {}}
+    out = export_row(row, 1)
+    assert out["scores"] == [-1.5, "-inf"] and out["gold"] == 1 and row["scores"] == [-1.5, None]
+    cells = dict(zip(SAMPLE_CSV_COLUMNS, sample_csv_cells("ft", row)))
+    assert cells["scores"] == '[-1.5, "-inf"]' and cells["gold"] is None
