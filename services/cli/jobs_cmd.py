@@ -287,7 +287,7 @@ def register(app: typer.Typer) -> None:
                shuffle_choices: ShuffleOpt = None) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id (with --server: through the
         API, a local .jsonl dataset uploaded)."""
-        from services.cli.dataset_arg import resolve_dataset
+        from services.user_datasets import resolve_dataset
 
         with _user_errors():
             dataset = resolve_dataset(dataset, split, dataset_name, shuffle_choices)
@@ -328,7 +328,7 @@ def register(app: typer.Typer) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
         from tad_core.models import ModelLoadError
 
-        from services.cli.dataset_arg import resolve_dataset
+        from services.user_datasets import resolve_dataset
         from services.jobs import plan_job, run_job_embedded
 
         settings = _settings()

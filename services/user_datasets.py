@@ -1,4 +1,4 @@
-"""What `tad run` / `tad submit` pass on as the job's dataset when the user's reference needs reading first.
+"""The job dataset a user's reference resolves to, for `tad run` and `tad submit`.
 
 The job planner takes a registered name, `lmeval:TASK.yaml` or one canonical `.jsonl` file. A user's `.json`
 array, a file holding several splits, one file per split (`NAME=train.jsonl,val.jsonl`), a chosen label
