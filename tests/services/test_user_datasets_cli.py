@@ -86,7 +86,8 @@ def test_json_array_accepted_and_refused_alike_by_validate_and_run(env: dict) ->
     badl = _jsonl(env["tmp"] / "broken.jsonl", [{"id": "x", "prompt": "Q", "choices": ["a", "b"], "answer": 5}])
     v = runner.invoke(app, ["data", "validate", str(badl)])
     r = runner.invoke(app, ["run", "--dataset", str(badl), "--base", env["model"], "-s", "base"])
-    assert v.exit_code == r.exit_code == 2 and "line 1: field 'answer'" in v.output and "line 1: field 'answer'" in r.output
+    assert v.exit_code == r.exit_code == 2
+    assert "line 1: field 'answer'" in v.output and "line 1: field 'answer'" in r.output
 
 
 def test_data_validate_reports_splits(env: dict) -> None:
