@@ -128,7 +128,7 @@ def validate_file(path: str | Path, limits: DatasetLimits = DatasetLimits()) -> 
         raise DatasetValidationError([f"{path}: not found or not a regular file"])
     try:
         data = _jsonl_bytes(path, limits)
-        samples = validate_jsonl(data, limits)
+        samples = validate_jsonl(data, limits, allow_split=True)
     except DatasetValidationError as e:
         raise DatasetValidationError(_item_names(e.errors, path)) from None
     splits = [json.loads(line).get("split") for line in data.decode("utf-8").splitlines() if line.strip()]

@@ -115,3 +115,14 @@ def test_load_dataset_shuffle_names_and_hashes_it(tmp_path: Path) -> None:
     assert shuffled.name == "sciq+shuffle1" and shuffled.content_hash != plain.content_hash
     assert all(s.choices[s.answer] == "c" for s in shuffled.samples)
     assert load_dataset(str(f), "val", limit=2, shuffle_choices=1).samples == shuffled.samples[:2]
+
+
+def test_split_rows_are_refused_where_one_split_is_expected() -> None:
+    """The planner's own file path (API uploads) reads one split: a multi-split file there is an error naming the
+    field, never all splits mixed into one job."""
+    from tad_core.datasets import validate_jsonl
+
+    data = "".join(json.dumps(r) + "\n" for r in rows(1, "train") + rows(1, "val", "v")).encode()
+    with pytest.raises(DatasetValidationError, match=r"line 1: field 'split': rows with splits are selected"):
+        validate_jsonl(data)
+    assert len(validate_jsonl(data, allow_split=True)) == 2
