@@ -3,12 +3,13 @@
 the dashboard checks an upload against)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from services.settings import Settings
-from services.submit_request import SubmitRequest
+from services.submit_request import SubmissionError, SubmitRequest
+from services.user_datasets import resolve_dataset
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ def check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) -> 
 
     if req.limit is not None and req.limit < 1:
         errors.append(f"--limit must be a positive integer, got {req.limit}")
+        return None
+    try:  # a .json array, a file holding several splits: the selected split as one canonical file
+        req = replace(req, dataset=resolve_dataset(req.dataset, req.split))
+    except SubmissionError as e:
+        errors.extend(e.errors)
         return None
     is_file = not (req.dataset in REGISTRY or req.dataset.startswith("lmeval:"))  # lmeval:TASK.yaml: tad_core.lmeval
     if is_file:

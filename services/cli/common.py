@@ -32,8 +32,14 @@ AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapt
 AdapterNameOpt = Annotated[Optional[str], typer.Option("--adapter-name", help="register a new adapter DIR under "
                                                        "this name (default: the directory name)")]
 FinetunedOpt = Annotated[Optional[str], typer.Option("--finetuned", help="fully fine-tuned model DIR")]
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME, FILE.jsonl or "
-                                         "lmeval:TASK.yaml (a local lm-evaluation-harness task)")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="registered dataset NAME, FILE.jsonl, FILE.json "
+                                         "(an array), NAME=FILE, NAME=train.jsonl,val.jsonl (one file per split) "
+                                         "or lmeval:TASK.yaml (a local lm-evaluation-harness task)")]
+DatasetNameOpt = Annotated[Optional[str], typer.Option("--dataset-name", help="label a dataset file (default: its "
+                                                       "file name without extension)")]
+ShuffleOpt = Annotated[Optional[int], typer.Option("--shuffle-choices", metavar="SEED", help="show every MC "
+                                                   "sample's choices in a seeded order (sets whose gold sits at a "
+                                                   "fixed position); the dataset is then labelled NAME+shuffleSEED")]
 SplitOpt = Annotated[str, typer.Option("--split", help="dataset split")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="first N samples only")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="samples per forward batch")]
@@ -230,7 +236,11 @@ def job_payload(settings: Any, job_id: int, with_samples: bool) -> dict[str, Any
         board = store.leaderboard(s, job_ids=[job_id])
         out: dict[str, Any] = {"job": asdict(job), "leaderboard": [asdict(r) for r in board]}
         if with_samples:
-            out["samples"] = {r.key: store.sample_rows(s, r.run_id) for r in board}
+            from services.export import export_row, gold_of
+
+            golds = [gold_of(x) for x in store.load_samples(s, job.dataset_id, 0, job.n_samples)]
+            out["samples"] = {r.key: [export_row(row, golds[row["sample_index"]]) for row in
+                                      store.sample_rows(s, r.run_id)] for r in board}
     return out
 
 

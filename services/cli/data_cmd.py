@@ -47,25 +47,40 @@ def register(app: typer.Typer) -> None:
         Console().print(_table(infos, f"datasets ({time.time() - started:.1f} s)"))
 
     @data_app.command("list")
-    def list_() -> None:
+    def list_(as_json: bool = typer.Option(False, "--json", help="print the list as JSON (name, task_type, "
+                                           "splits, source, path, fetched, description)")) -> None:
         """Show the registered datasets with their splits and sample counts."""
-        from rich.console import Console
-
         from tad_core.datasets import list_datasets
 
-        Console().print(_table(list_datasets(), "datasets"))
+        infos = list_datasets()
+        if as_json:
+            import dataclasses
+            import json
+
+            typer.echo(json.dumps([{**dataclasses.asdict(i), "path": str(i.path)} for i in infos]))
+            return
+        from rich.console import Console
+
+        Console().print(_table(infos, "datasets"))
 
     @data_app.command("validate")
-    def validate(file: Path = typer.Argument(..., help="a canonical JSONL dataset file")) -> None:
-        """Check a JSONL file against the canonical format; exit code 1 and every error if it is rejected."""
-        from tad_core.datasets import DatasetValidationError, validate_jsonl
+    def validate(file: Path = typer.Argument(..., help="a dataset file: canonical JSONL, or a .json array of the "
+                                             "same objects")) -> None:
+        """Check a dataset file against the canonical format, exactly as `tad run` and `tad submit` do; exit code
+        2 (bad input, as for every command) with every error named by line (array item) and field."""
+        from collections import Counter
+
+        from tad_core.datasets import DatasetValidationError
+        from tad_core.datasets.user_files import validate_file
 
         try:
-            samples = validate_jsonl(file)
+            samples, splits = validate_file(file)
         except DatasetValidationError as e:
-            _fail(str(e))
+            _fail(str(e), code=2)
         kinds = {s.kind for s in samples}
-        typer.echo(f"ok: {len(samples)} samples ({'/'.join(sorted(kinds))})")
+        per_split = ", ".join(f"{k} {n}" for k, n in Counter(splits).items()) if splits and splits[0] else ""
+        typer.echo(f"ok: {len(samples)} samples ({'/'.join(sorted(kinds))})" + (f"; splits: {per_split}"
+                                                                              if per_split else ""))
 
     @data_app.command("import-lmeval")
     def import_lmeval(

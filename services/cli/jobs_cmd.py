@@ -17,11 +17,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.common import (AdapterNameOpt, AdapterOpt, ApiTokenOpt, BaseOpt, BatchOpt, BeamsOpt, DatasetOpt,
-                                 EXIT_UNAVAILABLE, ExtractOpt, FinetunedOpt, FloorOpt, FormatOpt, LimitOpt, SeedOpt,
-                                 ServerOpt, ShardOpt, SplitOpt, StopOpt, StrategyOpt, TempOpt, TokenOpt, TokensOpt,
-                                 UserOpt, first_line, api_client, build_request, cell, check_schema, cli_settings, fail,
-                                 follow_job, job_payload, json_default, print_leaderboard, progress_bar, user_errors)
+from services.cli.common import (AdapterNameOpt, AdapterOpt, ApiTokenOpt, BaseOpt, BatchOpt, BeamsOpt, DatasetNameOpt,
+                                 DatasetOpt, EXIT_UNAVAILABLE, ExtractOpt, FinetunedOpt, FloorOpt, FormatOpt, LimitOpt,
+                                 SeedOpt, ShuffleOpt, ServerOpt, ShardOpt, SplitOpt, StopOpt, StrategyOpt, TempOpt,
+                                 TokenOpt, TokensOpt, UserOpt, first_line, api_client, build_request, cell,
+                                 check_schema, cli_settings, fail, follow_job, job_payload, json_default,
+                                 print_leaderboard, progress_bar, user_errors)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,9 +35,14 @@ def register(app: typer.Typer) -> None:
                max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
                stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, server: ServerOpt = None,
-               api_token: ApiTokenOpt = None) -> None:
+               api_token: ApiTokenOpt = None, dataset_name: DatasetNameOpt = None,
+               shuffle_choices: ShuffleOpt = None) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id (with --server: through the
         API, a local .jsonl dataset uploaded)."""
+        from services.user_datasets import resolve_dataset
+
+        with user_errors():
+            dataset = resolve_dataset(dataset, split, dataset_name, shuffle_choices)
         if server:
             from services.cli import remote
 
@@ -70,15 +76,18 @@ def register(app: typer.Typer) -> None:
             max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
             shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
             stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1,
-            as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
+            as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+            dataset_name: DatasetNameOpt = None, shuffle_choices: ShuffleOpt = None) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
         from tad_core.models import ModelLoadError
 
         from services.planning import plan_job
         from services.shard_runner import run_job_embedded
+        from services.user_datasets import resolve_dataset
 
         settings = cli_settings()
         with user_errors():
+            dataset = resolve_dataset(dataset, split, dataset_name, shuffle_choices)
             check_schema(settings, migrate_embedded=True)
             plan = plan_job(build_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
@@ -219,20 +228,29 @@ def register(app: typer.Typer) -> None:
                 lmeval: Annotated[Optional[Path], typer.Option("--lmeval", help="write lm-evaluation-harness output "
                                                                "(results_*.json, samples_*.jsonl) per strategy "
                                                                "under this directory")] = None,
+                mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="log one MLflow run "
+                                                              "per strategy to this tracking URI (needs "
+                                                              "tad-eval[mlflow])")] = None,
+                mlflow_experiment: Annotated[str, typer.Option("--mlflow-experiment", help="MLflow experiment "
+                                                               "name (created if missing)")] = "tad-eval",
                 server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
-        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON / lm-eval output."""
+        """A job's leaderboard (table), or its per-sample results exported as CSV / JSON / lm-eval output, or
+        logged to an MLflow tracking server."""
+        if sum(map(bool, (as_csv, as_json, lmeval, mlflow))) > 1:
+            fail("pass one of --csv, --json, --lmeval, --mlflow")
         if server:
             from services.cli import remote
 
-            if sum(map(bool, (as_csv, as_json, lmeval))) > 1:
-                fail("pass one of --csv, --json, --lmeval")
+            if mlflow:
+                fail("--mlflow needs the database (it is not available with --server); use --json or --csv")
             remote.results(api_client(server, api_token), job_id, as_csv, as_json, output, lmeval)
             return
         settings = cli_settings()
         with user_errors():
             check_schema(settings, migrate_embedded=True)
-            if sum(map(bool, (as_csv, as_json, lmeval))) > 1:
-                fail("pass one of --csv, --json, --lmeval")
+            if mlflow:
+                _export_mlflow(settings, job_id, mlflow, mlflow_experiment)
+                return
             if lmeval is not None:
                 _export_lmeval(settings, job_id, lmeval)
                 return
@@ -332,6 +350,17 @@ def _export_lmeval(settings: Any, job_id: int, out_dir: Path) -> None:
         fail(str(e))
     for run in runs:
         typer.echo(f"{run.key}: {run.results} {run.samples}")
+
+
+def _export_mlflow(settings: Any, job_id: int, uri: str, experiment: str) -> None:
+    from services.mlflow_export import MlflowExportError, export_job_mlflow
+
+    try:
+        logged = export_job_mlflow(settings, job_id, uri, experiment)
+    except MlflowExportError as e:
+        fail(str(e))
+    for run in logged:
+        typer.echo(f"{run.key}: MLflow run {run.mlflow_run_id}{' (already logged)' if run.skipped else ''}")
 
 
 def _print_results(settings: Any, job_id: int) -> None:

@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def train(
         out: Path = typer.Option(..., "--out", help="adapter output directory"),
-        dataset: str = typer.Option("arc_easy", help="registered dataset name or a canonical .jsonl file"),
+        dataset: str = typer.Option("arc_easy", help="registered dataset name, FILE.jsonl / FILE.json (rows may "
+                                    "carry a split), NAME=train.jsonl,val.jsonl or lmeval:TASK.yaml"),
         datasets: str | None = typer.Option(None, "--datasets", help="comma list of datasets for one multi-task "
                                             "adapter (e.g. boolq,piqa,siqa,hellaswag,winogrande,arc_easy,"
                                             "arc_challenge,openbookqa); overrides --dataset"),

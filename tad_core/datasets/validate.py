@@ -23,6 +23,7 @@ from tad_core.samples import Sample
 
 KNOWN_FIELDS = ("id", "prompt", "choices", "choice_prompts", "continuation", "answer", "reference",
                 "answer_pattern", "extract", "stop", "metadata")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,13 @@ def _read_source(source: str | Path | bytes, limits: DatasetLimits) -> bytes:
     return data
 
 
-def validate_jsonl(source: str | Path | bytes, limits: DatasetLimits = DatasetLimits()) -> list[Sample]:
+def validate_jsonl(source: str | Path | bytes, limits: DatasetLimits = DatasetLimits(),
+                   allow_split: bool = False) -> list[Sample]:
     """Parse and check a canonical JSONL dataset; return its samples or raise `DatasetValidationError`.
 
-    `source` is a file path (`str` or `Path`) or the file's raw bytes.
+    `source` is a file path (`str` or `Path`) or the file's raw bytes. `allow_split`: rows may carry a `split`
+    field (a file holding several splits, read by tad_core.datasets.user_files, which selects one); where one
+    split is expected the field is refused, so no split is ever mixed into another silently.
     """
     data = _read_source(source, limits)
     try:
@@ -99,7 +103,7 @@ def validate_jsonl(source: str | Path | bytes, limits: DatasetLimits = DatasetLi
             if rows > limits.max_rows:
                 col.add(f"line {lineno}: file has more than {limits.max_rows} rows (limit)")
                 break
-            sample = _check_line(raw, lineno, limits, col, seen)
+            sample = _check_line(raw, lineno, limits, col, seen, allow_split)
             if sample is not None:
                 samples.append(sample)
         if rows == 0:
@@ -135,7 +139,8 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: dict[str, int]) -> Sample | None:
+def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: dict[str, int],
+                allow_split: bool = False) -> Sample | None:
     before = len(col.errors)
     try:
         obj = json.loads(raw)
@@ -150,8 +155,11 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         col.add(f"line {n}: field '{field}': {msg}")
 
     for key in obj:
-        if key not in KNOWN_FIELDS:
-            err(key, f"unknown field (allowed: {', '.join(KNOWN_FIELDS)})")
+        if key == "split" and not allow_split:
+            err(key, "rows with splits are selected with --split by tad run, tad submit and tad train; this path "
+                     "reads one split (drop the field, or give the file to one of those)")
+        elif key not in KNOWN_FIELDS and key != "split":
+            err(key, f"unknown field (allowed: {', '.join(KNOWN_FIELDS)}, split)")
 
     sid = obj.get("id")
     if "id" not in obj:
@@ -176,6 +184,8 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         elif len(json.dumps(obj["metadata"])) > limits.max_field_chars:
             err("metadata", f"longer than {limits.max_field_chars} characters when serialised (limit)")
 
+    if "split" in obj and not (isinstance(obj["split"], str) and SPLIT_NAME.match(obj["split"])):
+        err("split", "must be a split name (letters, digits, _ and -, e.g. train, val, test)")
     if "stop" in obj and (not _is_str_list(obj["stop"]) or not all(obj["stop"])):
         err("stop", "must be a list of non-empty strings")
     if "reference" in obj:

@@ -170,10 +170,13 @@ def test_user_submits_through_the_api_a_worker_runs_it_and_results_stream(api: d
         assert len(rows) == n * len(STRATEGIES)
         assert sorted((r["strategy"], r["sample_index"]) for r in rows) == sorted(
             (k, i) for k in KEYS for i in range(n))
+        assert all(r["gold"] == r["sample_index"] % 2 for r in rows)  # write_mc_dataset's answers, paged
+        assert all(x == "-inf" or isinstance(x, float) for r in rows for x in r["scores"])
         got = alice.get(f"/jobs/{job['id']}/samples", params={"format": "csv", "page_size": 7})
         assert got.headers["content-type"].startswith("text/csv")
         table = list(csv.DictReader(io.StringIO(got.text)))
         assert len(table) == n * len(STRATEGIES) and {r["sample_id"] for r in table} == {f"q{i}" for i in range(n)}
+        assert all(r["gold"] == str(int(r["sample_index"]) % 2) for r in table)
 
         # cancelling a finished job changes nothing, and its owner may ask
         assert alice.post(f"/jobs/{job['id']}/cancel").json()["status"] == "done"

@@ -212,7 +212,7 @@ def test_cli_validate_errors(runner: CliRunner, tmp_path: Path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(lines(MC, MC | {"id": "b", "answer": 7}, "{oops", MC))
     result = runner.invoke(app, ["data", "validate", str(path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input: the same exit code as tad run / tad submit
     assert "line 2: field 'answer': index 7 out of range for 3 choices" in result.output
     assert "line 3: invalid JSON" in result.output
     assert "line 4: field 'id': duplicate id 'a'" in result.output
@@ -223,7 +223,7 @@ def test_cli_validate_missing_file(runner: CliRunner, tmp_path: Path):
     from services.cli.main import app
 
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope.jsonl")])
-    assert result.exit_code == 1 and "not found" in result.output
+    assert result.exit_code == 2 and "not found" in result.output
 
 
 def test_generation_sample_with_choices_stop_and_extract_as_documented():
