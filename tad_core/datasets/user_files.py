@@ -85,8 +85,9 @@ def parse_reference(ref: str, name: str | None = None) -> UserFiles:
             raise DatasetReferenceError(f"dataset {ref!r}: two files for split {split!r}; write SPLIT:PATH to say "
                                         "which is which")
         files[split] = path
-    label = name or label or Path(parts[0].rpartition(":")[2] if len(parts) == 1 else parts[0]).stem
-    if not NAME_RE.match(label):
+    given = name or label  # a label the user typed is held to the naming rule; a file's own stem is kept as it is
+    label = given or Path(parts[0].rpartition(":")[2] if len(parts) == 1 else parts[0]).stem
+    if given and not NAME_RE.match(label):
         raise DatasetReferenceError(f"dataset name {label!r}: use letters, digits and _ . + - (at most 100)")
     return UserFiles(label, files)
 
