@@ -37,7 +37,7 @@ def jobs_frame(jobs: list[JobProgress]) -> pd.DataFrame:
             "samples": f"{j.samples_done}/{j.n_samples}",
             "shards": f"{j.shards_done} done, {j.shards_running} running, {j.shards_failed} failed / {j.n_shards}",
             "samples/s": rate, "eta (s)": eta, "dataset": f"{j.dataset}:{j.split}", "model": j.model,
-            "strategies": ", ".join(j.strategies), "by": j.submitted_by, "submitted": ago(j.created_at, now),
+            "strategies": ", ".join(j.strategies), "owner": j.owner or "-", "by": j.submitted_by, "submitted": ago(j.created_at, now),
             "error": j.error or ""})
     return pd.DataFrame.from_records(records)
 

@@ -26,6 +26,7 @@ from services.db.models import (
     RunAggregate,
     SampleResult,
     Shard,
+    User,
 )
 
 
@@ -117,6 +118,7 @@ class JobProgress:
     shards_running: int
     cancel_requested: bool
     error: str | None
+    owner: str | None = None  # the API user who submitted it (jobs written straight to the DB have none)
 
     @property
     def fraction(self) -> float:
@@ -232,9 +234,9 @@ def sample_result(session: Session, run_id: int, sample_index: int) -> dict[str,
 def job_progress(session: Session, *, limit: int = 50, job_ids: Sequence[int] | None = None) -> list[JobProgress]:
     """Newest jobs first with live progress: the job row's counters are refreshed when a shard finishes, the
     shards' `samples_done` after every batch, so progress is summed from the shards."""
-    stmt = (select(Job, Dataset.name, Dataset.split, BaseModel.name, Adapter.name, Adapter.version)
+    stmt = (select(Job, Dataset.name, Dataset.split, BaseModel.name, Adapter.name, Adapter.version, User.name)
             .join(Dataset, Dataset.id == Job.dataset_id).join(BaseModel, BaseModel.id == Job.base_model_id)
-            .outerjoin(Adapter, Adapter.id == Job.adapter_id))
+            .outerjoin(Adapter, Adapter.id == Job.adapter_id).outerjoin(User, User.id == Job.owner_id))
     if job_ids is not None:
         stmt = stmt.where(Job.id.in_(list(job_ids)))
     meta = session.execute(stmt.order_by(Job.id.desc()).limit(limit)).all()
@@ -253,7 +255,7 @@ def job_progress(session: Session, *, limit: int = 50, job_ids: Sequence[int] | 
     for job_id, key in session.execute(select(Run.job_id, Run.key).where(Run.job_id.in_(ids)).order_by(Run.id)):
         keys.setdefault(job_id, []).append(key)
     out = []
-    for job, ds, split, base, ad_name, ad_ver in meta:
+    for job, ds, split, base, ad_name, ad_ver, owner in meta:
         spec = job.spec or {}
         model = f"{ad_name}:{ad_ver}" if ad_name else (spec.get("finetuned") or base)
         out.append(JobProgress(
@@ -264,5 +266,5 @@ def job_progress(session: Session, *, limit: int = 50, job_ids: Sequence[int] | 
             samples_done=max(job.samples_done, done_by_job.get(job.id, 0)), n_shards=job.n_shards,
             shards_done=job.shards_done, shards_failed=job.shards_failed,
             shards_running=running_by_job.get(job.id, 0), cancel_requested=bool(job.cancel_requested),
-            error=job.error))
+            error=job.error, owner=owner))
     return out

@@ -269,9 +269,14 @@ def test_live_jobs_progress_heartbeats_and_errors(app_on, seeded: Seed) -> None:
     from services.db import store
     from services.db.session import make_engine, session_scope
 
+    from services.db import users
+    from services.db.models import Job
+
     engine = make_engine(seeded.url)
     with session_scope(engine) as s:  # the worker's periodic heartbeat (the seed may be older than 3 periods)
         store.heartbeat(s, "gpu-1:4242", 4242, seeded.jobs["running"], None)
+        owner = users.add_user(s, f"alice{seeded.jobs['running']}")  # as if submitted through the API
+        s.get(Job, seeded.jobs["running"]).owner_id = owner.id
     engine.dispose()
     at = app_on(seeded.url, "jobs")
     metrics = {m.label: m.value for m in at.metric}
@@ -281,6 +286,7 @@ def test_live_jobs_progress_heartbeats_and_errors(app_on, seeded: Seed) -> None:
     running = jobs.loc[seeded.jobs["running"]]
     assert running["samples"] == "5/24" and running["progress"] == pytest.approx(5 / 24)
     assert running["shards"] == "0 done, 1 running, 0 failed / 3"
+    assert running["owner"] == owner.name and jobs.loc[seeded.jobs["failed"]]["owner"] == "-"
     assert f"job {seeded.jobs['failed']} (failed): could not load the adapter: boom" in at.error[0].value
     workers = at.dataframe[1].value
     assert list(workers["worker"]) == ["gpu-1:4242"] and list(workers["state"]) == ["alive"]
