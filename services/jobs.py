@@ -472,11 +472,13 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
 
     Raises SubmissionError (listing every problem) or SecurityError.
     """
+    from services.model_dtype import resolve_config_dtype
+
     settings = settings or get_settings()
     check_submit_token(settings, req.token)
     errors: list[str] = []
     specs = _check_strategies(req.strategies, errors)
-    config = _check_config(dict(req.config), errors)
+    config = _check_config(resolve_config_dtype(req.config, settings), errors)
     side = _check_models(req, settings, errors)
     data = _check_dataset(req, settings, errors) if not errors else None
     if data is not None and any(sp.name == "svdecode" and sp.params.get("mu") == "auto" for sp in specs):
@@ -568,13 +570,16 @@ def get_pair(spec: dict[str, Any], settings: Settings) -> Any:
     """The job's model pair, loaded once per process (one pair kept: a worker serves one model at a time)."""
     from tad_core.models import load_pair
 
-    key = (spec["base"], spec.get("adapter"), spec.get("finetuned"), settings.device)
+    from services.model_dtype import job_dtype
+
+    dtype = job_dtype(spec)
+    key = (spec["base"], spec.get("adapter"), spec.get("finetuned"), settings.device, dtype)
     with _pair_lock:
         pair = _pair_cache.get(key)
         if pair is None:
             _pair_cache.clear()
             pair = load_pair(spec["base"], adapter=spec.get("adapter"), finetuned=spec.get("finetuned"),
-                             allow_pickle=settings.allow_pickle, device=settings.device)
+                             allow_pickle=settings.allow_pickle, device=settings.device, dtype=dtype)
             _pair_cache[key] = pair
         return pair
 

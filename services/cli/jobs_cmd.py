@@ -57,6 +57,10 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="generation
 ExtractOpt = Annotated[Optional[str], typer.Option("--extract", help="generation: extraction mode for every sample: "
                                                    "first-match, first-line, last-number, choice-label")]
 BeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="generation: beam search width (1 = greedy)")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="dtype the models are loaded in: auto (bfloat16 on "
+                                                 "a CUDA device that supports it, float32 on the CPU), float32, "
+                                                 "bfloat16, float16 (default: TAD_DTYPE, else auto); part of every "
+                                                 "run's identity")]
 ShardOpt = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="samples per shard (default "
                                                  "TAD_SHARD_SIZE)")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="TAD_TOKEN", help="submit token, when the "
@@ -156,10 +160,10 @@ def _request(dataset: str, strategy: list[str], base: str, adapter: str | None, 
              finetuned: str | None, split: str, limit: int | None, batch_size: int, max_new_tokens: int,
              temperature: float, seed: int, shard_size: int | None, token: str | None, user: str,
              mc_floor: float | None = None, fmt: str = "mc-loglik", stop: list[str] | None = None,
-             extract: str | None = None, num_beams: int = 1) -> Any:
+             extract: str | None = None, num_beams: int = 1, dtype: str | None = None) -> Any:
     from services.jobs import SubmitRequest
 
-    optional = {"mc_floor": mc_floor, "extract": extract}
+    optional = {"mc_floor": mc_floor, "extract": extract, "dtype": dtype}
     return SubmitRequest(dataset=dataset, strategies=list(strategy), base=base, adapter=adapter,
                          adapter_name=adapter_name, finetuned=finetuned, split=split, limit=limit,
                          config={"batch_size": batch_size, "max_new_tokens": max_new_tokens,
@@ -273,7 +277,7 @@ def register(app: typer.Typer) -> None:
                max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
                stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, server: ServerOpt = None,
-               api_token: ApiTokenOpt = None) -> None:
+               api_token: ApiTokenOpt = None, dtype: DtypeOpt = None) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id (with --server: through the
         API, a local .jsonl dataset uploaded)."""
         if server:
@@ -282,7 +286,7 @@ def register(app: typer.Typer) -> None:
             remote.submit(_client(server, api_token),
                           _request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit, batch_size,
                                    max_new_tokens, temperature, seed, shard_size, token, user, mc_floor, fmt, stop,
-                                   extract, num_beams))
+                                   extract, num_beams, dtype))
             return
         from services.jobs import QueueUnavailable, enqueue_or_fail, plan_job
 
@@ -291,7 +295,7 @@ def register(app: typer.Typer) -> None:
             _check_schema(settings)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
-                                     fmt, stop, extract, num_beams), settings)
+                                     fmt, stop, extract, num_beams, dtype), settings)
         try:
             sent = enqueue_or_fail(plan.job.id, settings)
         except QueueUnavailable as e:
@@ -307,7 +311,7 @@ def register(app: typer.Typer) -> None:
             split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
             max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
             shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
-            stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1,
+            stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, dtype: DtypeOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
         from tad_core.models import ModelLoadError
@@ -319,7 +323,7 @@ def register(app: typer.Typer) -> None:
             _check_schema(settings, migrate_embedded=True)
             plan = plan_job(_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
-                                     fmt, stop, extract, num_beams), settings)
+                                     fmt, stop, extract, num_beams, dtype), settings)
         try:
             with _progress_bar(plan.job.n_samples, f"job {plan.job.id}") as bar:
                 info = run_job_embedded(plan.job.id, settings, progress=bar.update)
