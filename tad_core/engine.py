@@ -50,7 +50,8 @@ class RowGate:
 
 
 class SmallRowsLinear:
-    """CPU kernel choice for the few-row matmuls of paired decoding at batch 1-2 (2-4 rows per step).
+    """CPU kernel choice for the few-row matmuls of paired decoding at batch 1-2 (2-4 rows per step), installed
+    only where a measurement at first use shows it faster on this CPU (`for_pair`, `tad_core.cpu_route`).
 
     On CPU, fp32 `F.linear` with 2-4 input rows goes from BLAS's matrix-vector kernel to a general matmul that
     costs ~1.6-1.75x the one-row call (measured on SmolLM2-135M, 2 threads: a decode step of the bare base model
@@ -84,8 +85,18 @@ class SmallRowsLinear:
 
     @classmethod
     def for_pair(cls, pair: PairedModel) -> "SmallRowsLinear | None":
+        """The route's wrapper when this CPU runs few-row matmuls faster as `weight @ x.T` (measured once per pair
+        by `tad_core.cpu_route`, kept in `pair.info["few_rows_route"]`, which a caller may also set to a
+        `RouteChoice` beforehand to impose a route); None on other devices or where `F.linear` is as fast."""
         if "small_rows_linear" not in pair.info:
-            pair.info["small_rows_linear"] = cls(pair.model) if pair.device.type == "cpu" else None
+            wrapper = None
+            if pair.device.type == "cpu":
+                from tad_core.cpu_route import measure
+
+                choice = pair.info.setdefault("few_rows_route", None) or measure(pair.model)
+                pair.info["few_rows_route"] = choice
+                wrapper = cls(pair.model) if choice.route == "mm" else None
+            pair.info["small_rows_linear"] = wrapper
         return pair.info["small_rows_linear"]
 
 

@@ -81,14 +81,20 @@ def _counts(session: Session, run_ids: list[int], metrics: dict[int, dict[str, M
 
 def _vs_ft(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
     """Fixed / broken counts against the `ft` run of the same job and the exact McNemar p-value, from one
-    grouped join over every run at once (samples both runs scored, `correct` known on both sides)."""
+    grouped join over every run at once (samples both runs scored, `correct` known on both sides). The ft runs
+    are looked up first, so the join reads their rows by index rather than every job's ft rows."""
     ft_run = aliased(Run)
+    ft_ids = sorted(set(session.scalars(
+        select(ft_run.id).join(Run, and_(ft_run.job_id == Run.job_id, ft_run.strategy == "ft", ft_run.id != Run.id))
+        .where(Run.id.in_(run_ids)))))
+    if not ft_ids:
+        return
     a, b = aliased(SampleResult), aliased(SampleResult)
     stmt = (select(a.run_id, a.correct, b.correct, func.count())
             .join(Run, Run.id == a.run_id)
             .join(ft_run, and_(ft_run.job_id == Run.job_id, ft_run.strategy == "ft", ft_run.id != Run.id))
             .join(b, and_(b.run_id == ft_run.id, b.sample_index == a.sample_index))
-            .where(a.run_id.in_(run_ids), a.correct.is_not(None), b.correct.is_not(None))
+            .where(a.run_id.in_(run_ids), b.run_id.in_(ft_ids), a.correct.is_not(None), b.correct.is_not(None))
             .group_by(a.run_id, a.correct, b.correct))
     counts: dict[int, dict[tuple[bool, bool], int]] = {}
     for run_id, x, y, n in session.execute(stmt):
