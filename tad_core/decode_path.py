@@ -99,6 +99,9 @@ def choose(pair: PairedModel, requested: str | None = None) -> DecodeChoice:
 def _build(pair: PairedModel, path: str, reason: str) -> DecodeChoice:
     if path != "dynamic" and (why := _static_possible(pair)) is not None:
         return DecodeChoice("dynamic", why)
+    if path == "compiled" and pair.path == "two_pass":
+        return DecodeChoice("static", "the base rows run the fine-tuned module with its adapter switched off, "
+                                      "which a captured graph cannot follow")
     choice = DecodeChoice(path, reason)
     if path == "compiled":
         choice.step = CompiledStep(pair, choice)

@@ -109,8 +109,9 @@ class PairedRunner:
         """`static_len`: keep every cache as a preallocated `StaticCache` of that many positions (prompt + new
         tokens) instead of a growing `DynamicCache`, with the attention mask padded to it, so every decoding step
         has the same shapes and the same tensor addresses (what a captured graph needs). `step`: a callable that
-        replaces `model(...)` for single-token steps of the `mixed` path (a compiled forward, see
-        `tad_core.decode_path`); None = the model itself."""
+        replaces `pair.model(...)` for its single-token steps (a compiled forward, see `tad_core.decode_path`;
+        not on the `two_pass` path, whose base rows run the same module with the adapter switched off); None = the
+        model itself."""
         self.pair = pair
         self.static_len = static_len
         self.step = step
@@ -149,7 +150,8 @@ class PairedRunner:
             if mask.shape[1] > self.static_len:
                 raise ValueError(f"sequence of {mask.shape[1]} tokens exceeds the static cache of {self.static_len}")
             mask = torch.nn.functional.pad(mask, (0, self.static_len - mask.shape[1]))
-            if self.step is not None and ids.shape[1] == 1 and model is self.pair.model:
+            if (self.step is not None and ids.shape[1] == 1 and model is self.pair.model
+                    and self.pair.path != "two_pass"):  # two_pass toggles the adapter around the same module
                 fn = self.step
         return fn(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                   logits_to_keep=keep, **kw)
