@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved, machine, random_lora  # noqa: E402
+from tad_core.engine import SmallRowsLinear  # noqa: E402
 from tad_core.generation import GenConfig, generate_texts  # noqa: E402
 from tad_core.models import load_pair, resolve_base_dir  # noqa: E402
 from tad_core.paths import cache_subdir  # noqa: E402
@@ -52,7 +53,8 @@ def bench_gen(args) -> list[str]:
     cfg = GenConfig(max_new_tokens=args.tokens, ignore_eos=True, kv_steps=False)
     no_kv = dataclasses.replace(cfg, kv_stats=False)
     ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
-    lines = []
+    SmallRowsLinear.for_pair(pair)  # the few-rows route, measured on this CPU when the pair is first used
+    lines = [f"few-rows route: {pair.info['few_rows_route'].describe()}"]
     for bs in (1, 8):
         prompts = PROMPTS[:bs]
         t = interleaved({

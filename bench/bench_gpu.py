@@ -1,32 +1,46 @@
-"""GPU generation benchmark (issue 3): TaD vs ft on a ~1B Llama built from a config with random weights.
+"""GPU generation benchmark (issue 16): ours (ft, TaD) vs transformers' generate, and the weight-bandwidth limit.
 
-    python bench/bench_gpu.py            # on a GPU: bf16, batch 1/8/32, 128-token prompts, 128 new tokens
-    python bench/bench_gpu.py --small    # the same script, small and slow, on the CPU (checks it runs)
+    python bench/bench_gpu.py            # on a GPU: batch 1/8/32, 128-token prompts, 128 new tokens, TAD_DTYPE=auto (bf16)
+    python bench/bench_gpu.py --smoke    # a tiny config on the CPU: checks the script runs (figures meaningless)
 
-Prints, per batch size: ft and TaD (one mixed LoRA batch) wall time and tokens/s, the ratio TaD/ft (target
-<= 1.1), the naive two-forwards-per-step TaD beside it, and our ft greedy vs transformers' generate.
-No weights or tokenizer files are needed: the model is random-init from a Llama-3.2-1B-like config and the
-tokenizer is a word-level vocabulary built in memory (token ids are what is measured).
+Prints, per batch size, every variant timed in the same process (median of `--repeats` after a warm-up):
+- ours `ft` and `tad` (one mixed LoRA batch) on the pair's decoding path (`tad_core.decode_path`: compiled CUDA
+  graphs on a GPU, with the fallback and its reason printed), and ours `ft` on the eager dynamic-cache path;
+- transformers' `generate` on the same fine-tuned model, eager (dynamic cache) and with its static cache
+  (compiled by transformers on CUDA with `mode="reduce-overhead"`; eager on the CPU);
+- the fraction of the weight-bandwidth limit ft reaches: weight bytes x decode steps/s / the device's memory
+  bandwidth (both printed; `--hbm-gbs` sets the bandwidth, known GPUs are looked up by name);
+- peak memory (GPU: `max_memory_allocated`; CPU: the process's peak RSS).
+No weights or tokenizer files are needed: the model is random-init from a Llama-3.2-1B-like config (1.24B
+parameters) and the tokenizer is a word-level vocabulary built in memory (token ids are what is measured).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
+from tad_core.decode_path import choose  # noqa: E402
+from tad_core.dtypes import resolve_dtype, torch_dtype  # noqa: E402
 from tad_core.generation import GenConfig, generate_texts  # noqa: E402
 from tad_core.models import PairedModel  # noqa: E402
 from tad_core.strategies import StrategySpec, build  # noqa: E402
 
+# Peak memory bandwidth in GB/s by device-name fragment (vendor figures; the first match wins).
+HBM_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
+           "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "A10G": 600.0, "L4": 300.0}
 
-def word_tokenizer(vocab_size: int):
+
+def word_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,11 +52,11 @@ def word_tokenizer(vocab_size: int):
     return tok
 
 
-def build_pair(small: bool, device: str, dtype: torch.dtype) -> PairedModel:
+def build_pair(smoke: bool, device: str, dtype: torch.dtype) -> PairedModel:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if small:
+    if smoke:
         cfg = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     else:  # Llama-3.2-1B-like: 1.24B parameters
@@ -56,67 +70,102 @@ def build_pair(small: bool, device: str, dtype: torch.dtype) -> PairedModel:
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora).to(device=device, dtype=dtype).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e9:.2f}B parameters, {dtype}, {device}")
     return PairedModel(peft_model, word_tokenizer(cfg.vocab_size), "mixed", "random-llama", Path("."),
                        peft_type="LORA")
 
 
-def timed(fn, repeats: int, sync) -> float:
-    fn()
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter, each counted once (tied embeddings once): what one decode step reads."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up (and, on compiled paths, the compilation)
     sync()
-    best = []
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         sync()
-        best.append(time.perf_counter() - t0)
-    return sorted(best)[len(best) // 2]
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def hbm_gbs(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in HBM_GBS.items() if k in name), None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true")
-    ap.add_argument("--batches", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (checks the script runs)")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,8,32; --smoke 1,8)")
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
+    ap.add_argument("--hbm-gbs", type=float, default=None, help="memory bandwidth in GB/s (default: by GPU name)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.small
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    batches = [int(b) for b in (args.batches or ("1,8,32" if cuda else "1,4")).split(",")]
-    plen = args.prompt_len or (128 if cuda else 16)
-    new = args.tokens or (128 if cuda else 16)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    dtype = torch_dtype(resolve_dtype(args.dtype, device))
+    batches = [int(b) for b in (args.batches or ("1,8" if args.smoke else "1,8,32")).split(",")]
+    plen = args.prompt_len or (16 if args.smoke else 128)
+    new = args.tokens or (16 if args.smoke else 128)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dev_name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    bw = hbm_gbs(dev_name, args.hbm_gbs)
     print(f"machine: {machine()}")
-    pair = build_pair(args.small or not cuda, device, dtype)
-    naive = dataclasses.replace(pair, path="two_pass")
+    pair = build_pair(args.smoke or not cuda, device, dtype)
+    wbytes = weight_bytes(pair.model)
+    n_params = sum(p.numel() for p in pair.model.get_base_model().parameters())
+    print(f"model: {n_params / 1e9:.3f}B parameters + LoRA r=16, {dtype}, {device}; weight bytes {wbytes / 1e9:.3f} GB;"
+          f" memory bandwidth {f'{bw:.0f} GB/s' if bw else 'unknown (pass --hbm-gbs)'}; "
+          f"{plen}-token prompts, {new} new tokens, greedy, EOS ignored")
     cfg = GenConfig(max_new_tokens=new, ignore_eos=True, kv_steps=False)
-    bare = GenConfig(max_new_tokens=new, ignore_eos=True, kv_steps=False, kv_stats=False)
+    eager = dataclasses.replace(cfg, decode="dynamic")
     ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
     g = torch.Generator().manual_seed(0)
     vocab = pair.model.get_base_model().config.vocab_size
-    print("| batch | ft s (tok/s) | tad s (tok/s) | tad/ft | tad without kv stats / ft | naive two-pass tad/ft | "
-          "ours ft / transformers generate |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | ours ft tok/s | ours tad tok/s | tad/ft | ours ft eager dynamic tok/s | hf generate eager tok/s |"
+          " hf generate static (compiled on CUDA) tok/s | ours ft / best hf (time) | ft steps/s | % of weight-bandwidth"
+          " limit | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for bs in batches:
         prompts = [" ".join(f"t{int(i)}" for i in torch.randint(2, vocab, (plen,), generator=g)) for _ in range(bs)]
-        t_ft = timed(lambda: generate_texts(pair, prompts, [ft], cfg), args.repeats, sync)
-        t_tad = timed(lambda: generate_texts(pair, prompts, [tad], cfg), args.repeats, sync)
-        t_bare = timed(lambda: generate_texts(pair, prompts, [tad], bare), args.repeats, sync)
-        t_naive = timed(lambda: generate_texts(naive, prompts, [tad], cfg), args.repeats, sync)
         enc = pair.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
 
-        def hf() -> None:
-            with torch.no_grad():
-                pair.model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        def hf(cache: str | None) -> Callable[[], None]:
+            def go() -> None:
+                with torch.no_grad():
+                    pair.model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                                        cache_implementation=cache)
+            return go
 
-        t_hf = timed(hf, args.repeats, sync)
+        t = {"ft": timed(lambda: generate_texts(pair, prompts, [ft], cfg), args.repeats, sync),
+             "tad": timed(lambda: generate_texts(pair, prompts, [tad], cfg), args.repeats, sync),
+             "ft_eager": timed(lambda: generate_texts(pair, prompts, [ft], eager), args.repeats, sync),
+             "hf_eager": timed(hf(None), args.repeats, sync),
+             "hf_static": timed(hf("static"), args.repeats, sync)}
         toks = bs * new
-        print(f"| {bs} | {t_ft:.2f} ({toks / t_ft:.0f}) | {t_tad:.2f} ({toks / t_tad:.0f}) | **{t_tad / t_ft:.2f}** | "
-              f"{t_bare / t_ft:.2f} | {t_naive / t_ft:.2f} | {t_ft / t_hf:.2f} |", flush=True)
-    if cuda:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        steps = new / t["ft"]
+        limit = f"{100 * wbytes * steps / (bw * 1e9):.1f}%" if bw else "-"
+        peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else
+                f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS")
+        best_hf = min(t["hf_eager"], t["hf_static"])
+        print(f"| {bs} | {toks / t['ft']:.0f} | {toks / t['tad']:.0f} | **{t['tad'] / t['ft']:.2f}** | "
+              f"{toks / t['ft_eager']:.0f} | {toks / t['hf_eager']:.0f} | {toks / t['hf_static']:.0f} | "
+              f"**{t['ft'] / best_hf:.2f}** | {steps:.0f} | **{limit}** | {peak} |", flush=True)
+    print(f"decoding path: {choose(pair).describe()}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,30 @@ from typing import Callable
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name (as lscpu prints it) and its widest vector / matrix extensions: CPU figures depend on
+    both, so every benchmark line names them."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(ext) or 'no AVX2'})"
+
+
 def machine() -> str:
     import os
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {dev}, threads {torch.get_num_threads()}"
+    return (f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {dev}, "
+            f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
 
 
 def random_lora(base_dir: Path, out: Path, seed: int = 0, r: int = 8) -> Path:

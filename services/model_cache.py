@@ -15,13 +15,16 @@ def get_pair(spec: dict[str, Any], settings: Settings) -> Any:
     """The job's model pair, loaded once per process (one pair kept: a worker serves one model at a time)."""
     from tad_core.models import load_pair
 
-    key = (spec["base"], spec.get("adapter"), spec.get("finetuned"), settings.device)
+    from services.model_dtype import job_dtype
+
+    dtype = job_dtype(spec)
+    key = (spec["base"], spec.get("adapter"), spec.get("finetuned"), settings.device, dtype)
     with _pair_lock:
         pair = _pair_cache.get(key)
         if pair is None:
             _pair_cache.clear()
             pair = load_pair(spec["base"], adapter=spec.get("adapter"), finetuned=spec.get("finetuned"),
-                             allow_pickle=settings.allow_pickle, device=settings.device)
+                             allow_pickle=settings.allow_pickle, device=settings.device, dtype=dtype)
             _pair_cache[key] = pair
         return pair
 

@@ -70,7 +70,21 @@ class Settings(BaseSettings):
     # Seconds between a running batch's checks for a cancel request or the shard time limit.
     interrupt_check_interval: float = Field(default=1.0, gt=0)
     device: str = "cpu"
+    # dtype the workers load models in when a job does not name one (`--dtype`): auto (bfloat16 on a CUDA device
+    # that supports it, float32 on the CPU), float32, bfloat16 or float16. Resolved at submission, against
+    # `device`, into the job's config: it is part of every run's identity.
+    dtype: str = "auto"
     allow_pickle: bool = False
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, v: str) -> str:
+        from tad_core.dtypes import ALIASES, CHOICES
+
+        key = ALIASES.get(v.lower(), v.lower())
+        if key not in CHOICES:
+            raise ValueError(f"TAD_DTYPE must be one of {', '.join(CHOICES)}, got {v!r}")
+        return key
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services import heartbeat
-from services.db import store
+from services.db import aggregates, store
 from services.db.session import session_scope
 from services.fault_hooks import batch_fault, sample_fault
 from services.heartbeat import worker_name
@@ -122,7 +122,7 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
             if done < len(raw):
                 info = store.finish_shard(s, shard_id, "cancelled")
                 return ShardOutcome(job_id, start, stop, "cancelled", done, info.status)
-            store.refresh_aggregates(s, [r.id for r in runs])
+            aggregates.refresh_aggregates(s, [r.id for r in runs])  # computed by the database
             info = store.finish_shard(s, shard_id, "done")
             store.heartbeat(s, me, os.getpid())
         return ShardOutcome(job_id, start, stop, "ran", done, info.status)

@@ -129,7 +129,9 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
     check_submit_token(settings, req.token)
     errors: list[str] = []
     specs = _check_strategies(req.strategies, errors)
-    config = _check_config(dict(req.config), errors)
+    from services.model_dtype import resolve_config_dtype  # imports torch: only when a request is checked
+
+    config = _check_config(resolve_config_dtype(req.config, settings), errors)
     side = check_models(req, settings, errors)
     data = check_dataset(req, settings, errors) if not errors else None
     if data is not None and any(sp.name == "svdecode" and sp.params.get("mu") == "auto" for sp in specs):

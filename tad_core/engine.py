@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from tad_core.models import PairedModel, is_plain_lora
 
@@ -50,7 +50,8 @@ class RowGate:
 
 
 class SmallRowsLinear:
-    """CPU kernel choice for the few-row matmuls of paired decoding at batch 1-2 (2-4 rows per step).
+    """CPU kernel choice for the few-row matmuls of paired decoding at batch 1-2 (2-4 rows per step), installed
+    only where a measurement at first use shows it faster on this CPU (`for_pair`, `tad_core.cpu_route`).
 
     On CPU, fp32 `F.linear` with 2-4 input rows goes from BLAS's matrix-vector kernel to a general matmul that
     costs ~1.6-1.75x the one-row call (measured on SmolLM2-135M, 2 threads: a decode step of the bare base model
@@ -84,8 +85,18 @@ class SmallRowsLinear:
 
     @classmethod
     def for_pair(cls, pair: PairedModel) -> "SmallRowsLinear | None":
+        """The route's wrapper when this CPU runs few-row matmuls faster as `weight @ x.T` (measured once per pair
+        by `tad_core.cpu_route`, kept in `pair.info["few_rows_route"]`, which a caller may also set to a
+        `RouteChoice` beforehand to impose a route); None on other devices or where `F.linear` is as fast."""
         if "small_rows_linear" not in pair.info:
-            pair.info["small_rows_linear"] = cls(pair.model) if pair.device.type == "cpu" else None
+            wrapper = None
+            if pair.device.type == "cpu":
+                from tad_core.cpu_route import measure
+
+                choice = pair.info.setdefault("few_rows_route", None) or measure(pair.model)
+                pair.info["few_rows_route"] = choice
+                wrapper = cls(pair.model) if choice.route == "mm" else None
+            pair.info["small_rows_linear"] = wrapper
         return pair.info["small_rows_linear"]
 
 
@@ -93,8 +104,17 @@ class PairedRunner:
     """Stateful forwards (with KV caches) for N sequences of one batch."""
 
     def __init__(self, pair: PairedModel, need_ft: Sequence[bool], need_base: Sequence[bool],
-                 output_hidden_states: bool = False) -> None:
+                 output_hidden_states: bool = False, static_len: int | None = None,
+                 step: Any = None) -> None:
+        """`static_len`: keep every cache as a preallocated `StaticCache` of that many positions (prompt + new
+        tokens) instead of a growing `DynamicCache`, with the attention mask padded to it, so every decoding step
+        has the same shapes and the same tensor addresses (what a captured graph needs). `step`: a callable that
+        replaces `pair.model(...)` for its single-token steps (a compiled forward, see `tad_core.decode_path`;
+        not on the `two_pass` path, whose base rows run the same module with the adapter switched off); None = the
+        model itself."""
         self.pair = pair
+        self.static_len = static_len
+        self.step = step
         self.n = len(need_ft)
         if pair.path == "base_only":  # the only model is the base: compute it once, serve it as both sides
             need_ft = [a or b for a, b in zip(need_ft, need_base)]
@@ -119,11 +139,22 @@ class PairedRunner:
               keep: int, **kw: Any) -> Any:
         cache = self._caches.get(cache_key)
         if cache is None:
-            cache = self._caches[cache_key] = kw.pop("initial_cache", None) or DynamicCache()
+            initial = kw.pop("initial_cache", None)
+            if initial is None and self.static_len:
+                initial = StaticCache(config=_config(model), max_cache_len=self.static_len)
+            cache = self._caches[cache_key] = initial or DynamicCache()
         else:
             kw.pop("initial_cache", None)
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                     logits_to_keep=keep, **kw)
+        fn = model
+        if isinstance(cache, StaticCache):
+            if mask.shape[1] > self.static_len:
+                raise ValueError(f"sequence of {mask.shape[1]} tokens exceeds the static cache of {self.static_len}")
+            mask = torch.nn.functional.pad(mask, (0, self.static_len - mask.shape[1]))
+            if (self.step is not None and ids.shape[1] == 1 and model is self.pair.model
+                    and self.pair.path != "two_pass"):  # two_pass toggles the adapter around the same module
+                fn = self.step
+        return fn(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                  logits_to_keep=keep, **kw)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 logits_to_keep: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -223,11 +254,32 @@ class PairedRunner:
                 idx = ft_idx + [len(self.ft_rows) + i for i in base_idx]
             else:
                 idx = ft_idx if key == "ft" else base_idx
-            cache.batch_select_indices(torch.tensor(idx, dtype=torch.long, device=self.pair.device))
+            index = torch.tensor(idx, dtype=torch.long, device=self.pair.device)
+            if isinstance(cache, StaticCache):
+                _select_static(cache, index)
+            else:
+                cache.batch_select_indices(index)
         if self.hidden is not None:
             self.hidden = tuple(h[ft_idx] for h in self.hidden)
         self.ft_rows, self.base_rows, self.n = new_ft, new_base, len(seq_index)
         self.forwards_since_select = 0
+
+
+def _config(model: Any) -> Any:
+    """The transformers config a StaticCache is shaped from (a PEFT model's is its base model's)."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def _select_static(cache: StaticCache, index: torch.Tensor) -> None:
+    """Keep (and repeat) the static cache's batch rows `index` (transformers' static layers cannot), as new
+    tensors that torch.compile is told keep their addresses: they are updated in place from now on."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys[index].contiguous()
+            layer.values = layer.values[index].contiguous()
+            layer.batch_size = int(index.numel())
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
 
 
 def _kept(hidden: tuple[torch.Tensor, ...], n_ft: int, keep: int) -> tuple[torch.Tensor, ...]:

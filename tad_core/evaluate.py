@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Sequence
 
+from tad_core.dtypes import canonical_dtype
 from tad_core.extraction import answers_match, check_mode, extract_answer
 from tad_core.formats import DEFAULT_FORMAT, FormatContext, canonical_format, parse_format
 from tad_core.generation import GenConfig, Generated, generate_texts
@@ -42,9 +43,14 @@ class EvalConfig:
     format: str = DEFAULT_FORMAT
     extract: str | None = None  # generation: extraction mode for every sample (None = the sample's / format's own)
     num_beams: int = 1  # generation: beam search width for every strategy (1 = greedy / sampling)
+    # the dtype the models are loaded in (tad_core.dtypes; a concrete name, `auto` is resolved before a config is
+    # built). float32, the only dtype before there was a choice, is left out of `to_json` so the identities (run
+    # hashes) of earlier float32 runs still match identical requests.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", canonical_format(self.format))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         check_mode(self.extract)
         if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
             raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
@@ -65,6 +71,8 @@ class EvalConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop"] = list(self.stop)
+        if d["dtype"] == "float32":
+            del d["dtype"]
         return d
 
     @classmethod

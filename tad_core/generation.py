@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from tad_core import kvstats
+from tad_core import decode_path, kvstats
+from tad_core.decode_path import PATHS
 from tad_core.early_exit import output_head, step_extras
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.models import PairedModel
@@ -32,6 +33,9 @@ class GenConfig:
     kv_steps: bool = True  # keep per-step knowledge-vector stats (for the dashboard's token view)
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks compare equal work)
     kv_stats: bool = True  # knowledge-vector statistics and flips for sequences that have both sides
+    # decoding path (tad_core.decode_path): dynamic, static or compiled; None = the pair's default, chosen once
+    # (compiled on CUDA, dynamic on the CPU). Greedy outputs are the same on every path.
+    decode: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -40,6 +44,8 @@ class GenConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.decode is not None and self.decode not in PATHS:
+            raise ValueError(f"decode must be one of {', '.join(PATHS)}, got {self.decode!r}")
 
 
 @dataclass
@@ -95,10 +101,13 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     # sequence continues from a copy of its prompt's cache, keeping only the sides that strategy needs.
     prompt_ft = [any(need_ft[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
     prompt_base = [any(need_base[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
-    runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers))
     head = output_head(pair.model) if hidden_layers else None
     enc = [tok(p)["input_ids"] for p in prompts]
     ids, mask = left_pad(enc, tok.pad_token_id)
+    path = decode_path.choose(pair, cfg.decode)
+    runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers),
+                          static_len=None if path.path == "dynamic" else ids.shape[1] + cfg.max_new_tokens,
+                          step=path.step)
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
     row_stops = [tuple(cfg.stop) + tuple(stops[pi] if stops is not None else ()) for pi, _ in seqs]

@@ -363,7 +363,8 @@ def load_pair(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> PairedModel:
-    """Load a base model and its fine-tuned side (a PEFT adapter dir, or a fully fine-tuned model dir)."""
+    """Load a base model and its fine-tuned side (a PEFT adapter dir, or a fully fine-tuned model dir), all in
+    `dtype` (adapter weights included) on `device`."""
     if adapter is not None and finetuned is not None:
         raise ModelLoadError("pass either adapter or finetuned, not both")
     base_dir = resolve_base_dir(base)
@@ -381,7 +382,10 @@ def load_pair(
         cfg = PeftConfig.from_pretrained(str(adapter_dir))
         model = load_model(base_dir, dtype, device)
         try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=weights.suffix == ".safetensors")
+            # the adapter's weights in the model's dtype (PEFT keeps them float32 by default, for training): a
+            # bf16 worker then runs every matmul of the paired forward in bf16
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=weights.suffix == ".safetensors",
+                                                   autocast_adapter_dtype=False)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ModelLoadError(f"adapter {adapter_dir} does not fit base model {base!r}: {e}") from e
         peft_model.eval()

@@ -55,6 +55,10 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="generation
 ExtractOpt = Annotated[Optional[str], typer.Option("--extract", help="generation: extraction mode for every sample: "
                                                    "first-match, first-line, last-number, choice-label")]
 BeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="generation: beam search width (1 = greedy)")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="dtype the models are loaded in: auto (bfloat16 on "
+                                                 "a CUDA device that supports it, float32 on the CPU), float32, "
+                                                 "bfloat16, float16 (default: TAD_DTYPE, else auto); part of every "
+                                                 "run's identity")]
 ShardOpt = Annotated[Optional[int], typer.Option("--shard-size", min=1, help="samples per shard (default "
                                                  "TAD_SHARD_SIZE)")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="TAD_TOKEN", help="submit token, when the "
@@ -154,10 +158,10 @@ def build_request(dataset: str, strategy: list[str], base: str, adapter: str | N
              finetuned: str | None, split: str, limit: int | None, batch_size: int, max_new_tokens: int,
              temperature: float, seed: int, shard_size: int | None, token: str | None, user: str,
              mc_floor: float | None = None, fmt: str = "mc-loglik", stop: list[str] | None = None,
-             extract: str | None = None, num_beams: int = 1) -> Any:
+             extract: str | None = None, num_beams: int = 1, dtype: str | None = None) -> Any:
     from services.submit_request import SubmitRequest
 
-    optional = {"mc_floor": mc_floor, "extract": extract}
+    optional = {"mc_floor": mc_floor, "extract": extract, "dtype": dtype}
     return SubmitRequest(dataset=dataset, strategies=list(strategy), base=base, adapter=adapter,
                          adapter_name=adapter_name, finetuned=finetuned, split=split, limit=limit,
                          config={"batch_size": batch_size, "max_new_tokens": max_new_tokens,

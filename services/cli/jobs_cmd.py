@@ -18,9 +18,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from services.cli.common import (AdapterNameOpt, AdapterOpt, ApiTokenOpt, BaseOpt, BatchOpt, BeamsOpt, DatasetNameOpt,
-                                 DatasetOpt, EXIT_UNAVAILABLE, ExtractOpt, FinetunedOpt, FloorOpt, FormatOpt, LimitOpt,
-                                 SeedOpt, ShuffleOpt, ServerOpt, ShardOpt, SplitOpt, StopOpt, StrategyOpt, TempOpt,
-                                 TokenOpt, TokensOpt, UserOpt, first_line, api_client, build_request, cell,
+                                 DtypeOpt, DatasetOpt, EXIT_UNAVAILABLE, ExtractOpt, FinetunedOpt, FloorOpt, FormatOpt,
+                                 LimitOpt, SeedOpt, ShuffleOpt, ServerOpt, ShardOpt, SplitOpt, StopOpt, StrategyOpt,
+                                 TempOpt, TokenOpt, TokensOpt, UserOpt, first_line, api_client, build_request, cell,
                                  check_schema, cli_settings, fail, follow_job, job_payload, json_default,
                                  print_leaderboard, progress_bar, user_errors)
 
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
                max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
                shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
                stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, server: ServerOpt = None,
-               api_token: ApiTokenOpt = None, dataset_name: DatasetNameOpt = None,
+               api_token: ApiTokenOpt = None, dataset_name: DatasetNameOpt = None, dtype: DtypeOpt = None,
                shuffle_choices: ShuffleOpt = None) -> None:
         """Validate and queue an evaluation job for the workers; prints the job id (with --server: through the
         API, a local .jsonl dataset uploaded)."""
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
             remote.submit(api_client(server, api_token),
                           build_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit, batch_size,
                                    max_new_tokens, temperature, seed, shard_size, token, user, mc_floor, fmt, stop,
-                                   extract, num_beams))
+                                   extract, num_beams, dtype))
             return
         from services.planning import plan_job
         from services.queueing import QueueUnavailable, enqueue_or_fail
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
             check_schema(settings)
             plan = plan_job(build_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
-                                     fmt, stop, extract, num_beams), settings)
+                                     fmt, stop, extract, num_beams, dtype), settings)
         try:
             sent = enqueue_or_fail(plan.job.id, settings)
         except QueueUnavailable as e:
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
             split: SplitOpt = "val", limit: LimitOpt = None, batch_size: BatchOpt = 8,
             max_new_tokens: TokensOpt = 64, temperature: TempOpt = 0.0, seed: SeedOpt = 0, mc_floor: FloorOpt = None,
             shard_size: ShardOpt = None, token: TokenOpt = None, user: UserOpt = "", fmt: FormatOpt = "mc-loglik",
-            stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1,
+            stop: StopOpt = None, extract: ExtractOpt = None, num_beams: BeamsOpt = 1, dtype: DtypeOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
             dataset_name: DatasetNameOpt = None, shuffle_choices: ShuffleOpt = None) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
             check_schema(settings, migrate_embedded=True)
             plan = plan_job(build_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
-                                     fmt, stop, extract, num_beams), settings)
+                                     fmt, stop, extract, num_beams, dtype), settings)
         try:
             with progress_bar(plan.job.n_samples, f"job {plan.job.id}") as bar:
                 info = run_job_embedded(plan.job.id, settings, progress=bar.update)

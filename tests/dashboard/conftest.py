@@ -93,7 +93,7 @@ def _params(key: str) -> dict:
 
 def _complete_job(s, *, base_id: int, adapter_id: int | None, dataset_id: int, n: int, keys: list[str],
                   rows_for: Callable[[str, int], dict], spec: dict) -> tuple[int, dict[str, int]]:
-    from services.db import store
+    from services.db import aggregates, store
 
     job = store.create_job(s, spec=spec, submitted_by="seed", base_model_id=base_id, adapter_id=adapter_id,
                            dataset_id=dataset_id, n_samples=n, runs=_specs(keys), shard_ranges=[(0, n)])
@@ -102,7 +102,7 @@ def _complete_job(s, *, base_id: int, adapter_id: int | None, dataset_id: int, n
     store.upsert_sample_results(s, [{"run_id": runs[k], "sample_index": i, **rows_for(k, i)}
                                     for k in keys for i in range(n)])
     store.shard_progress(s, claim.shard.id, n)
-    store.refresh_aggregates(s, list(runs.values()))
+    aggregates.refresh_aggregates(s, list(runs.values()))
     store.finish_shard(s, claim.shard.id, "done")
     return job.id, runs
 

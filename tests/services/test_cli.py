@@ -56,6 +56,7 @@ def test_user_errors_exit_2_without_traceback(env: dict) -> None:
     cases = [
         (_run_args(env, "-s", "tad:alpha=oops"), "alpha"),
         (_run_args(env, "-s", "nosuch"), "unknown strategy"),
+        (_run_args(env, "--dtype", "int8"), "dtype must be one of"),
         (["run", "--dataset", str(env["tmp"] / "missing.jsonl"), "--base", env["model"]], "missing.jsonl"),
         (["run", "--dataset", str(env["data"]), "--base", env["model"], "--adapter", "/etc"], "outside the allowed"),
         (["status", "999"], "job 999 does not exist"),

@@ -223,14 +223,18 @@ def test_row_gate_equals_peft_adapter_names(tiny_pair):
 def test_few_rows_cpu_route_gives_the_same_decoding_steps(tiny_pair):
     """Batch-1 paired decoding (2 rows per step) takes the CPU few-rows matmul route, with the logits of plain
     forwards of the fine-tuned and base models over the whole sequence."""
+    import dataclasses
+
+    from tad_core.cpu_route import RouteChoice
     from tad_core.engine import SmallRowsLinear
 
-    few = SmallRowsLinear.for_pair(tiny_pair)
+    pair = dataclasses.replace(tiny_pair, info={"few_rows_route": RouteChoice("mm", reason="imposed by the test")})
+    few = SmallRowsLinear.for_pair(pair)
     assert few is not None
-    tok = tiny_pair.tokenizer
+    tok = pair.tokenizer
     ids = torch.tensor([tok(PROMPTS[1])["input_ids"]])
     mask = torch.ones_like(ids)
-    runner = PairedRunner(tiny_pair, need_ft=[True], need_base=[True])
+    runner = PairedRunner(pair, need_ft=[True], need_base=[True])
     seq = ids
     with torch.no_grad():
         runner.forward(ids, mask, positions_from_mask(mask), logits_to_keep=1)  # prefill: many rows, usual route
@@ -239,9 +243,9 @@ def test_few_rows_cpu_route_gives_the_same_decoding_steps(tiny_pair):
             seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
             mask = torch.ones_like(seq)
             z_b, z_f = runner.forward(torch.tensor([[t]]), mask, positions_from_mask(mask)[:, -1:], logits_to_keep=1)
-            ft = tiny_pair.model(input_ids=seq).logits[:, -1]
-            with tiny_pair.model.disable_adapter():
-                base = tiny_pair.model(input_ids=seq).logits[:, -1]
+            ft = pair.model(input_ids=seq).logits[:, -1]
+            with pair.model.disable_adapter():
+                base = pair.model(input_ids=seq).logits[:, -1]
             assert torch.allclose(z_f[:, -1], ft, atol=1e-5) and torch.allclose(z_b[:, -1], base, atol=1e-5)
     assert few.calls > before  # the decode steps did take the route
     assert not few.active  # and it is off outside the paired forward

@@ -1,0 +1,108 @@
+"""How paired generation runs its decoding steps, chosen once per loaded pair and reported.
+
+- `dynamic`: transformers' growing `DynamicCache`, eager. The CPU default: there the measured fast route is the
+  few-rows matmul of `tad_core.engine.SmallRowsLinear`, and a static cache would attend over every preallocated
+  position at every step.
+- `static`: a preallocated `StaticCache` (prompt + new tokens) with the attention mask padded to it, eager: every
+  step has the same shapes and tensor addresses. Greedy outputs are token-identical to `dynamic` (tests).
+- `compiled`: `static` with the single-token steps of the paired forward run by `torch.compile` (on CUDA with
+  `mode="reduce-overhead"`, i.e. captured CUDA graphs: one graph launch per step instead of hundreds of kernel
+  launches from Python). The CUDA default where the pair allows it.
+
+Where a path is impossible the next one down is used and the reason kept: prefix-tuning pairs start their cache
+from the learned prefix (a dynamic cache), so they decode `dynamic`; a compile or capture that fails on its first
+step falls back to `static` for the rest of the process. `pair.info["decode_path"]` holds the choice and the
+reason; benchmarks print it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from tad_core.models import PairedModel
+
+log = logging.getLogger(__name__)
+
+DecodePath = Literal["dynamic", "static", "compiled"]
+PATHS: tuple[str, ...] = ("dynamic", "static", "compiled")
+
+
+@dataclass
+class DecodeChoice:
+    """The decoding path of a pair, why it was chosen, and (compiled) the step callable the runner uses."""
+
+    path: str
+    reason: str
+    step: Any = None
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.reason})"
+
+
+class CompiledStep:
+    """`torch.compile` of the paired model's forward for single-token steps, falling back to the eager model
+    (and recording why) when compiling or capturing fails. A failure surfaces while the graph is traced or
+    compiled, before the step writes to the cache, so the eager retry continues the same sequence."""
+
+    def __init__(self, pair: PairedModel, choice: DecodeChoice) -> None:
+        self.pair = pair
+        self.choice = choice
+        self.mode = "reduce-overhead" if pair.device.type == "cuda" else None
+        self.fn = torch.compile(pair.model, mode=self.mode, dynamic=False)
+        self.calls = 0  # steps the compiled forward ran (visible to tests and benchmarks)
+        self.failed: str | None = None
+
+    def __call__(self, **kw: Any) -> Any:
+        if self.failed is None:
+            try:
+                out = self.fn(**kw)
+                self.calls += 1
+                return out
+            except Exception as e:  # noqa: BLE001 - any compile / capture failure: the eager static path instead
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                self.choice.path, self.choice.reason = "static", f"compile failed: {self.failed}"
+                log.warning("compiled decoding failed, decoding eagerly with a static cache: %s", self.failed)
+        return self.pair.model(**kw)
+
+
+def _static_possible(pair: PairedModel) -> str | None:
+    """Why this pair cannot decode with a static cache (None: it can)."""
+    if pair.path == "two_pass" and pair.model.peft_config["default"].is_prompt_learning:
+        return "prefix tuning starts the fine-tuned cache from its learned prefix (a dynamic cache)"
+    return None
+
+
+def choose(pair: PairedModel, requested: str | None = None) -> DecodeChoice:
+    """The pair's decoding path: `requested` when given and possible, else the device's default; the default
+    choice is made once and kept in `pair.info["decode_path"]` (a request for another path builds its own)."""
+    if requested is not None and requested not in PATHS:
+        raise ValueError(f"decode must be one of {', '.join(PATHS)}, got {requested!r}")
+    cached = pair.info.get("decode_path")
+    if cached is not None and (requested is None or requested == cached.path):
+        return cached
+    if requested is not None:
+        key = f"decode_path:{requested}"
+        if key not in pair.info:
+            pair.info[key] = _build(pair, requested, "requested")
+        return pair.info[key]
+    cuda = pair.device.type == "cuda"
+    choice = _build(pair, "compiled" if cuda else "dynamic",
+                    "CUDA: captured graphs" if cuda else "CPU: eager steps with the few-rows matmul route")
+    pair.info["decode_path"] = choice
+    log.info("decoding path: %s", choice.describe())
+    return choice
+
+
+def _build(pair: PairedModel, path: str, reason: str) -> DecodeChoice:
+    if path != "dynamic" and (why := _static_possible(pair)) is not None:
+        return DecodeChoice("dynamic", why)
+    if path == "compiled" and pair.path == "two_pass":
+        return DecodeChoice("static", "the base rows run the fine-tuned module with its adapter switched off, "
+                                      "which a captured graph cannot follow")
+    choice = DecodeChoice(path, reason)
+    if path == "compiled":
+        choice.step = CompiledStep(pair, choice)
+    return choice

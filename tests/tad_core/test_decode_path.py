@@ -1,0 +1,59 @@
+"""Decoding paths: a static KV cache (and its compiled steps) decodes exactly what the growing cache decodes."""
+from __future__ import annotations
+
+import pytest
+
+from tad_core.decode_path import choose
+from tad_core.generation import GenConfig, generate_texts
+from tad_core.models import load_pair
+from tad_core.strategies import build, parse_strategy_arg
+
+PROMPTS = ["Hello there, how are", "The capital of France is a city called", "1+1="]
+EVERY = [*parse_strategy_arg("ft"), *parse_strategy_arg("base"), *parse_strategy_arg("tad:alpha=0.5,2"),
+         *parse_strategy_arg("tad_log"), *parse_strategy_arg("contrastive"), *parse_strategy_arg("dola"),
+         *parse_strategy_arg("svdecode:mu=0.5")]
+
+
+def _tokens(pair, strategies, decode, n=8):
+    out = generate_texts(pair, PROMPTS, strategies, GenConfig(max_new_tokens=n, ignore_eos=True, decode=decode))
+    return [[g.token_ids for g in row] for row in out]
+
+
+def test_static_cache_decodes_the_same_tokens_for_every_strategy(tiny_pair):
+    strategies = [build(s) for s in EVERY]
+    dynamic = _tokens(tiny_pair, strategies, "dynamic")
+    static = _tokens(tiny_pair, strategies, "static")
+    assert static == dynamic
+    # the strategies do disagree, so the comparison covers different token paths
+    assert len({tuple(map(tuple, (row[i] for row in dynamic))) for i in range(len(strategies))}) > 2
+    assert choose(tiny_pair, "static").path == "static"
+    assert choose(tiny_pair).path == "dynamic"  # the CPU default
+
+
+def test_static_cache_with_two_models_and_fallback_for_prefix(tmp_path, tiny_model_dir, tiny_prefix_dir):
+    from tests.conftest import build_tiny_model
+
+    two = load_pair(str(tiny_model_dir), finetuned=build_tiny_model(tmp_path / "ft", seed=5))
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad"))]
+    assert _tokens(two, strategies, "static") == _tokens(two, strategies, "dynamic")
+    prefix = load_pair(str(tiny_model_dir), adapter=tiny_prefix_dir)
+    choice = choose(prefix, "static")
+    assert choice.path == "dynamic" and "prefix" in choice.reason  # impossible there: fallback, with the reason
+    assert _tokens(prefix, strategies, "static") == _tokens(prefix, strategies, "dynamic")
+
+
+def test_bad_decode_path_is_refused():
+    with pytest.raises(ValueError, match="decode must be one of"):
+        GenConfig(decode="graphs")
+
+
+def test_compiled_steps_decode_the_same_tokens(tiny_model_dir, tiny_lora_dir):
+    """torch.compile of the paired forward (default CPU backend here; reduce-overhead CUDA graphs on a GPU)."""
+    pair = load_pair(str(tiny_model_dir), adapter=tiny_lora_dir)
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad:alpha=1"),
+                                     *parse_strategy_arg("contrastive"))]
+    compiled = _tokens(pair, strategies, "compiled", n=6)
+    choice = choose(pair, "compiled")
+    assert choice.step.failed is None and choice.path == "compiled", choice.reason
+    assert choice.step.calls >= 5  # every decoding step after the prefill ran the compiled forward
+    assert compiled == _tokens(pair, strategies, "dynamic", n=6)
