@@ -11,7 +11,10 @@ from pydantic import ValidationError
 from services.db import store
 from services.db.schema import upgrade
 from services.db.session import session_scope
-from services.jobs import SubmissionError, SubmitRequest, clear_pair_cache, get_pair, plan_job, run_job_embedded
+from services.model_cache import clear_pair_cache, get_pair
+from services.planning import plan_job
+from services.shard_runner import run_job_embedded
+from services.submit_request import SubmissionError, SubmitRequest
 from services.settings import Settings
 from tests.services.helpers import make_settings, write_mc_dataset
 
