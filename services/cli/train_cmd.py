@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from services.cli.common import EXIT_USAGE
+
 
 def register(app: typer.Typer) -> None:
     """Add the `train` command to the `tad` app."""
@@ -46,6 +48,6 @@ def register(app: typer.Typer) -> None:
             manifest = train_adapter(cfg, progress=progress)
         except (ValueError, ModelLoadError, AssetError, DatasetValidationError) as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_USAGE) from None  # bad input: the same exit code as tad run / tad data validate
         typer.echo(f"{cfg.method} adapter: {cfg.out}  final loss {manifest['final_loss']:.4f}  "
                    f"mean last 10 {manifest['mean_loss_last_10']:.4f}  {manifest['elapsed_s']:.0f} s")

@@ -137,13 +137,13 @@ def test_cli_train_errors(tmp_path: Path, tiny_data: Path):
 
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--method", "qlora", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "method: unknown training method 'qlora'" in result.output
+    assert result.exit_code == 2 and "method: unknown training method 'qlora'" in result.output
     result = runner.invoke(app, ["train", "--dataset", "nope", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "unknown dataset 'nope'" in result.output
+    assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "q", "choices": ["x"], "answer": 0}\n')
     result = runner.invoke(app, ["train", "--dataset", str(bad), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "line 1: field 'choices': needs at least 2 entries" in result.output
+    assert result.exit_code == 2 and "line 1: field 'choices': needs at least 2 entries" in result.output
     assert "Traceback" not in result.output
 
 
