@@ -8,16 +8,14 @@ the Python averaging (tests compare them on both dialects).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
 
 from sqlalchemy import and_, bindparam, case, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
-from tad_core.metrics import mcnemar_p
+from tad_core.metrics import mcnemar_p, proportion_stderr
 
+from services.db.dialect import dialect_insert
 from services.db.models import Run, RunAggregate, SampleResult, utcnow
 
 Metric = tuple[float | None, float | None, int]  # value, stderr, n
@@ -41,12 +39,9 @@ _KV_MEANS = {
 }
 
 
-def _stderr_of_mean(p: float, n: int) -> float | None:
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
-
-
-def _counts(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
-    """Accuracy with its stderr, mean tokens / latency / flip rate, ties, unparsed outputs and error rows."""
+def count_metrics(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
+    """Accuracy with its stderr, mean tokens / latency / flip rate, ties, unparsed outputs and error rows (one
+    grouped query; also the counting part of the Python reference in services.db.results)."""
     as_int = lambda c: func.sum(case((c.is_(True), 1), else_=0))  # noqa: E731
     stmt = (select(SampleResult.run_id, func.count(), func.count(SampleResult.correct), as_int(SampleResult.correct),
                    func.count(SampleResult.correct_norm), as_int(SampleResult.correct_norm),
@@ -65,10 +60,10 @@ def _counts(session: Session, run_ids: list[int], metrics: dict[int, dict[str, M
             m["errors"] = (float(n_err), None, n)
         if n_c:
             p = k_c / n_c
-            m["acc"] = (p, _stderr_of_mean(p, n_c), n_c)
+            m["acc"] = (p, proportion_stderr(p, n_c), n_c)
         if n_cn:
             p = k_cn / n_cn
-            m["acc_norm"] = (p, _stderr_of_mean(p, n_cn), n_cn)
+            m["acc_norm"] = (p, proportion_stderr(p, n_cn), n_cn)
         m["tokens"] = (float(tok) if tok is not None else None, None, n)
         m["latency_s"] = (float(lat) if lat is not None else None, None, n)
         if n_flip:
@@ -125,15 +120,19 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
     if not run_ids:
         return
     metrics: dict[int, dict[str, Metric]] = {r: {} for r in run_ids}
-    _counts(session, run_ids, metrics)
+    count_metrics(session, run_ids, metrics)
     _vs_ft(session, run_ids, metrics)
     _kv_means(session, run_ids, metrics)
+    write_metrics(session, metrics)
+
+
+def write_metrics(session: Session, metrics: dict[int, dict[str, Metric]]) -> None:
+    """Upsert `metrics` (run id -> metric -> (value, stderr, n)) into run_aggregates."""
     now = utcnow()
     values = [{"run_id": r, "metric": k, "value": v, "stderr": se, "n": n, "updated_at": now}
               for r, ms in metrics.items() for k, (v, se, n) in ms.items()]
     if values:
-        dialect = session.get_bind().dialect.name
-        ins: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(RunAggregate)
+        ins = dialect_insert(session, RunAggregate)
         session.execute(ins.on_conflict_do_update(
             index_elements=[RunAggregate.run_id, RunAggregate.metric],
             set_={c: getattr(ins.excluded, c) for c in ("value", "stderr", "n", "updated_at")}), values)

@@ -6,11 +6,12 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
-from tad_core.metrics import mcnemar_p, proportion_stderr
+from tad_core.metrics import mcnemar_p
 
+from services.db.aggregates import Metric, count_metrics, write_metrics
 from services.db.dialect import dialect_insert as _dialect_insert
 from services.db.entities import RESULT_COLUMNS, DiffRow, LeaderboardRow, RunDiff
 from services.db.models import Adapter, BaseModel, Dataset, Job, Run, RunAggregate, SampleResult, utcnow
@@ -42,47 +43,11 @@ def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
     run_ids = list(run_ids)
     if not run_ids:
         return
-    metrics: dict[int, dict[str, tuple[float | None, float | None, int]]] = {r: {} for r in run_ids}
-    as_int = lambda c: func.sum(case((c.is_(True), 1), else_=0))  # noqa: E731
-    stmt = (select(SampleResult.run_id, func.count(), func.count(SampleResult.correct), as_int(SampleResult.correct),
-                   func.count(SampleResult.correct_norm), as_int(SampleResult.correct_norm),
-                   func.avg(SampleResult.tokens), func.avg(SampleResult.latency_s), func.avg(SampleResult.flip_rate),
-                   func.count(SampleResult.flip_rate), func.count(SampleResult.tie), as_int(SampleResult.tie),
-                   func.count(SampleResult.output),
-                   func.sum(case((and_(SampleResult.output.is_not(None), SampleResult.extracted.is_(None)), 1),
-                                 else_=0)),
-                   func.count(SampleResult.error))
-            .where(SampleResult.run_id.in_(run_ids)).group_by(SampleResult.run_id))
-    for (run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_mc, ties, n_gen,
-         unparsed, n_err) in session.execute(stmt):
-        m = metrics[run_id]
-        m["n"] = (float(n), None, n)
-        if n_err:  # samples without a result (over budget, evaluation raised): not in acc / acc_norm
-            m["errors"] = (float(n_err), None, n)
-        if n_c:
-            p = k_c / n_c
-            m["acc"] = (p, proportion_stderr(p, n_c), n_c)
-        if n_cn:
-            p = k_cn / n_cn
-            m["acc_norm"] = (p, proportion_stderr(p, n_cn), n_cn)
-        m["tokens"] = (float(tok) if tok is not None else None, None, n)
-        m["latency_s"] = (float(lat) if lat is not None else None, None, n)
-        if n_flip:
-            m["flip_rate"] = (float(flip), None, n_flip)
-        if n_mc:  # samples decided by the all -inf tie-break, out of the MC samples
-            m["ties"] = (float(ties or 0), None, n_mc)
-        if n_gen:  # generated outputs with no extractable answer, out of the generated samples
-            m["unparsed"] = (float(unparsed or 0), None, n_gen)
+    metrics: dict[int, dict[str, Metric]] = {r: {} for r in run_ids}
+    count_metrics(session, run_ids, metrics)
     _vs_ft_aggregates(session, run_ids, metrics)
     _kv_aggregates(session, run_ids, metrics)
-    now = utcnow()
-    values = [{"run_id": r, "metric": k, "value": v, "stderr": se, "n": n, "updated_at": now}
-              for r, ms in metrics.items() for k, (v, se, n) in ms.items()]
-    if values:
-        ins = _dialect_insert(session, RunAggregate)
-        session.execute(ins.on_conflict_do_update(
-            index_elements=[RunAggregate.run_id, RunAggregate.metric],
-            set_={c: getattr(ins.excluded, c) for c in ("value", "stderr", "n", "updated_at")}), values)
+    write_metrics(session, metrics)
 
 
 def _vs_ft_aggregates(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Any]]) -> None:
