@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -82,6 +82,14 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+def fail_listing(what: str, errors: Iterable[str]) -> NoReturn:
+    """Exit 2 after `error: WHAT, nothing was stored:` and one indented line per problem."""
+    typer.secho(f"error: {what}, nothing was stored:", err=True, fg=typer.colors.RED)
+    for line in errors:
+        typer.echo(f"  {line}", err=True)
+    raise typer.Exit(EXIT_USAGE) from None
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one message and exit code 2 (1 for an out-of-date schema)."""
@@ -93,10 +101,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except SubmissionError as e:
-        typer.secho("error: submission rejected, nothing was stored:", err=True, fg=typer.colors.RED)
-        for line in e.errors:
-            typer.echo(f"  {line}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        fail_listing("submission rejected", e.errors)
     except (SecurityError, NotFound) as e:
         fail(str(e))
     except SchemaOutOfDate as e:

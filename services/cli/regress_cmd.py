@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.common import (EXIT_USAGE, TokenOpt, UserOpt, cell, check_schema, cli_settings, fail,
+from services.cli.common import (TokenOpt, UserOpt, cell, check_schema, cli_settings, fail, fail_listing,
                                  json_default, progress_bar, user_errors)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
@@ -33,10 +33,7 @@ def _gate_errors() -> Iterator[None]:
         try:
             yield
         except SuiteError as e:
-            typer.secho("error: invalid suite, nothing was stored:", err=True, fg=typer.colors.RED)
-            for line in e.errors:
-                typer.echo(f"  {line}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+            fail_listing("invalid suite", e.errors)
         except (GateError, RefError, ModelLoadError) as e:
             fail(str(e))
         except EvaluationFailed as e:
