@@ -4,6 +4,7 @@
     python bench/bench_engine.py hf    # our ft greedy vs transformers' generate on the same fine-tuned model
     python bench/bench_engine.py mc    # MC scoring: 6 strategies + 6-point alpha sweep vs ft alone (ARC-Easy val)
     python bench/bench_engine.py mem   # peak memory: paired LoRA generation vs the fine-tuned model alone
+    python bench/bench_engine.py prefill  # 10 strategies per sample: one shared prefill vs one per strategy
 
 Uses the embedded SmolLM2-135M-Instruct with a random-weight LoRA (same compute as a trained one) unless
 `--adapter DIR` is given.
@@ -68,6 +69,44 @@ def bench_gen(args) -> list[str]:
                      f"tad {t['tad']:.2f} s | **tad/ft = {t['tad'] / t['ft']:.2f}** (target <= 1.3) | "
                      f"tad without kv stats / ft = {t['tad_no_kv'] / t['ft']:.2f} | "
                      f"naive two-pass tad/ft = {t['tad_naive'] / t['ft']:.2f} |")
+    return lines
+
+
+TEN = ("ft", "base", "tad:alpha=0.5,1,2,4", "tad_log", "contrastive", "dola", "tad_log:beta=0.5")
+
+
+def bench_prefill(args) -> list[str]:
+    """A worker's generation shard under the published protocol: ARC-Easy val samples rendered by the
+    `llm-adapters` instruction format (prompts of ~100-200 tokens), 12 new tokens, 10 strategies per sample,
+    decoded together. Shared = every prompt encoded once per side (ft, base) for all 10 strategies; per strategy =
+    each (sample, strategy) sequence encodes its prompt (generation before the sharing, `share_prefill=False`)."""
+    from tad_core.datasets import load_dataset
+    from tad_core.formats import format_context, parse_format
+
+    pair = _pair(args)
+    fmt = parse_format("llm-adapters")
+    ctx = format_context(fmt, "arc_easy")
+    samples = [fmt.render(s, ctx) for s in load_dataset("arc_easy", "val", limit=8).samples]
+    specs = [s for arg in TEN for s in parse_strategy_arg(arg)]
+    strategies = [build(s) for s in specs]
+    assert len(strategies) == 10, len(strategies)
+    lens = [len(pair.tokenizer(s.prompt)["input_ids"]) for s in samples]
+    cfg = GenConfig(max_new_tokens=12, kv_steps=False)  # EOS and the stop rules as a worker decodes
+    lines = [f"prompts: ARC-Easy val as llm-adapters instructions, {min(lens)}-{max(lens)} tokens; 12 new tokens; "
+             f"strategies: {', '.join(s.key for s in specs)}"]
+    for bs in (1, 4):
+        prompts = [s.prompt for s in samples[:bs]]
+        same = ([[g.token_ids for g in row] for row in generate_texts(pair, prompts, strategies, cfg)]
+                == [[g.token_ids for g in row] for row in generate_texts(
+                    pair, prompts, strategies, dataclasses.replace(cfg, share_prefill=False))])
+        t = interleaved({
+            "shared": lambda: generate_texts(pair, prompts, strategies, cfg),
+            "per_strategy": lambda: generate_texts(pair, prompts, strategies,
+                                                   dataclasses.replace(cfg, share_prefill=False)),
+        }, repeats=args.repeats)
+        lines.append(f"| {bs} sample(s) x 10 strategies | per-strategy prefill {t['per_strategy']:.2f} s | shared "
+                     f"prefill {t['shared']:.2f} s | **speed-up {t['per_strategy'] / t['shared']:.2f}x** (target "
+                     f">= 1.3) | same tokens: {same} |")
     return lines
 
 
@@ -152,7 +191,7 @@ def bench_mem(args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "all", "_mem"])
+    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "prefill", "all", "_mem"])
     ap.add_argument("kind", nargs="?")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--adapter")
@@ -166,7 +205,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     todo = ["gen", "hf", "mc", "mem"] if args.what == "all" else [args.what]
     for what in todo:
-        for line in {"gen": bench_gen, "hf": bench_hf, "mc": bench_mc, "mem": bench_mem}[what](args):
+        for line in {"gen": bench_gen, "hf": bench_hf, "mc": bench_mc, "mem": bench_mem,
+                     "prefill": bench_prefill}[what](args):
             print(line, flush=True)
 
 

@@ -36,6 +36,9 @@ class GenConfig:
     # decoding path (tad_core.decode_path): dynamic, static or compiled; None = the pair's default, chosen once
     # (compiled on CUDA, dynamic on the CPU). Greedy outputs are the same on every path.
     decode: str | None = None
+    # False: every (prompt, strategy) sequence encodes its prompt itself, as generation did before the prompts'
+    # prefill was shared; kept as the reference the shared prefill is tested and benchmarked against.
+    share_prefill: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -99,11 +102,15 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     hidden_layers = hidden_layers_for(pair, strategies)
     # One prefill per prompt: the prompts are encoded once (each side any strategy needs), then every strategy's
     # sequence continues from a copy of its prompt's cache, keeping only the sides that strategy needs.
-    prompt_ft = [any(need_ft[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
-    prompt_base = [any(need_base[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+    if cfg.share_prefill:
+        prefill_rows = list(range(n_p))
+        prompt_ft = [any(need_ft[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+        prompt_base = [any(need_base[j] for j, (pi, _) in enumerate(seqs) if pi == p) for p in range(n_p)]
+    else:
+        prefill_rows, prompt_ft, prompt_base = [pi for pi, _ in seqs], need_ft, need_base
     head = output_head(pair.model) if hidden_layers else None
     enc = [tok(p)["input_ids"] for p in prompts]
-    ids, mask = left_pad(enc, tok.pad_token_id)
+    ids, mask = left_pad([enc[p] for p in prefill_rows], tok.pad_token_id)
     path = decode_path.choose(pair, cfg.decode)
     runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers),
                           static_len=None if path.path == "dynamic" else ids.shape[1] + cfg.max_new_tokens,
@@ -123,8 +130,9 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     seen: torch.Tensor | None = None  # tokens of prompt + output so far, for strategies that read history
     with torch.no_grad():
         z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
-        expand = [pi for pi, _ in seqs]
-        runner.select(expand, need_ft, need_base)
+        expand = [pi for pi, _ in seqs] if cfg.share_prefill else list(range(n))
+        if cfg.share_prefill:
+            runner.select(expand, need_ft, need_base)
         z_b = None if z_b is None else z_b[expand]
         z_f = None if z_f is None else z_f[expand]
         mask, pos = mask[expand], pos[expand]

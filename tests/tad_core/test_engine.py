@@ -292,6 +292,43 @@ def test_one_prefill_per_prompt_serves_every_strategy(tiny_pair):
         assert [row[si].token_ids for row in together] == [row[0].token_ids for row in alone]
 
 
+def test_shared_prefill_decodes_what_per_sequence_prefill_decodes(tiny_pair):
+    """The unshared reference (`share_prefill=False`: each (prompt, strategy) sequence encodes its prompt, as
+    generation did before) decodes the same tokens and kv statistics for strategies of every kind (ft only, base
+    only, paired, premature layers), with a prefill batch one row per sequence and side instead of per prompt."""
+    from tad_core.strategies import build, parse_strategy_arg
+
+    strategies = [build(s) for arg in ("ft", "base", "tad:alpha=0.5,2", "tad_log", "contrastive", "dola")
+                  for s in parse_strategy_arg(arg)]
+    prompts = ["one two three four five", "six", "seven eight"]
+    rows: dict[bool, list[int]] = {}
+    out = {}
+    for shared in (True, False):
+        rows[shared] = []
+        hook = tiny_pair.model.register_forward_pre_hook(
+            lambda _m, _a, kw, acc=rows[shared]: acc.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
+        try:
+            out[shared] = generate_texts(tiny_pair, prompts, strategies,
+                                         GenConfig(max_new_tokens=6, ignore_eos=True, share_prefill=shared))
+        finally:
+            hook.remove()
+    n_ft = sum("ft" in s.needs for s in strategies)
+    n_base = sum("base" in s.needs for s in strategies)
+    assert rows[True][0] == 2 * len(prompts)
+    assert rows[False][0] == (n_ft + n_base) * len(prompts)
+    assert rows[True][1:] == rows[False][1:]  # the decoding steps are the same batches
+    for a, b in zip(out[True], out[False]):
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids and x.text == y.text
+            assert (x.flip_rate is None) == (y.flip_rate is None)
+            if x.flip_rate is not None:
+                assert x.flip_rate == pytest.approx(y.flip_rate)
+            assert x.kv.keys() == y.kv.keys()
+            for k in ("kl_mean", "js_mean"):
+                if k in x.kv:
+                    assert x.kv[k] == pytest.approx(y.kv[k], rel=1e-4, abs=1e-6)
+
+
 def test_mc_outcomes_flag_all_inf_ties(tiny_pair):
     """A strategy that excludes every choice's tokens scores every choice -inf: the outcome says it was a tie
     (predicted by the tie-break to choice 0); ft never ties."""
