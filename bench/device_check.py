@@ -6,7 +6,8 @@ On CUDA, with a tiny random Llama + LoRA in bf16 (built from a config, no files)
 1. the paired forward's ft and base logits equal plain bf16 forwards of the fine-tuned and base model;
 2. greedy decoding on the compiled path (captured CUDA graphs, `mode="reduce-overhead"`) and on the eager static
    path gives the same tokens as the eager dynamic path, for ft, base, tad, tad_log and contrastive; the compiled
-   forward ran every decoding step and did not fall back.
+   forward and the compiled step of all strategies (`tad_core.fused_step`) ran every decoding step and did not
+   fall back.
 Exits 1 with the failing check named; prints each check's result.
 """
 from __future__ import annotations
@@ -65,6 +66,10 @@ def main() -> int:
     print(f"compiled path: {compiled.describe()}; compiled steps run: {getattr(step, 'calls', 0)}")
     if compiled.path != "compiled" or step is None or step.failed or step.calls < 23:
         failures.append("compiled path fell back or did not run")
+    fused = list(pair.info.get("fused_steps", {}).values())
+    print(f"compiled strategy steps: {[(f.calls, f.failed) for f in fused]}")
+    if len(fused) != 1 or fused[0].failed or fused[0].calls < 24:
+        failures.append("compiled strategy step fell back or did not run")
     print("FAILED: " + ", ".join(failures) if failures else "all device checks passed")
     return 1 if failures else 0
 

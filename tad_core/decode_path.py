@@ -7,7 +7,9 @@
   step has the same shapes and tensor addresses. Greedy outputs are token-identical to `dynamic` (tests).
 - `compiled`: `static` with the single-token steps of the paired forward run by `torch.compile` (on CUDA with
   `mode="reduce-overhead"`, i.e. captured CUDA graphs: one graph launch per step instead of hundreds of kernel
-  launches from Python). The CUDA default where the pair allows it.
+  launches from Python), and every strategy of the batch stepped by one compiled function (`tad_core.fused_step`:
+  next tokens, flips and kv statistics of all rows, one host read per step; greedy strategies that read only the
+  two logit tensors, the eager strategy loop otherwise). The CUDA default where the pair allows it.
 
 Where a path is impossible the next one down is used and the reason kept: prefix-tuning pairs start their cache
 from the learned prefix (a dynamic cache), so they decode `dynamic`; a compile or capture that fails on its first

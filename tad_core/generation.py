@@ -15,6 +15,7 @@ import torch
 from tad_core import decode_path, kvstats
 from tad_core.decode_path import PATHS
 from tad_core.early_exit import output_head, step_extras
+from tad_core.fused_step import FusedStep, unfusable
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.models import PairedModel
 from tad_core.samples import Sample
@@ -85,6 +86,23 @@ def _pick(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch.T
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _fused_step(pair: PairedModel, path: str, strategies: Sequence[Strategy],
+                groups: Sequence[tuple[Strategy, list[int]]], paired: Sequence[bool], cfg: GenConfig) -> FusedStep | None:
+    """The batch's strategies as one compiled function on the compiled path (None: the eager loop). Kept per pair
+    and batch layout, so a worker's batches of the same shape reuse one compiled (on CUDA: captured) step."""
+    if path != "compiled" or unfusable(strategies, cfg.temperature) is not None:
+        return None
+    group_paired = [bool(rows) and paired[rows[0]] and cfg.kv_stats for _, rows in groups]
+    key = (tuple((type(s).__name__, repr(sorted(s.values.items())), tuple(rows)) for s, rows in groups),
+           tuple(group_paired), cfg.kv_topk if cfg.kv_steps else 0)
+    cache: dict[Any, FusedStep] = pair.info.setdefault("fused_steps", {})
+    if key not in cache:
+        if len(cache) >= 16:  # a few batch layouts per worker; drop the oldest beyond that
+            cache.pop(next(iter(cache)))
+        cache[key] = FusedStep(groups, group_paired, key[2], pair.device, compile_step=True)
+    return cache[key]
+
+
 def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequence[Strategy],
                    cfg: GenConfig = GenConfig(), kv_for_all: bool = False,
                    stops: Sequence[Sequence[str]] | None = None) -> list[list[Generated]]:
@@ -142,9 +160,28 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
             seen = torch.zeros((n, z.shape[-1]), dtype=torch.bool, device=z.device)
             for j, (pi, _) in enumerate(seqs):
                 seen[j, enc[pi]] = True
+        fused = _fused_step(pair, path.path, strategies, groups, paired, cfg)
+        decode = lambda i: tok.decode([i])  # noqa: E731
+
+        def record(r: int, tid: int, row: list[float], top: dict[str, Any] | None) -> None:
+            """Keep one paired row's step: `row` = [flip, *STEP_STATS], `top` its promoted / demoted tokens."""
+            flips[r].append(float(row[0]))
+            stats_acc[r].append(dict(zip(kvstats.STEP_STATS, row[1:])))
+            if cfg.kv_steps:
+                entry = {"token": tid, "text": tok.decode([tid]), "flip": bool(row[0]),
+                         **{name: round(v, 5) for name, v in zip(kvstats.STEP_STATS, row[1:])}}
+                entry.update(top or {})
+                steps[r].append(entry)
+
         for _t in range(cfg.max_new_tokens):
             nxt = torch.full((n,), tok.pad_token_id, dtype=torch.long)
-            for strat, rows in groups:
+            if fused is not None:  # every strategy in one (compiled) function, one read per step
+                out = fused(None if z_b is None else z_b[:, -1], None if z_f is None else z_f[:, -1])
+                nxt = torch.tensor(out.tokens, dtype=torch.long).masked_fill(done, tok.pad_token_id)
+                for r, row, top in zip(fused.paired_rows, out.stats, out.top):
+                    if not done[r]:
+                        record(r, out.tokens[r], row, kvstats.top_entries(*top, decode) if cfg.kv_steps else None)
+            for strat, rows in groups if fused is None else ():
                 live = [r for r in rows if not done[r]]
                 if not live:
                     continue
@@ -168,17 +205,9 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     st = kvstats.step_stats(sub)
                     flip = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).float()
                     stacked = torch.stack([flip, *st.values()], dim=-1).tolist()  # one device sync
-                    fl = [row[0] for row in stacked]
-                    st_rows = {name: [row[i + 1] for row in stacked] for i, name in enumerate(st)}
                     for k, r in enumerate(live[k2] for k2 in pair_rows):
-                        flips[r].append(float(fl[k]))
-                        stats_acc[r].append({name: v[k] for name, v in st_rows.items()})
-                        if cfg.kv_steps:
-                            tid = picked_ids[pair_rows[k]]
-                            entry = {"token": tid, "text": tok.decode([tid]), "flip": bool(fl[k]),
-                                     **{name: round(v[k], 5) for name, v in st_rows.items()}}
-                            entry.update(kvstats.top_tokens(sub.kv[k], cfg.kv_topk, lambda i: tok.decode([i])))
-                            steps[r].append(entry)
+                        top = kvstats.top_tokens(sub.kv[k], cfg.kv_topk, decode) if cfg.kv_steps else None
+                        record(r, picked_ids[pair_rows[k]], stacked[k], top)
             for r in range(n):
                 if done[r]:
                     continue

@@ -33,9 +33,16 @@ def top_tokens(kv_sum: torch.Tensor, k: int, decode) -> dict[str, list[list[Any]
     k = min(k, kv_sum.numel())
     up = torch.topk(kv_sum, k)
     down = torch.topk(-kv_sum, k)
+    return top_entries(up.indices.tolist(), up.values.tolist(), down.indices.tolist(), (-down.values).tolist(),
+                       decode)
+
+
+def top_entries(up_ids: Sequence[int], up_values: Sequence[float], down_ids: Sequence[int],
+                down_values: Sequence[float], decode) -> dict[str, list[list[Any]]]:
+    """The stored form of top promoted / demoted tokens (also built from a fused step's host copies)."""
     return {
-        "promoted": [[decode(int(i)), int(i), round(float(v), 6)] for v, i in zip(up.values, up.indices)],
-        "demoted": [[decode(int(i)), int(i), round(float(-v), 6)] for v, i in zip(down.values, down.indices)],
+        "promoted": [[decode(int(i)), int(i), round(float(v), 6)] for i, v in zip(up_ids, up_values)],
+        "demoted": [[decode(int(i)), int(i), round(float(v), 6)] for i, v in zip(down_ids, down_values)],
     }
 
 

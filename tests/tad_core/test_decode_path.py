@@ -48,12 +48,45 @@ def test_bad_decode_path_is_refused():
 
 
 def test_compiled_steps_decode_the_same_tokens(tiny_model_dir, tiny_lora_dir):
-    """torch.compile of the paired forward (default CPU backend here; reduce-overhead CUDA graphs on a GPU)."""
+    """torch.compile of the paired forward and of every strategy in one step function (default CPU backend here;
+    reduce-overhead CUDA graphs on a GPU): the same tokens, flips, kv statistics and top tokens as the eager loop,
+    including rows that finish early (a stop sequence) while the others go on."""
     pair = load_pair(str(tiny_model_dir), adapter=tiny_lora_dir)
     strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad:alpha=1"),
                                      *parse_strategy_arg("contrastive"))]
-    compiled = _tokens(pair, strategies, "compiled", n=6)
+    eager = generate_texts(pair, PROMPTS, strategies, GenConfig(max_new_tokens=6, ignore_eos=True, decode="dynamic"))
+    stop = pair.tokenizer.decode(eager[0][1].token_ids[2:3])  # row (prompt 0, tad) stops at its 3rd token
+    runs = {}
+    for decode in ("dynamic", "compiled"):
+        runs[decode] = generate_texts(pair, PROMPTS, strategies, GenConfig(max_new_tokens=6, ignore_eos=True,
+                                                                           decode=decode, stop=(stop,)))
     choice = choose(pair, "compiled")
     assert choice.step.failed is None and choice.path == "compiled", choice.reason
     assert choice.step.calls >= 5  # every decoding step after the prefill ran the compiled forward
-    assert compiled == _tokens(pair, strategies, "dynamic", n=6)
+    (fused,) = pair.info["fused_steps"].values()
+    assert fused.failed is None and fused.calls >= 6  # and every strategy step ran the compiled step function
+    assert any(g.finish_reason == "stop" for row in runs["dynamic"] for g in row)
+    assert any(g.finish_reason == "length" for row in runs["dynamic"] for g in row)
+    for row_d, row_c in zip(runs["dynamic"], runs["compiled"]):
+        for d, c in zip(row_d, row_c):
+            assert (d.token_ids, d.text, d.finish_reason) == (c.token_ids, c.text, c.finish_reason)
+            assert (d.flip_rate is None) == (c.flip_rate is None)
+            if d.flip_rate is not None:  # the paired rows (tad, contrastive) keep their statistics
+                assert c.flip_rate == pytest.approx(d.flip_rate)
+                assert c.kv["steps"] == d.kv["steps"]
+                for k in ("kl_mean", "js_mean", "kv_l1_max", "h_b_mean"):
+                    assert c.kv[k] == pytest.approx(d.kv[k], rel=1e-4, abs=1e-6)
+                for sd, sc in zip(d.kv["per_step"], c.kv["per_step"]):
+                    assert (sd["token"], sd["flip"]) == (sc["token"], sc["flip"])
+                    assert [t[1] for t in sd["promoted"]] == [t[1] for t in sc["promoted"]]
+                    assert [t[1] for t in sd["demoted"]] == [t[1] for t in sc["demoted"]]
+
+
+def test_strategies_that_read_layers_or_history_step_eagerly_on_the_compiled_path(tiny_pair):
+    """dola (premature layers) cannot be fused: the compiled path keeps the eager strategy loop for that batch."""
+    from tad_core.fused_step import unfusable
+
+    dola = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("dola"))]
+    assert "dola" in unfusable(dola, 0.0)
+    assert "sampling" in unfusable([build(parse_strategy_arg("tad")[0])], 0.7)
+    assert unfusable([build(parse_strategy_arg("tad")[0])], 0.0) is None
