@@ -196,17 +196,16 @@ def score_mc(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[
     owner = owner_t.tolist()
     n_rows = len(rows)
     per_row: dict[str, torch.Tensor] = {}
-    argmax_ft = step.lp_f.argmax(-1) if need_ft else None
+    argmax_ft = step.argmax_f if need_ft else None
     flips: dict[str, torch.Tensor] = {}
     for strat in strategies:
-        s = strat.scores_from(step)
-        lp = torch.log_softmax(s, dim=-1).gather(-1, target_t[:, None]).squeeze(-1)
+        lp, top = strat.target_scores(step, target_t)
         if floor is not None:  # an excluded token costs `floor` instead of making the whole choice -inf
             lp = lp.clamp_min(floor)
         per_row[strat.spec.key] = torch.zeros(n_rows, dtype=torch.float64, device=lp.device).index_add_(
             0, owner_t, lp.double()).cpu()
         if argmax_ft is not None:
-            flips[strat.spec.key] = (s.argmax(-1) != argmax_ft).float().cpu()
+            flips[strat.spec.key] = (top != argmax_ft).float().cpu()
     stats = {k: v.cpu() for k, v in kvstats.step_stats(step).items()} if with_kv else None
     results: list[MCScores] = []
     for si, sample in enumerate(samples):

@@ -49,6 +49,10 @@ class Step:
         return self.lp_b.exp()
 
     @cached_property
+    def argmax_f(self) -> torch.Tensor:
+        return self.lp_f.argmax(-1)
+
+    @cached_property
     def kv(self) -> torch.Tensor:
         """The knowledge vector `p_f - p_b`."""
         return self.p_f - self.p_b
@@ -127,6 +131,14 @@ class Strategy:
     def scores_from(self, step: Step) -> torch.Tensor:
         raise NotImplementedError
 
+    def target_scores(self, step: Step, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What multiple-choice scoring reads of the scores at every position: `log_softmax(scores)` at `targets`,
+        and the argmax (for flip rates). This default goes through `scores_from`; a strategy whose scores are a
+        normalised distribution may answer both without building the full-vocabulary scores (a test checks each
+        override against this default)."""
+        s = self.scores_from(step)
+        return torch.log_softmax(s, dim=-1).gather(-1, targets[:, None]).squeeze(-1), s.argmax(-1)
+
     def hidden_layers(self, num_layers: int, tied_embeddings: bool) -> list[int]:
         """Hidden-state indices (0 = embedding output) whose early-exit logits `scores_from` reads."""
         return []
@@ -153,6 +165,9 @@ class FineTuned(Strategy):
     def scores_from(self, step: Step) -> torch.Tensor:
         return step.lp_f
 
+    def target_scores(self, step: Step, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return step.lp_f.gather(-1, targets[:, None]).squeeze(-1), step.argmax_f  # already log-probs
+
 
 @register
 class Base(Strategy):
@@ -162,6 +177,9 @@ class Base(Strategy):
 
     def scores_from(self, step: Step) -> torch.Tensor:
         return step.lp_b
+
+    def target_scores(self, step: Step, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return step.lp_b.gather(-1, targets[:, None]).squeeze(-1), step.lp_b.argmax(-1)  # already log-probs
 
 
 @register
@@ -181,6 +199,17 @@ class TaD(Strategy):
             q = torch.clamp_min(step.p_f + self.alpha * step.kv, 0.0)
             s = torch.log(q / q.sum(dim=-1, keepdim=True))
         return _masked(s, step.head(self.beta)) if self.beta > 0 else s
+
+    def target_scores(self, step: Step, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In probability space: log_softmax of the (masked) scores is `log q(t) - log sum(q over the head)` and
+        the argmax is q's, so the full-vocabulary log (most of TaD's cost in MC scoring) is never taken."""
+        if self.alpha == 0.0:
+            return super().target_scores(step, targets)
+        q = torch.add(step.p_f, step.kv, alpha=self.alpha).clamp_min_(0.0)
+        if self.beta > 0:
+            q = q.masked_fill_(~step.head(self.beta), 0.0)
+        lp = torch.log(q.gather(-1, targets[:, None]).squeeze(-1)) - torch.log(q.sum(dim=-1))
+        return lp, q.argmax(-1)
 
 
 @register

@@ -129,3 +129,27 @@ def test_parse_sweep_and_grid():
 def test_every_registered_strategy_is_described():
     names = {d["name"] for d in describe_strategies()}
     assert names == set(REGISTRY) and {"ft", "base", "tad", "tad_log", "contrastive"} <= names
+
+
+@pytest.mark.parametrize("arg", ["ft", "base", "tad:alpha=0,0.5,1,4", "tad:alpha=1,2,beta=0.1,0.5", "tad_log",
+                                 "contrastive", "svdecode:mu=0.5"])
+def test_target_scores_equal_the_scores_log_softmax_at_the_targets(arg):
+    """MC scoring reads `target_scores`; the overrides that skip the full-vocabulary scores (ft, base, TaD in
+    probability space) give the default's log-probs at the targets (-inf where the default is -inf) and argmax.
+    Targets include tokens TaD's clamp or head mask excludes."""
+    from tad_core.strategies import Step, Strategy
+
+    from_default = Strategy.target_scores
+    step_logits = (torch.randn(64, V) * 4, torch.randn(64, V) * 4)
+    lp_f = torch.log_softmax(step_logits[1], -1)
+    targets = torch.cat([torch.randint(0, V, (32,)), lp_f[32:].argmin(-1)])  # the least likely: often excluded
+    for spec in parse_strategy_arg(arg):
+        strat = build(spec)
+        lp, top = strat.target_scores(Step(*step_logits), targets)
+        ref_lp, ref_top = from_default(strat, Step(*step_logits), targets)
+        assert torch.equal(torch.isinf(lp), torch.isinf(ref_lp)), spec.key
+        fin = torch.isfinite(ref_lp)
+        assert torch.allclose(lp[fin], ref_lp[fin], atol=1e-5, rtol=1e-5), spec.key
+        assert torch.equal(top, ref_top), spec.key
+    if arg.startswith("tad:alpha=1,2"):
+        assert torch.isinf(ref_lp).any()  # the excluded case was exercised
