@@ -137,9 +137,18 @@ def _tad_requeue(service: dict, job_id: int) -> str:
 def test_requeue_after_the_broker_lost_the_shards(service: dict) -> None:
     """`tad requeue` sends again what a broker lost: queued shards, and a running shard whose worker stopped
     beating; a shard whose worker is alive is left alone. The job then completes with every row exactly once."""
+    import redis
+
+    from services.queueing import broker_epoch_key
+
     settings = service["settings"]
+    # The broker has been up all along (its marker is there): a worker's first sweep leaves the queue alone, so
+    # only `tad requeue` can send the lost job (a broker that lost its marker is test_redis_restart_mid_job's case).
+    redis.Redis.from_url(settings.broker_url).set(broker_epoch_key(settings), "test")
     lost = _submit(service, 12, name="lost", enqueue=False)  # stored, never reached the broker (as after a flush)
-    busy = _submit(service, 24, name="busy", shard_size=24)
+    # 0.5 s per sample: the busy shard is still running while the CLI calls below take their seconds on a loaded
+    # machine (unslowed, the tiny model finished all 24 samples before the kill)
+    busy = _submit(service, 24, name="busy", shard_size=24, meta={i: {"tad_test_sleep": 0.5} for i in range(24)})
     # heartbeats every 1 s, silent after 3 s: slack for a loaded machine, where a live worker's beat can be late
     a = service["start_worker"]("a", TAD_HEARTBEAT_INTERVAL="1.0")
     _wait(lambda: (sh := _shards(settings, busy)[0]).status == "running" and sh.samples_done >= 2, 90,
