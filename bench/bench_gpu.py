@@ -166,6 +166,19 @@ def main() -> None:
               f"{toks / t['ft_eager']:.0f} | {toks / t['hf_eager']:.0f} | {toks / t['hf_static']:.0f} | "
               f"**{t['ft'] / best_hf:.2f}** | {steps:.0f} | **{limit}** | {peak} |", flush=True)
     print(f"decoding path: {choose(pair).describe()}")
+    # Ten strategies per prompt (a worker's sweep), batch 8: the pair's path (on CUDA the compiled forward and all
+    # strategies in one compiled step, tad_core.fused_step) against eager steps on the same static cache.
+    ten = [build(StrategySpec(n, p)) for n, p in (("ft", {}), ("base", {}), *(("tad", {"alpha": a}) for a in
+           (0.5, 1.0, 2.0, 4.0)), ("tad_log", {}), ("tad_log", {"beta": 0.5}), ("contrastive", {}),
+           ("contrastive", {"tau": 0.5}))]
+    prompts = [" ".join(f"t{int(i)}" for i in torch.randint(2, vocab, (plen,), generator=g)) for _ in range(8)]
+    static = dataclasses.replace(cfg, decode="static")
+    t10 = {"path": timed(lambda: generate_texts(pair, prompts, ten, cfg), args.repeats, sync),
+           "static": timed(lambda: generate_texts(pair, prompts, ten, static), args.repeats, sync)}
+    fused = list(pair.info.get("fused_steps", {}).values())
+    print(f"10 strategies x batch 8, {new} tokens: pair's path {t10['path']:.2f} s, eager static {t10['static']:.2f} s,"
+          f" **static / path = {t10['static'] / t10['path']:.2f}**; compiled strategy steps: "
+          f"{[(f.calls, f.failed) for f in fused] or 'none (not the compiled path)'}")
 
 
 if __name__ == "__main__":
