@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session
 
@@ -193,14 +193,20 @@ def gate_exit_code(gates: Sequence[store.GateRunInfo]) -> int:
 
 
 def wait_for_gates(gate_ids: Sequence[int], settings: Settings | None = None, *, timeout: float | None = None,
-                   poll: float = 1.0) -> list[store.GateRunInfo]:
+                   poll: float = 1.0,
+                   fetch: Callable[[int], store.GateRunInfo] | None = None) -> list[store.GateRunInfo]:
     """Poll until every gate has an outcome (or `timeout` seconds pass: the unfinished ones are returned as they
-    are); the CI recipe's `--wait`."""
-    settings = settings or get_settings()
+    are); the CI recipe's `--wait`. `fetch` reads one gate (default: from the database; the CLI's API mode reads
+    GET /gates/{id})."""
+    if fetch is None:
+        settings = settings or get_settings()
+
+        def fetch(gate_id: int) -> store.GateRunInfo:
+            with session_scope(settings) as s:
+                return store.get_gate_run(s, gate_id)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        with session_scope(settings) as s:
-            gates = [store.get_gate_run(s, g) for g in gate_ids]
+        gates = [fetch(g) for g in gate_ids]
         if all(g.finished for g in gates) or (deadline is not None and time.monotonic() > deadline):
             return gates
         time.sleep(poll)

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from services.cli.common import (TokenOpt, UserOpt, cell, check_schema, cli_settings, fail, fail_listing,
-                                 json_default, progress_bar, user_errors)
+from services.cli.common import (ApiTokenOpt, ServerOpt, TokenOpt, UserOpt, api_client, cell, check_schema,
+                                 cli_settings, fail, fail_listing, json_default, progress_bar, user_errors)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
 
@@ -81,36 +81,56 @@ def register(app: typer.Typer) -> None:
         min_effect: Annotated[float, typer.Option("--min-effect", min=0.0, max=1.0,
                                                   help="gate: smallest accuracy change that counts")] = 0.01,
         user: UserOpt = "",
+        server: ServerOpt = None,
+        api_token: ApiTokenOpt = None,
     ) -> None:
         """Register an adapter directory as a new version of NAME (identical weights: nothing to do), and queue
-        its regression gates on the workers."""
+        its regression gates on the workers. With --server, DIR is a directory on the server (inside its model
+        roots) and everything goes through the API (no database credentials)."""
         from services.gates import gate_exit_code, wait_for_gates
-        from services.registration import register_adapter_dir
 
-        settings = cli_settings()
-        with _gate_errors():
-            check_schema(settings, migrate_embedded=True)
-            reg = register_adapter_dir(name, str(directory), version=version, base=base, gate=gate or None,
-                                       alpha=alpha, min_effect=min_effect, submitted_by=user or "",
-                                       settings=settings)
-        for warning in reg.warnings:
+        if server:
+            from services.cli import remote
+
+            client = api_client(server, api_token)
+            body = {"name": name, "path": str(directory), "version": version, "base": base, "gate": gate or [],
+                    "alpha": alpha, "min_effect": min_effect}
+            reply = remote.register_adapter(client, body)
+            info, created, twins = reply["adapter"], reply["created"], reply["twins"]
+            warnings, skipped, queued = reply["warnings"], reply["gates_skipped"], reply["gates"]
+            settings = None
+
+            def fetch(gate_id: int) -> Any:
+                return remote.gate(client, gate_id)
+        else:
+            from services.registration import register_adapter_dir
+
+            settings = cli_settings()
+            with _gate_errors():
+                check_schema(settings, migrate_embedded=True)
+                reg = register_adapter_dir(name, str(directory), version=version, base=base, gate=gate or None,
+                                           alpha=alpha, min_effect=min_effect, submitted_by=user or "",
+                                           settings=settings)
+            info, created, twins = reg.adapter, reg.created, reg.twins
+            warnings, skipped, queued = reg.warnings, reg.gates_skipped, reg.gates
+            fetch = None
+        for warning in warnings:
             typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
-        info = reg.adapter
-        if not reg.created:
+        if not created:
             typer.echo(f"{info.label} already has these weights (sha256 {info.sha256[:12]}): nothing registered")
         else:
             summary = _manifest_summary(info.manifest)
             typer.echo(f"registered {info.label}: {info.method}, sha256 {info.sha256[:12]}, base {info.base_model}"
                        + (f", trained on {summary}" if summary else "") + f"\n  {info.path}")
-        if reg.twins:
-            typer.echo(f"  note: the same weights are registered as {', '.join(reg.twins)}")
-        if reg.gates_skipped:
-            typer.secho(f"note: {reg.gates_skipped}", err=True, fg=typer.colors.YELLOW)
-        for g in reg.gates:
+        if twins:
+            typer.echo(f"  note: the same weights are registered as {', '.join(twins)}")
+        if skipped:
+            typer.secho(f"note: {skipped}", err=True, fg=typer.colors.YELLOW)
+        for g in queued:
             typer.echo(f"gate {g.id}: {g.candidate} on suite {g.suite}: {g.status}")
-        if not (wait and reg.gates):
+        if not (wait and queued):
             return
-        gates = wait_for_gates([g.id for g in reg.gates], settings, timeout=timeout)
+        gates = wait_for_gates([g.id for g in queued], settings, timeout=timeout, fetch=fetch)
         for g in gates:
             typer.echo(f"gate {g.id}: {g.candidate} on suite {g.suite}: {g.status}"
                        + (f" (check {g.check_id})" if g.check_id else "") + (f": {g.error}" if g.error else ""))

@@ -18,7 +18,7 @@ import httpx
 import typer
 
 from services.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, cell, fail, follow_job, print_leaderboard
-from services.db.store import JobInfo, LeaderboardRow
+from services.db.store import AdapterInfo, GateRunInfo, JobInfo, LeaderboardRow
 from services.submit_request import SubmitRequest
 
 TIMEOUT_S = 120.0  # a submission validates the whole dataset on the server
@@ -83,10 +83,27 @@ def _parse(value: Any, kind: Any) -> Any:
     return value
 
 
+def from_json(cls: Any, data: dict[str, Any]) -> Any:
+    """A store dataclass (JobInfo, AdapterInfo, GateRunInfo) rebuilt from the API's JSON object, so the database
+    mode's printing serves both modes."""
+    return cls(**{f.name: _parse(data.get(f.name), f.type) for f in dataclasses.fields(cls) if f.name in data})
+
+
 def job_from_json(data: dict[str, Any]) -> JobInfo:
     """A JobInfo rebuilt from the API's job object (so the database mode's tables print it)."""
-    return JobInfo(**{f.name: _parse(data.get(f.name), f.type) for f in dataclasses.fields(JobInfo)
-                      if f.name in data})
+    return from_json(JobInfo, data)
+
+
+def register_adapter(client: ApiClient, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /adapters: register a directory on the server and queue its gates; returns the API's reply with the
+    adapter and gates as store dataclasses."""
+    reply = client.call("POST", "/adapters", json=body).json()
+    return {**reply, "adapter": from_json(AdapterInfo, reply["adapter"]),
+            "gates": [from_json(GateRunInfo, g) for g in reply["gates"]]}
+
+
+def gate(client: ApiClient, gate_id: int) -> GateRunInfo:
+    return from_json(GateRunInfo, client.call("GET", f"/gates/{gate_id}").json())
 
 
 def _row_from_json(data: dict[str, Any]) -> LeaderboardRow:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from services.settings import Settings
 
@@ -38,3 +42,46 @@ def write_mc_dataset(path: Path, n: int, poison: set[int] = frozenset(),
 
 def make_settings(db_url: str, roots: list[Path], **kw: Any) -> Settings:
     return Settings(database_url=db_url, model_roots=roots, **kw)
+
+
+class ApiServer:
+    """`tad serve` in its own process group, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / "api.log"
+        self._fh = open(self.log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--port", str(self.port),
+                                      "--log-level", "warning"], env=env, cwd=str(ROOT), stdout=self._fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("tad serve did not answer /health\n" + self.tail())
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._fh.close()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _free_port() -> int:
+    from tests.services.conftest import free_port
+
+    return free_port()

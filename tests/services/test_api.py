@@ -7,9 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +18,7 @@ from sqlalchemy import create_engine, text
 
 from services.db import store, users
 from services.db.session import session_scope
-from tests.services.conftest import free_port
-from tests.services.helpers import ROOT, write_mc_dataset
+from tests.services.helpers import ApiServer, write_mc_dataset
 from tests.services.helpers import tad_cli as tad
 
 # 600 s per test: a real server and worker; a cold torch import on an overloaded 2-core machine takes minutes
@@ -32,43 +28,6 @@ UPLOAD_LIMIT = 20_000  # TAD_MAX_DATASET_BYTES of the test server
 STRATEGIES = ["ft", "tad:alpha=1"]
 KEYS = ["ft", "tad(alpha=1.0,beta=0.0)"]  # their canonical run keys
 NO_DB = "postgresql+psycopg://nobody:wrong@127.0.0.1:1/nothing"  # a client in API mode must never touch it
-
-
-class ApiServer:
-    """`tad serve` in its own process group, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / "api.log"
-        self._fh = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--port", str(self.port),
-                                      "--log-level", "warning"], env=env, cwd=str(ROOT), stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError("tad serve did not answer /health\n" + self.tail())
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._fh.close()
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ and the check it stores is the one `tad adapters list` and the dashboard show.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli.main import app
-from services.db import store
+from services.db import store, users
 from services.db.session import session_scope
 from services.gates import advance_gate, gate_exit_code, start_gate
 from services.shard_runner import run_job_embedded
 from tests.conftest import build_adapter
-from tests.services.helpers import write_mc_dataset
+from tests.services.helpers import ApiServer, tad_cli, write_mc_dataset
 from tests.services.test_regress import SUITE, _gate, _ok, _use_env
 
 
@@ -151,14 +152,31 @@ def test_register_with_gate_runs_on_a_celery_worker_and_ci_waits(service: dict, 
     assert gate.check_id == check.id and f"gate {gate.id}: fam:2 on suite smoke:1: {gate.status}" in r.output
     assert ran_by and all(w for w in ran_by)
 
+    # The next version through the API (`tad serve`), as a CI job without database or broker credentials would:
+    # no --gate, so the family's default gate runs; --wait polls GET /gates/{id}; the exit code is the verdict's.
     _ok(["adapters", "gates", "fam", "smoke"])
     fourth = build_adapter(service["model"], tmp / "lora4", "lora", seed=4)
-    r = CliRunner().invoke(app, ["adapters", "register", "fam", str(fourth), "--base", model, "--wait",
-                                 "--timeout", "400"])
-    assert r.exit_code in (0, 1), (r.output, worker.tail())
+    with session_scope(settings) as s:
+        users.add_user(s, "ci")
+        secret = users.create_token(s, "ci").secret
+    server = ApiServer({**env, "TAD_MODEL_ROOTS": os.environ["TAD_MODEL_ROOTS"]}, tmp)
+    try:
+        client_env = {**env, "TAD_DATABASE_URL": "postgresql+psycopg://nobody:wrong@127.0.0.1:1/nothing",
+                      "TAD_BROKER_URL": "redis://127.0.0.1:1/0", "TAD_SERVER_URL": server.url,
+                      "TAD_API_TOKEN": secret}
+        r2 = tad_cli(client_env, "adapters", "register", "fam", str(fourth), "--base", model, "--wait",
+                     "--timeout", "400", timeout=500)
+        refused = tad_cli(client_env, "adapters", "register", "fam", str(tmp / "nowhere"), "--base", model)
+    finally:
+        server.stop()
+    assert r2.returncode in (0, 1), (r2.stdout, r2.stderr, worker.tail())
     with session_scope(settings) as s:
         newest = store.gate_runs(s, adapter_name="fam")[0]
     assert newest.candidate == "fam:3" and newest.status in ("passed", "regressed") and newest.check_id
+    assert newest.status == ("regressed" if r2.returncode == 1 else "passed") and newest.submitted_by == "ci"
+    assert "registered fam:3" in r2.stdout and f"gate {newest.id}: fam:3 on suite smoke:1: queued" in r2.stdout
+    assert f"gate {newest.id}: fam:3 on suite smoke:1: {newest.status} (check {newest.check_id})" in r2.stdout
+    assert refused.returncode == 2 and "nowhere" in refused.stderr, (refused.stdout, refused.stderr)
 
 
 def test_api_registers_a_version_with_its_gate_and_reports_the_gate(
