@@ -79,10 +79,7 @@ def register(app: typer.Typer) -> None:
             as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
             dataset_name: DatasetNameOpt = None, shuffle_choices: ShuffleOpt = None) -> None:
         """Run a job in this process (embedded mode: the DB from TAD_DATABASE_URL, default SQLite in the cache)."""
-        from tad_core.models import ModelLoadError
-
         from services.planning import plan_job
-        from services.shard_runner import run_job_embedded
         from services.user_datasets import resolve_dataset
 
         settings = cli_settings()
@@ -92,20 +89,53 @@ def register(app: typer.Typer) -> None:
             plan = plan_job(build_request(dataset, strategy, base, adapter, adapter_name, finetuned, split, limit,
                                      batch_size, max_new_tokens, temperature, seed, shard_size, token, user, mc_floor,
                                      fmt, stop, extract, num_beams, dtype), settings)
-        try:
-            with progress_bar(plan.job.n_samples, f"job {plan.job.id}") as bar:
-                info = run_job_embedded(plan.job.id, settings, progress=bar.update)
-        except ModelLoadError as e:
-            from services.db import store
-            from services.db.session import session_scope
+        _run_here(settings, plan.job.id, plan.job.n_samples, 0, as_json)
 
+    @app.command()
+    def resume(job_id: int,
+               as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
+        """Finish an interrupted job in this process (a `tad run` that was killed or stopped with Ctrl-C, or a
+        queued job without workers): its queued shards and those left running by a process that is gone. The
+        samples already stored are kept and none is stored twice; a shard a live process still runs is left
+        to it."""
+        from services.db import store
+        from services.db.session import session_scope
+
+        settings = cli_settings()
+        with user_errors():
+            check_schema(settings, migrate_embedded=True)
             with session_scope(settings) as s:
-                store.mark_job_failed(s, plan.job.id, str(e))
-            fail(str(e))
-        if as_json:
-            typer.echo(json.dumps(job_payload(settings, plan.job.id, with_samples=True), default=json_default))
+                job = store.get_job(s, job_id)
+        if job.finished:
+            typer.echo(f"job {job_id} is already {job.status}: nothing to resume", err=True)
         else:
-            _print_results(settings, plan.job.id)
+            _run_here(settings, job_id, job.n_samples, job.samples_done, as_json)
+
+    def _run_here(settings: Any, job_id: int, n_samples: int, done: int, as_json: bool) -> None:
+        """Run a job's open shards in this process with a progress bar, then print its results; exit 1 unless it
+        ends `done`, 130 on Ctrl-C (with the command that continues it)."""
+        from tad_core.models import ModelLoadError
+
+        from services.db import store
+        from services.db.session import session_scope
+        from services.shard_runner import run_job_embedded
+
+        try:
+            with progress_bar(n_samples, f"job {job_id}") as bar:
+                bar.update(done)
+                info = run_job_embedded(job_id, settings, progress=bar.update)
+        except ModelLoadError as e:
+            with session_scope(settings) as s:
+                store.mark_job_failed(s, job_id, str(e))
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.secho(f"interrupted: the samples stored so far are kept; `tad resume {job_id}` continues the job",
+                        err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(130) from None
+        if as_json:
+            typer.echo(json.dumps(job_payload(settings, job_id, with_samples=True), default=json_default))
+        else:
+            _print_results(settings, job_id)
         if info.status not in ("done",):
             typer.secho(f"job {info.id} ended {info.status}: {info.error or ''}", err=True, fg=typer.colors.YELLOW)
             raise typer.Exit(1)

@@ -165,3 +165,64 @@ def test_k_shot_job_draws_demonstrations_from_the_file(env: dict) -> None:
     assert stored == pytest.approx([x for res in direct for x in res.outcomes["ft"].scores], abs=1e-4)
     plain = evaluate_batch(pair, samples, parse_strategy_arg("ft"), EvalConfig(batch_size=3))
     assert [x for res in plain for x in res.outcomes["ft"].scores] != pytest.approx(stored, abs=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_run_is_finished_by_resume(env: dict, how: str) -> None:
+    """A real `tad run` process stopped mid-job (killed, or Ctrl-C) leaves its job `running` with the samples it
+    stored; `tad resume JOB` (a new process) takes over the dead process's shard and finishes the job with every
+    (run, sample) row exactly once. Ctrl-C exits 130 and names the command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    from services.db import store
+    from services.db.session import session_scope
+    from tests.services.helpers import ROOT, tad_cli
+
+    n = 12
+    data = write_mc_dataset(env["tmp"] / "slow.jsonl", n, meta={i: {"tad_test_sleep": 0.4} for i in range(n)})
+    child_env = {**os.environ, "TAD_ENABLE_TEST_FAULTS": "1", "TAD_HEARTBEAT_INTERVAL": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "run", "--dataset", str(data), "--base",
+                             env["model"], "--adapter", env["lora"], "-s", "ft", "-s", "tad:alpha=1", "--batch-size",
+                             "2", "--shard-size", "6"], env=child_env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    engine = create_engine(env["db"])
+    deadline = time.monotonic() + 120
+    stored = 0
+    while stored < 4 and time.monotonic() < deadline:  # two batches of both runs stored
+        time.sleep(0.2)
+        try:
+            with engine.connect() as c:
+                stored = c.execute(text("SELECT count(*) FROM sample_results")).scalar()
+        except Exception:  # noqa: BLE001 - the table appears once the run has migrated the new database
+            stored = 0
+    assert stored >= 4 and proc.poll() is None, proc.communicate()
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    if how == "SIGINT":
+        assert proc.returncode == 130 and "tad resume 1" in err, err
+    with session_scope(get_settings()) as s:
+        job = store.get_job(s, 1)
+    assert job.status == "running" and job.samples_done < n  # the stored rows above are kept
+    r = tad_cli({**child_env}, "resume", "1", timeout=200)
+    assert r.returncode == 0, r.stderr
+    assert "tad(alpha=1.0,beta=0.0)" in r.stdout
+    with session_scope(get_settings()) as s:
+        job = store.get_job(s, 1)
+        assert job.status == "done" and job.samples_done == n
+        for run in store.job_runs(s, 1):
+            assert [x["sample_index"] for x in store.sample_rows(s, run.id)] == list(range(n)), run.key
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM sample_results")).scalar() == 2 * n  # none stored twice
+    engine.dispose()
+    again = tad_cli({**child_env}, "resume", "1")
+    assert again.returncode == 0 and "already done" in again.stderr
+    missing = tad_cli({**child_env}, "resume", "99")
+    assert missing.returncode == 2 and "99" in missing.stderr
