@@ -15,8 +15,8 @@ import torch
 from tad_core import decode_path, kvstats
 from tad_core.decode_path import PATHS
 from tad_core.early_exit import output_head, step_extras
-from tad_core.fused_step import FusedStep, unfusable
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
+from tad_core.fused_step import FusedStep, unfusable
 from tad_core.models import PairedModel
 from tad_core.samples import Sample
 from tad_core.scoring import hidden_layers_for
@@ -148,12 +148,12 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     seen: torch.Tensor | None = None  # tokens of prompt + output so far, for strategies that read history
     with torch.no_grad():
         z_b, z_f = runner.forward(ids, mask, pos, logits_to_keep=1)
-        expand = [pi for pi, _ in seqs] if cfg.share_prefill else list(range(n))
-        if cfg.share_prefill:
+        if cfg.share_prefill:  # each prompt's row becomes its strategies' sequences
+            expand = [pi for pi, _ in seqs]
             runner.select(expand, need_ft, need_base)
-        z_b = None if z_b is None else z_b[expand]
-        z_f = None if z_f is None else z_f[expand]
-        mask, pos = mask[expand], pos[expand]
+            z_b = None if z_b is None else z_b[expand]
+            z_f = None if z_f is None else z_f[expand]
+            mask, pos = mask[expand], pos[expand]
         ft_index = {r: i for i, r in enumerate(runner.ft_rows)}  # runner.hidden holds the fine-tuned rows only
         if any(s.needs_history for s in strategies):
             z = z_f if z_f is not None else z_b
@@ -168,7 +168,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
             flips[r].append(float(row[0]))
             stats_acc[r].append(dict(zip(kvstats.STEP_STATS, row[1:])))
             if cfg.kv_steps:
-                entry = {"token": tid, "text": tok.decode([tid]), "flip": bool(row[0]),
+                entry = {"token": tid, "text": decode(tid), "flip": bool(row[0]),
                          **{name: round(v, 5) for name, v in zip(kvstats.STEP_STATS, row[1:])}}
                 entry.update(top or {})
                 steps[r].append(entry)
