@@ -59,6 +59,8 @@ class TrainConfig:
     datasets: tuple[str, ...] = ()
     format: str = "mc-loglik"  # prompt format of the training pairs (tad_core.formats)
     loss: Literal["response", "all"] = "response"  # loss on the target only, or on the whole sequence
+    dataset_name: str | None = None  # label of a dataset file (as `tad run --dataset-name`); one dataset only
+    shuffle_choices: int | None = None  # MC choices in a seeded order (as `tad run --shuffle-choices`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets) or (self.dataset,))
@@ -67,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"loss: must be 'response' or 'all', got {self.loss!r}")
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError(f"datasets: listed twice in {','.join(self.datasets)}")
+        if self.dataset_name is not None and len(self.datasets) > 1:
+            raise ValueError("dataset_name: labels one dataset file; several datasets keep their own names")
         if self.method not in METHODS:
             raise ValueError(f"method: unknown training method {self.method!r}; choose one of {', '.join(METHODS)}")
         for name in ("steps", "train_size", "batch_size", "max_length", "lora_r", "num_virtual_tokens", "threads"):
@@ -182,7 +186,7 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     parts: list[tuple[Any, list[Sample]]] = []
     rows: list[tuple[list[int], list[int]]] = []
     for name in cfg.datasets:
-        data = load_dataset(name, cfg.split)
+        data = load_dataset(name, cfg.split, shuffle_choices=cfg.shuffle_choices, name=cfg.dataset_name)
         if not data.samples:
             raise ValueError(f"dataset: {name!r} split {cfg.split!r} has no samples")
         subset = select_samples(data.samples, cfg.train_size, cfg.seed)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from services.cli.common import EXIT_USAGE
+from services.cli.common import EXIT_USAGE, DatasetNameOpt, ShuffleOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
         max_length: int = typer.Option(256, "--max-length", help="tokens per row (context cut from the left)"),
         threads: int = typer.Option(1, help="torch threads while training (1: reproducible bytes, best on a shared CPU)"),
         progress: bool = typer.Option(True, help="show a progress bar"),
+        dataset_name: DatasetNameOpt = None,
+        shuffle_choices: ShuffleOpt = None,
     ) -> None:
         """Train an adapter and write it (PEFT format + tad_manifest.json) to --out."""
         from tad_core.assets import AssetError
@@ -44,7 +46,8 @@ def register(app: typer.Typer) -> None:
             cfg = TrainConfig(out=out, base=base, dataset=dataset, split=split, method=method,  # type: ignore[arg-type]
                               steps=steps, train_size=train_size, seed=seed, lr=lr, batch_size=batch_size,
                               max_length=max_length, threads=threads, format=fmt, loss=loss,  # type: ignore[arg-type]
-                              datasets=tuple(d.strip() for d in (datasets or "").split(",") if d.strip()))
+                              datasets=tuple(d.strip() for d in (datasets or "").split(",") if d.strip()),
+                              dataset_name=dataset_name, shuffle_choices=shuffle_choices)
             manifest = train_adapter(cfg, progress=progress)
         except (ValueError, ModelLoadError, AssetError, DatasetValidationError) as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

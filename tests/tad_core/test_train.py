@@ -158,6 +158,28 @@ def test_cli_train_runs(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path):
     assert "final loss" in result.output and (out / MANIFEST).exists()
 
 
+def test_cli_train_names_and_shuffles_a_dataset_file_as_run_does(tmp_path: Path, tiny_model_dir: Path,
+                                                                 tiny_data: Path):
+    """`--dataset-name` and `--shuffle-choices` label the training data in the manifest as `tad run` labels an
+    evaluation (NAME+shuffleSEED, the shuffled samples' hash); the shuffle changes what is trained on."""
+    from services.cli.main import app
+
+    def train(out: str, *extra: str) -> dict:
+        result = CliRunner().invoke(app, ["train", "--base", str(tiny_model_dir), "--dataset", str(tiny_data),
+                                          "--steps", "1", "--train-size", "4", "--batch-size", "2", "--no-progress",
+                                          "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / MANIFEST).read_text())
+
+    plain = train("plain", "--dataset-name", "colours")
+    shuffled = train("shuffled", "--dataset-name", "colours", "--shuffle-choices", "3")
+    assert plain["dataset"] == "colours" and shuffled["dataset"] == "colours+shuffle3"
+    assert plain["mixture"][0]["content_hash"] != shuffled["mixture"][0]["content_hash"]
+    bad = CliRunner().invoke(app, ["train", "--datasets", f"{tiny_data},arc_easy", "--dataset-name", "x",
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "dataset_name: labels one dataset file" in bad.output
+
+
 @pytest.mark.integration
 def test_lora_on_smollm2(tmp_path: Path):
     cfg = TrainConfig(out=tmp_path / "lora", dataset="arc_easy", method="lora", steps=3, train_size=16,
