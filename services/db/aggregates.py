@@ -25,6 +25,7 @@ from services.db.models import Run, RunAggregate, SampleResult, Shard, ShardAggr
 
 Metric = tuple[float | None, float | None, int]  # value, stderr, n
 Sums = dict[str, tuple[float, int]]  # metric name -> (total, n), summed over samples
+_CHUNK = 500  # run ids per statement when rebuilding many runs (SQLite allows 32,766 bound parameters)
 
 # Sum and count of every finite scalar number in each row's kv object, per run and key, over one sample range.
 # Booleans, strings, lists (top-k token ids) and nested objects are skipped, as the Python reference skips them;
@@ -131,16 +132,16 @@ def rebuild_partials(session: Session, run_ids: Iterable[int]) -> None:
     """Recompute every partial of `run_ids` from their stored rows, one per shard of their jobs (the `shards`
     table's ranges): the backfill of migration 0008, and for rows stored without the write path (bench, seeds)."""
     run_ids = list(run_ids)
-    if not run_ids:
-        return
-    session.execute(delete(ShardAggregate).where(ShardAggregate.run_id.in_(run_ids)))
-    ranges: dict[tuple[int, int, int], list[int]] = {}
-    for run_id, job_id, start, stop in session.execute(
-            select(Run.id, Run.job_id, Shard.start, Shard.stop).join(Shard, Shard.job_id == Run.job_id)
-            .where(Run.id.in_(run_ids)).order_by(Run.job_id, Shard.start, Run.id)):
-        ranges.setdefault((job_id, start, stop), []).append(run_id)
-    for (_, start, stop), ids in ranges.items():
-        store_shard_partials(session, ids, start, stop)
+    for i in range(0, len(run_ids), _CHUNK):  # a whole database's runs (the backfill): bounded IN lists
+        chunk = run_ids[i:i + _CHUNK]
+        session.execute(delete(ShardAggregate).where(ShardAggregate.run_id.in_(chunk)))
+        ranges: dict[tuple[int, int, int], list[int]] = {}
+        for run_id, job_id, start, stop in session.execute(
+                select(Run.id, Run.job_id, Shard.start, Shard.stop).join(Shard, Shard.job_id == Run.job_id)
+                .where(Run.id.in_(chunk)).order_by(Run.job_id, Shard.start, Run.id)):
+            ranges.setdefault((job_id, start, stop), []).append(run_id)
+        for (_, start, stop), ids in ranges.items():
+            store_shard_partials(session, ids, start, stop)
 
 
 def metrics_from_sums(sums: Sums) -> dict[str, Metric]:
