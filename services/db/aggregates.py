@@ -1,7 +1,7 @@
 """Run aggregates from per-shard partial sums: accuracy, counts, paired counts vs `ft` and mean kv statistics.
 
 Aggregates are refreshed after every shard, so a refresh that reads every stored row costs more the bigger the
-job: averaging the kv JSON in Python took 1.07 s per 50,000-row job, in the database (`jsonb_each`) still ~0.5 s.
+job: averaging the kv JSON in Python took 1.07 s per 50,000-row job, in the database (`jsonb_each`) still 0.3-0.5 s.
 Every run metric is a ratio or a mean of sums over samples (n, errors, correct / scored, tokens, latency, flip
 rate over non-null, ties over MC rows, unparsed over generated rows, fixed / broken vs ft over paired samples,
 kv means), and sums decompose over sample ranges. So when a shard ends, `store_shard_partials` computes the sums
