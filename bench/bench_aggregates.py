@@ -1,12 +1,17 @@
-"""Run aggregates: the Python kv averaging (`store.refresh_aggregates`) vs the database's (`aggregates`), side by side.
+"""Run aggregates: the Python reference (`store.refresh_aggregates`, every row read) vs the refresh from per-shard
+partial sums (`aggregates.refresh_aggregates`), side by side, and the write-side cost the partials add per shard.
 
     python bench/bench_aggregates.py                          # Postgres, 1,000,000 rows (100 runs x 10,000), as bench_service
     python bench/bench_aggregates.py --dialect sqlite --rows 200000
     python bench/bench_aggregates.py --kv mc                  # kv as MC scoring stores it (12 stats + top-k lists)
 
-Synthetic `sample_results` rows in jobs of 5 runs x 10,000 samples. Prints, for one job's refresh (what runs
-after every shard) and for all runs at once: the old and the new time and their ratio, timed round-robin (median
-of `--repeats`), and checks both wrote the same aggregates.
+Synthetic `sample_results` rows in jobs of 5 runs x 10,000 samples, shards of 1,000 samples, loaded by COPY; the
+partials of every shard are then built from the rows (`aggregates.rebuild_partials`, timed on its own). Prints, for
+one job's refresh (what runs after every shard) and for all runs at once: the old and the new time and their
+ratio, timed round-robin (median of `--repeats`), checks both wrote the same aggregates, and times what a worker
+now pays when a shard ends: `store_shard_partials` for one 1,000-sample shard of a 5-run job, beside upserting
+that shard's 5,000 rows with `upsert_sample_results` (one executemany; a worker commits per batch, so its real
+write cost is higher).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
 
-PER_RUN, RUNS_PER_JOB = 10_000, 5
+PER_RUN, RUNS_PER_JOB, SHARD = 10_000, 5, 1_000
 KEYS = ["ft", "base", "tad(alpha=0.5,beta=0.0)", "tad(alpha=1.0,beta=0.0)", "tad(alpha=2.0,beta=0.0)"]
 
 
@@ -52,7 +57,7 @@ def _seed(url: str, rows: int, kind: str) -> list[int]:
             job = store.create_job(s, spec={"base": "synthetic"}, submitted_by="bench", base_model_id=base.id,
                                    adapter_id=None, dataset_id=ds.id, n_samples=PER_RUN,
                                    runs=[store.RunSpec(key.split("(")[0], {}, key, f"h{j}-{key}") for key in KEYS[:k]],
-                                   shard_ranges=[(0, PER_RUN)])
+                                   shard_ranges=[(a, a + SHARD) for a in range(0, PER_RUN, SHARD)])
             run_ids += [r.id for r in store.job_runs(s, job.id)]
     engine.dispose()
     rng = random.Random(0)
@@ -109,8 +114,49 @@ def _same(a: dict, b: dict) -> bool:
                                         for k in a)
 
 
-def bench(url: str, rows: int, kind: str, repeats: int) -> list[str]:
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _write_side(engine: Any, job: list[int], repeats: int) -> dict[str, float]:
+    """Median seconds of `store_shard_partials` for one shard of `job` and of upserting that shard's rows (deleted
+    first, so they are inserted as a worker inserts them), each in its own transaction with its commit,
+    round-robin."""
+    from sqlalchemy import delete
+
     from services.db import aggregates, store
+    from services.db.models import SampleResult
+    from services.db.session import session_scope
+
+    start = PER_RUN // 2
+    with session_scope(engine) as s:
+        rows = [r for run_id in job for r in store.sample_rows(s, run_id, start, SHARD)]
+
+    def upsert() -> None:
+        with session_scope(engine) as s:
+            store.upsert_sample_results(s, rows)
+
+    def partials() -> None:
+        with session_scope(engine) as s:
+            aggregates.store_shard_partials(s, job, start, start + SHARD)
+
+    times: dict[str, list[float]] = {"upsert": [], "partials": []}
+    for _ in range(repeats):
+        with session_scope(engine) as s:
+            s.execute(delete(SampleResult).where(SampleResult.run_id.in_(job), SampleResult.sample_index >= start,
+                                                 SampleResult.sample_index < start + SHARD))
+        times["upsert"].append(_timed(upsert))
+        times["partials"].append(_timed(partials))
+    return {k: statistics.median(v) for k, v in times.items()} | {"rows": float(len(rows))}
+
+
+def bench(url: str, rows: int, kind: str, repeats: int) -> list[str]:
+    from sqlalchemy import func, select
+
+    from services.db import aggregates, store
+    from services.db.models import ShardAggregate
     from services.db.schema import upgrade
     from services.db.session import make_engine, session_scope
 
@@ -126,36 +172,40 @@ def bench(url: str, rows: int, kind: str, repeats: int) -> list[str]:
                 fn(s, ids)
         return go
 
-    impls = {"python": store.refresh_aggregates, "sql": aggregates.refresh_aggregates}
+    rebuild_s = _timed(refresh(aggregates.rebuild_partials, run_ids))
+    with session_scope(engine) as s:
+        n_partials = s.scalar(select(func.count()).select_from(ShardAggregate))
+    impls = {"python": store.refresh_aggregates, "partials": aggregates.refresh_aggregates}
     snaps = {}
     whole: dict[str, float] = {}
     for name, fn in impls.items():  # every run at once, once each (the old one takes many seconds)
-        t0 = time.perf_counter()
-        refresh(fn, run_ids)()
-        whole[name] = time.perf_counter() - t0
+        whole[name] = _timed(refresh(fn, run_ids))
         snaps[name] = _snapshot(url)
-    same = _same(snaps["python"], snaps["sql"])
+    same = _same(snaps["python"], snaps["partials"])
     job = run_ids[-RUNS_PER_JOB:]
     times: dict[str, list[float]] = {k: [] for k in impls}
     for name, fn in impls.items():  # warm-up
         refresh(fn, job)()
     for _ in range(repeats):
         for name, fn in impls.items():
-            t0 = time.perf_counter()
-            refresh(fn, job)()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_timed(refresh(fn, job)))
+    write = _write_side(engine, job, repeats)
     engine.dispose()
     one = {k: statistics.median(v) for k, v in times.items()}
     dialect = "SQLite" if url.startswith("sqlite") else "Postgres"
     return [
-        f"{dialect}, {len(run_ids) * PER_RUN:,} rows ({len(run_ids)} runs x {PER_RUN:,}), kv={kind}, loaded in "
-        f"{load_s:.1f} s; both implementations wrote the same aggregates: {same}",
-        "| refresh | python kv averaging (before) | in the database (now) | before / now |",
+        f"{dialect}, {len(run_ids) * PER_RUN:,} rows ({len(run_ids)} runs x {PER_RUN:,}, shards of {SHARD:,}), "
+        f"kv={kind}, loaded in {load_s:.1f} s; partials built from the rows in {rebuild_s:.1f} s "
+        f"({n_partials:,} partial rows); both implementations wrote the same aggregates: {same}",
+        "| refresh | python reference, every row (before) | sum of shard partials (now) | before / now |",
         "|---|---|---|---|",
         f"| one job (5 runs x 10,000 rows), median of {repeats} | {one['python'] * 1000:,.0f} ms | "
-        f"{one['sql'] * 1000:,.0f} ms | **{one['python'] / one['sql']:.1f}x** |",
-        f"| all {len(run_ids)} runs, once | {whole['python']:.2f} s | {whole['sql']:.2f} s | "
-        f"**{whole['python'] / whole['sql']:.1f}x** |",
+        f"{one['partials'] * 1000:,.1f} ms | **{one['python'] / one['partials']:.1f}x** |",
+        f"| all {len(run_ids)} runs, once | {whole['python']:.2f} s | {whole['partials']:.3f} s | "
+        f"**{whole['python'] / whole['partials']:.1f}x** |",
+        f"write side, per shard end, median of {repeats}: store_shard_partials for one {SHARD:,}-sample shard of a "
+        f"5-run job {write['partials'] * 1000:,.1f} ms; upsert_sample_results of its {write['rows']:,.0f} rows "
+        f"{write['upsert'] * 1000:,.0f} ms (partials = {write['partials'] / write['upsert']:.1%} of the upsert)",
     ]
 
 

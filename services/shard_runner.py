@@ -1,8 +1,9 @@
 """Worker shard execution: `run_shard(job_id, start, stop)` is THE unit of work. The Celery task and embedded
 mode both call it: it claims the shard (attempt counted in the DB), loads the model pair through a per-process
 cache, reads the samples from the DB, resolves calibrated parameters once, evaluates batch by batch and upserts
-each batch's rows at once (results stream), stops at a batch boundary when the job is cancelled, then marks the
-shard done, refreshes the run aggregates and finishes the job when it was the last shard.
+each batch's rows at once (results stream), stops at a batch boundary when the job is cancelled, then stores the
+shard's partial sums, marks the shard done (the job finished when it was the last shard) and refreshes the run
+aggregates from the partials.
 
 A shard survives its samples: each sample is checked against the per-sample budgets (services.budgets) before
 it is evaluated, a batch that raises is evaluated again sample by sample, and a sample that is over budget or
@@ -120,14 +121,26 @@ def run_shard(job_id: int, start: int, stop: int, settings: Settings | None = No
             return _attempt_failed(job_id, start, stop, shard_id, claim.shard.attempts, exc, settings)
         with session_scope(settings) as s:
             if done < len(raw):
-                info = store.finish_shard(s, shard_id, "cancelled")
+                info = _close_shard(s, job_id, start, stop, shard_id, "cancelled")
                 return ShardOutcome(job_id, start, stop, "cancelled", done, info.status)
-            aggregates.refresh_aggregates(s, [r.id for r in runs])  # computed by the database
-            info = store.finish_shard(s, shard_id, "done")
+            info = _close_shard(s, job_id, start, stop, shard_id, "done")
             store.heartbeat(s, me, os.getpid())
         return ShardOutcome(job_id, start, stop, "ran", done, info.status)
     finally:
         heartbeat.working_on(None, None)
+
+
+def _close_shard(s: Any, job_id: int, start: int, stop: int, shard_id: int, status: str,
+                 error: str | None = None) -> store.JobInfo:
+    """End a shard (done, cancelled or failed) in one transaction: the partial sums of the rows it stored
+    (services.db.aggregates; a redelivered or resumed shard replaces its earlier ones), the shard's status with
+    the job's counters, then the runs' aggregates. The refresh comes after `finish_shard` has locked the job's
+    row, so of two shards ending together the second one's refresh sees the first one's committed partials."""
+    run_ids = [r.id for r in store.job_runs(s, job_id)]
+    aggregates.store_shard_partials(s, run_ids, start, stop)
+    info = store.finish_shard(s, shard_id, status, error)
+    aggregates.refresh_aggregates(s, run_ids)
+    return info
 
 
 class ShardTimeLimit(RuntimeError):
@@ -297,7 +310,8 @@ def _attempt_failed(job_id: int, start: int, stop: int, shard_id: int, attempts:
     log.warning("shard %s [%d,%d) attempt %d failed: %s", job_id, start, stop, attempts, error)
     with session_scope(settings) as s:
         if attempts >= settings.max_redeliveries and not transient:
-            info = store.finish_shard(s, shard_id, "failed", f"failed after {attempts} attempts; last error: {error}")
+            info = _close_shard(s, job_id, start, stop, shard_id, "failed",
+                                f"failed after {attempts} attempts; last error: {error}")
             return ShardOutcome(job_id, start, stop, "failed", 0, info.status)
         store.release_shard(s, shard_id, error, refund_attempt=transient)
     raise ShardRetry(error) from exc

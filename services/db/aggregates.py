@@ -1,129 +1,190 @@
-"""Run aggregates computed by the database: accuracy, counts, paired counts vs `ft` and mean kv statistics.
+"""Run aggregates from per-shard partial sums: accuracy, counts, paired counts vs `ft` and mean kv statistics.
 
-Aggregates are refreshed after every shard, so their cost grows with a job's size. The first implementation
-averaged each row's kv JSON in Python (1.07 s for a 50,000-row job on Postgres, 18.6 s for 100 runs); here every
-figure is a grouped SQL query, with the JSON taken apart by the database's own JSON functions (`jsonb_each` on
-Postgres, `json_each` on SQLite), so only one row per (run, metric) leaves the database. The numbers are those of
-the Python averaging (tests compare them on both dialects).
+Aggregates are refreshed after every shard, so a refresh that reads every stored row costs more the bigger the
+job: averaging the kv JSON in Python took 1.07 s per 50,000-row job, in the database (`jsonb_each`) still 0.3-0.5 s.
+Every run metric is a ratio or a mean of sums over samples (n, errors, correct / scored, tokens, latency, flip
+rate over non-null, ties over MC rows, unparsed over generated rows, fixed / broken vs ft over paired samples,
+kv means), and sums decompose over sample ranges. So when a shard ends, `store_shard_partials` computes the sums
+of its own range, in SQL over that range only (index range scans on (run_id, sample_index)), into
+`shard_aggregates`; `refresh_aggregates` adds up the partials of each run (one small grouped query) and turns the
+sums into metrics in `metrics_from_sums`. The numbers are those of the Python reference
+(`services.db.results.refresh_aggregates`, which reads every row); tests compare them on both dialects.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, select, text
+from sqlalchemy import and_, bindparam, case, delete, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from tad_core.metrics import mcnemar_p, proportion_stderr
 
 from services.db.dialect import dialect_insert
-from services.db.models import Run, RunAggregate, SampleResult, utcnow
+from services.db.models import Run, RunAggregate, SampleResult, Shard, ShardAggregate, utcnow
 
 Metric = tuple[float | None, float | None, int]  # value, stderr, n
+Sums = dict[str, tuple[float, int]]  # metric name -> (total, n), summed over samples
+_CHUNK = 500  # run ids per statement when rebuilding many runs (SQLite allows 32,766 bound parameters)
 
-# Mean and count of every finite scalar number in each row's kv object, per run and key. Booleans, strings, lists
-# (top-k token ids) and nested objects are skipped, as the Python averaging skipped them; a kv that is not an
-# object (SQL NULL, JSON null) contributes nothing. JSON cannot hold NaN or infinities (rows are stored through
-# `_json_safe`), so every number is finite.
-_KV_MEANS = {
+# Sum and count of every finite scalar number in each row's kv object, per run and key, over one sample range.
+# Booleans, strings, lists (top-k token ids) and nested objects are skipped, as the Python reference skips them;
+# a kv that is not an object (SQL NULL, JSON null) contributes nothing. JSON cannot hold NaN or infinities (rows
+# are stored through `_json_safe`), so every number is finite.
+_KV_SUMS = {
     "postgresql": """
-        SELECT r.run_id, e.key, avg((e.value)::float8), count(*)
+        SELECT r.run_id, e.key, sum((e.value)::float8), count(*)
         FROM sample_results r
         CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(r.kv) = 'object' THEN r.kv ELSE '{}'::jsonb END) e
-        WHERE r.run_id IN :run_ids AND jsonb_typeof(e.value) = 'number'
+        WHERE r.run_id IN :run_ids AND r.sample_index >= :start AND r.sample_index < :stop
+          AND jsonb_typeof(e.value) = 'number'
         GROUP BY r.run_id, e.key""",
     "sqlite": """
-        SELECT r.run_id, e.key, avg(e.value), count(*)
+        SELECT r.run_id, e.key, sum(e.value), count(*)
         FROM sample_results r, json_each(CASE WHEN json_type(r.kv) = 'object' THEN r.kv ELSE '{}' END) e
-        WHERE r.run_id IN :run_ids AND e.type IN ('integer', 'real')
+        WHERE r.run_id IN :run_ids AND r.sample_index >= :start AND r.sample_index < :stop
+          AND e.type IN ('integer', 'real')
         GROUP BY r.run_id, e.key""",
 }
 
 
-def count_metrics(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
-    """Accuracy with its stderr, mean tokens / latency / flip rate, ties, unparsed outputs and error rows (one
-    grouped query; also the counting part of the Python reference in services.db.results)."""
-    as_int = lambda c: func.sum(case((c.is_(True), 1), else_=0))  # noqa: E731
-    stmt = (select(SampleResult.run_id, func.count(), func.count(SampleResult.correct), as_int(SampleResult.correct),
-                   func.count(SampleResult.correct_norm), as_int(SampleResult.correct_norm),
-                   func.avg(SampleResult.tokens), func.avg(SampleResult.latency_s), func.avg(SampleResult.flip_rate),
-                   func.count(SampleResult.flip_rate), func.count(SampleResult.tie), as_int(SampleResult.tie),
-                   func.count(SampleResult.output),
-                   func.sum(case((and_(SampleResult.output.is_not(None), SampleResult.extracted.is_(None)), 1),
-                                 else_=0)),
-                   func.count(SampleResult.error))
-            .where(SampleResult.run_id.in_(run_ids)).group_by(SampleResult.run_id))
-    for (run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_mc, ties, n_gen,
-         unparsed, n_err) in session.execute(stmt):
-        m = metrics[run_id]
-        m["n"] = (float(n), None, n)
-        if n_err:  # samples without a result (over budget, evaluation raised): not in acc / acc_norm
-            m["errors"] = (float(n_err), None, n)
-        if n_c:
-            p = k_c / n_c
-            m["acc"] = (p, proportion_stderr(p, n_c), n_c)
-        if n_cn:
-            p = k_cn / n_cn
-            m["acc_norm"] = (p, proportion_stderr(p, n_cn), n_cn)
-        m["tokens"] = (float(tok) if tok is not None else None, None, n)
-        m["latency_s"] = (float(lat) if lat is not None else None, None, n)
-        if n_flip:
-            m["flip_rate"] = (float(flip), None, n_flip)
-        if n_mc:  # samples decided by the all -inf tie-break, out of the MC samples
-            m["ties"] = (float(ties or 0), None, n_mc)
-        if n_gen:  # generated outputs with no extractable answer, out of the generated samples
-            m["unparsed"] = (float(unparsed or 0), None, n_gen)
-
-
-def _vs_ft(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
-    """Fixed / broken counts against the `ft` run of the same job and the exact McNemar p-value, from one
-    grouped join over every run at once (samples both runs scored, `correct` known on both sides). The ft runs
-    are looked up first, so the join reads their rows by index rather than every job's ft rows."""
+def _ft_runs(session: Session, run_ids: list[int]) -> dict[int, int]:
+    """Run id -> the id of its job's `ft` run, for the runs of `run_ids` that are not an ft run themselves (the
+    lowest id if a job has several)."""
     ft_run = aliased(Run)
-    ft_ids = sorted(set(session.scalars(
-        select(ft_run.id).join(Run, and_(ft_run.job_id == Run.job_id, ft_run.strategy == "ft", ft_run.id != Run.id))
-        .where(Run.id.in_(run_ids)))))
-    if not ft_ids:
-        return
-    a, b = aliased(SampleResult), aliased(SampleResult)
-    stmt = (select(a.run_id, a.correct, b.correct, func.count())
-            .join(Run, Run.id == a.run_id)
+    stmt = (select(Run.id, func.min(ft_run.id))
             .join(ft_run, and_(ft_run.job_id == Run.job_id, ft_run.strategy == "ft", ft_run.id != Run.id))
-            .join(b, and_(b.run_id == ft_run.id, b.sample_index == a.sample_index))
-            .where(a.run_id.in_(run_ids), b.run_id.in_(ft_ids), a.correct.is_not(None), b.correct.is_not(None))
-            .group_by(a.run_id, a.correct, b.correct))
-    counts: dict[int, dict[tuple[bool, bool], int]] = {}
-    for run_id, x, y, n in session.execute(stmt):
-        counts.setdefault(run_id, {})[(bool(x), bool(y))] = int(n)
-    for run_id, c in counts.items():
-        fixed, broken = c.get((True, False), 0), c.get((False, True), 0)
-        n = sum(c.values())
-        m = metrics[run_id]
-        m["fixed_vs_ft"] = (float(fixed), None, n)
-        m["broken_vs_ft"] = (float(broken), None, n)
-        m["mcnemar_p_vs_ft"] = (mcnemar_p(fixed, broken), None, n)
+            .where(Run.id.in_(run_ids)).group_by(Run.id))
+    return {int(run_id): int(ft_id) for run_id, ft_id in session.execute(stmt)}
 
 
-def _kv_means(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
-    """`kv.<key>`: the mean of each scalar kv statistic per run, averaged by the database."""
+def _partial_columns(a: Any, b: Any | None) -> dict[str, tuple[Any, Any]]:
+    """Metric name -> (total, n) SQL aggregates over rows `a` (an alias of SampleResult), each left-joined with
+    its ft row `b` when there is one. `metrics_from_sums` reads the same names."""
+    rows = func.count()
+    count_if = lambda cond: func.sum(case((cond, 1), else_=0))  # noqa: E731
+    cols = {
+        "n": (rows, rows),
+        "errors": (func.count(a.error), rows),  # rows without a result (over budget, evaluation raised)
+        "acc": (count_if(a.correct.is_(True)), func.count(a.correct)),
+        "acc_norm": (count_if(a.correct_norm.is_(True)), func.count(a.correct_norm)),
+        "tokens": (func.sum(a.tokens), rows),
+        "latency_s": (func.sum(a.latency_s), rows),
+        "flip_rate": (func.sum(a.flip_rate), func.count(a.flip_rate)),
+        "ties": (count_if(a.tie.is_(True)), func.count(a.tie)),  # tie-break decisions, out of the MC rows
+        # generated outputs with no extractable answer, out of the generated rows
+        "unparsed": (count_if(and_(a.output.is_not(None), a.extracted.is_(None))), func.count(a.output)),
+    }
+    if b is not None:  # samples both runs scored (`correct` known on both sides)
+        paired = and_(a.correct.is_not(None), b.correct.is_not(None))
+        cols["fixed_vs_ft"] = (count_if(and_(paired, a.correct.is_(True), b.correct.is_(False))), count_if(paired))
+        cols["broken_vs_ft"] = (count_if(and_(paired, a.correct.is_(False), b.correct.is_(True))), count_if(paired))
+    return cols
+
+
+def range_sums(session: Session, run_ids: list[int], start: int, stop: int) -> dict[int, Sums]:
+    """The partial sums of samples [start, stop) of each run: the counting metrics and the paired counts vs the
+    job's ft run in one pass (each row left-joined with its ft row; the run -> ft map spelled as a CASE, so the
+    ft rows of the range are read once), then the kv sums (`_KV_SUMS`). Runs without rows in the range are absent."""
+    ft_of = _ft_runs(session, run_ids)
+    a = aliased(SampleResult)
+    b = aliased(SampleResult) if ft_of else None
+    cols = _partial_columns(a, b)
+    stmt = (select(a.run_id, *(c for pair in cols.values() for c in pair))
+            .where(a.run_id.in_(run_ids), a.sample_index >= start, a.sample_index < stop).group_by(a.run_id))
+    if b is not None:
+        stmt = stmt.outerjoin(b, and_(b.run_id == case(ft_of, value=a.run_id), b.sample_index == a.sample_index,
+                                      b.run_id.in_(sorted(set(ft_of.values()))),
+                                      b.sample_index >= start, b.sample_index < stop))
+    out: dict[int, Sums] = {}
+    for run_id, *values in session.execute(stmt):
+        out[run_id] = {name: (float(values[2 * i] or 0), int(values[2 * i + 1] or 0)) for i, name in enumerate(cols)}
     dialect = session.get_bind().dialect.name
-    if dialect not in _KV_MEANS:
+    if dialect not in _KV_SUMS:
         raise NotImplementedError(f"kv aggregates for the {dialect} dialect (supported: postgresql, sqlite)")
-    stmt = text(_KV_MEANS[dialect]).bindparams(bindparam("run_ids", expanding=True))
-    for run_id, key, mean, n in session.execute(stmt, {"run_ids": run_ids}):
-        metrics[run_id][f"kv.{key}"] = (float(mean), None, int(n))
+    kv = text(_KV_SUMS[dialect]).bindparams(bindparam("run_ids", expanding=True))
+    for run_id, key, total, n in session.execute(kv, {"run_ids": run_ids, "start": start, "stop": stop}):
+        out[run_id][f"kv.{key}"] = (float(total), int(n))
+    return out
+
+
+def store_shard_partials(session: Session, run_ids: Iterable[int], start: int, stop: int) -> int:
+    """Compute the partial sums of samples [start, stop) of `run_ids` from their stored rows and make them the
+    partials of the shard starting at `start` (its previous ones deleted first: a redelivered or resumed shard
+    recomputes its whole range, so nothing is counted twice). Call it once the shard's rows are stored, in the
+    transaction that finishes the shard. Returns the number of partial rows written."""
+    run_ids = list(run_ids)
+    if not run_ids:
+        return 0
+    sums = range_sums(session, run_ids, start, stop)
+    session.execute(delete(ShardAggregate).where(ShardAggregate.run_id.in_(run_ids), ShardAggregate.start == start))
+    values = [{"run_id": r, "start": start, "name": name, "total": total, "n": n}
+              for r, s in sums.items() for name, (total, n) in s.items() if n]
+    if values:  # an upsert, not an insert: a racing redelivery of the same shard writes the same sums
+        ins = dialect_insert(session, ShardAggregate)
+        session.execute(ins.on_conflict_do_update(
+            index_elements=[ShardAggregate.run_id, ShardAggregate.start, ShardAggregate.name],
+            set_={"total": ins.excluded.total, "n": ins.excluded.n}), values)
+    return len(values)
+
+
+def rebuild_partials(session: Session, run_ids: Iterable[int]) -> None:
+    """Recompute every partial of `run_ids` from their stored rows, one per shard of their jobs (the `shards`
+    table's ranges): the backfill of migration 0008, and for rows stored without the write path (bench, seeds)."""
+    run_ids = list(run_ids)
+    for i in range(0, len(run_ids), _CHUNK):  # a whole database's runs (the backfill): bounded IN lists
+        chunk = run_ids[i:i + _CHUNK]
+        session.execute(delete(ShardAggregate).where(ShardAggregate.run_id.in_(chunk)))
+        ranges: dict[tuple[int, int, int], list[int]] = {}
+        for run_id, job_id, start, stop in session.execute(
+                select(Run.id, Run.job_id, Shard.start, Shard.stop).join(Shard, Shard.job_id == Run.job_id)
+                .where(Run.id.in_(chunk)).order_by(Run.job_id, Shard.start, Run.id)):
+            ranges.setdefault((job_id, start, stop), []).append(run_id)
+        for (_, start, stop), ids in ranges.items():
+            store_shard_partials(session, ids, start, stop)
+
+
+def metrics_from_sums(sums: Sums) -> dict[str, Metric]:
+    """One run's metrics (value, stderr, n) from its sums over all samples: proportions with their stderr,
+    means, counts out of their base, McNemar's exact p from the fixed / broken counts. A metric whose base is
+    empty is left out, as the Python reference leaves it out."""
+    out: dict[str, Metric] = {}
+    for name, (total, n) in sums.items():
+        if not n:
+            continue
+        if name in ("acc", "acc_norm"):
+            p = total / n
+            out[name] = (p, proportion_stderr(p, n), n)
+        elif name == "n":
+            out[name] = (float(n), None, n)
+        elif name in ("tokens", "latency_s", "flip_rate") or name.startswith("kv."):
+            out[name] = (total / n, None, n)
+        elif name in ("ties", "unparsed", "fixed_vs_ft", "broken_vs_ft") or (name == "errors" and total):
+            out[name] = (float(total), None, n)
+    if "fixed_vs_ft" in out:
+        fixed, broken = sums["fixed_vs_ft"][0], sums["broken_vs_ft"][0]
+        out["mcnemar_p_vs_ft"] = (mcnemar_p(round(fixed), round(broken)), None, sums["fixed_vs_ft"][1])
+    return out
+
+
+def run_sums(session: Session, run_ids: list[int]) -> dict[int, Sums]:
+    """Each run's sums over all its samples: its shards' partials added up (one grouped query)."""
+    out: dict[int, Sums] = {}
+    for run_id, name, total, n in session.execute(
+            select(ShardAggregate.run_id, ShardAggregate.name, func.sum(ShardAggregate.total),
+                   func.sum(ShardAggregate.n))
+            .where(ShardAggregate.run_id.in_(run_ids)).group_by(ShardAggregate.run_id, ShardAggregate.name)):
+        out.setdefault(run_id, {})[name] = (float(total), int(n))
+    return out
 
 
 def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
-    """Recompute each run's aggregates from its stored rows, in the database (acc, acc_norm, tokens, latency,
-    flip rate, ties, unparsed, errors, fixed/broken and McNemar p vs the job's `ft` run, mean kv statistics)."""
+    """Recompute each run's aggregates (acc, acc_norm, tokens, latency, flip rate, ties, unparsed, errors,
+    fixed/broken and McNemar p vs the job's `ft` run, mean kv statistics) from its shards' partials."""
     run_ids = list(run_ids)
     if not run_ids:
         return
-    metrics: dict[int, dict[str, Metric]] = {r: {} for r in run_ids}
-    count_metrics(session, run_ids, metrics)
-    _vs_ft(session, run_ids, metrics)
-    _kv_means(session, run_ids, metrics)
-    write_metrics(session, metrics)
+    write_metrics(session, {r: metrics_from_sums(s) for r, s in run_sums(session, run_ids).items()})
 
 
 def write_metrics(session: Session, metrics: dict[int, dict[str, Metric]]) -> None:

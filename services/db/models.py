@@ -251,6 +251,26 @@ class RunAggregate(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ShardAggregate(Base):
+    """Partial sums of one shard's rows for one run: (`total`, `n`) per metric name, e.g. `acc` = (correct
+    samples, samples with `correct`), `kv.kl_mean` = (sum, count), `fixed_vs_ft` = (fixed, paired samples).
+
+    Every run metric is a ratio or a mean of sums over its samples, and sums decompose over sample ranges. A
+    shard's partials are computed once, from its own rows, when the shard ends (services.db.aggregates); a run's
+    aggregates are then the sums of its shards' partials, a few hundred small rows, instead of a pass over every
+    stored row (and every row's kv JSON) after each shard. Keyed by the shard's first sample index: a redelivered
+    or resumed shard replaces its partials, so nothing is counted twice.
+    """
+
+    __tablename__ = "shard_aggregates"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    start: Mapped[int] = mapped_column(Integer, primary_key=True)  # the shard's first sample index
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    total: Mapped[float] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
 class WorkerHeartbeat(Base):
     """Last sign of life of each worker process (the dashboard shows live workers from here)."""
 

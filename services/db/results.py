@@ -2,18 +2,18 @@
 dashboard's two hot queries). Functions of a Session returning plain types (services.db.entities)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from tad_core.metrics import mcnemar_p
+from tad_core.metrics import mcnemar_p, proportion_stderr
 
-from services.db.aggregates import Metric, count_metrics, write_metrics
+from services.db.aggregates import Metric, write_metrics
 from services.db.dialect import dialect_insert as _dialect_insert
 from services.db.entities import RESULT_COLUMNS, DiffRow, LeaderboardRow, RunDiff
+from services.db.kv_stats import scalar_kv_stats
 from services.db.models import Adapter, BaseModel, Dataset, Job, Run, RunAggregate, SampleResult, utcnow
 from services.db.naming import scoring_variant
 
@@ -38,16 +38,55 @@ def upsert_sample_results(session: Session, rows: Sequence[dict[str, Any]]) -> i
 
 
 def refresh_aggregates(session: Session, run_ids: Iterable[int]) -> None:
-    """Recompute each run's aggregates from its stored rows (acc, acc_norm, tokens, latency, flip rate,
-    fixed/broken and McNemar p vs the job's `ft` run, mean scalar kv statistics)."""
+    """Recompute each run's aggregates from all its stored rows (acc, acc_norm, tokens, latency, flip rate,
+    fixed/broken and McNemar p vs the job's `ft` run, mean scalar kv statistics).
+
+    The reference implementation: it reads every row (and decodes every kv JSON in Python) at each refresh. The
+    service refreshes from per-shard partial sums (services.db.aggregates), whose numbers tests and
+    bench/bench_aggregates.py compare with these."""
     run_ids = list(run_ids)
     if not run_ids:
         return
     metrics: dict[int, dict[str, Metric]] = {r: {} for r in run_ids}
-    count_metrics(session, run_ids, metrics)
+    _count_metrics(session, run_ids, metrics)
     _vs_ft_aggregates(session, run_ids, metrics)
     _kv_aggregates(session, run_ids, metrics)
     write_metrics(session, metrics)
+
+
+def _count_metrics(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Metric]]) -> None:
+    """Accuracy with its stderr, mean tokens / latency / flip rate, ties, unparsed outputs and error rows (one
+    grouped query over every row of the runs)."""
+    as_int = lambda c: func.sum(case((c.is_(True), 1), else_=0))  # noqa: E731
+    stmt = (select(SampleResult.run_id, func.count(), func.count(SampleResult.correct), as_int(SampleResult.correct),
+                   func.count(SampleResult.correct_norm), as_int(SampleResult.correct_norm),
+                   func.avg(SampleResult.tokens), func.avg(SampleResult.latency_s), func.avg(SampleResult.flip_rate),
+                   func.count(SampleResult.flip_rate), func.count(SampleResult.tie), as_int(SampleResult.tie),
+                   func.count(SampleResult.output),
+                   func.sum(case((and_(SampleResult.output.is_not(None), SampleResult.extracted.is_(None)), 1),
+                                 else_=0)),
+                   func.count(SampleResult.error))
+            .where(SampleResult.run_id.in_(run_ids)).group_by(SampleResult.run_id))
+    for (run_id, n, n_c, k_c, n_cn, k_cn, tok, lat, flip, n_flip, n_mc, ties, n_gen,
+         unparsed, n_err) in session.execute(stmt):
+        m = metrics[run_id]
+        m["n"] = (float(n), None, n)
+        if n_err:  # samples without a result (over budget, evaluation raised): not in acc / acc_norm
+            m["errors"] = (float(n_err), None, n)
+        if n_c:
+            p = k_c / n_c
+            m["acc"] = (p, proportion_stderr(p, n_c), n_c)
+        if n_cn:
+            p = k_cn / n_cn
+            m["acc_norm"] = (p, proportion_stderr(p, n_cn), n_cn)
+        m["tokens"] = (float(tok) if tok is not None else None, None, n)
+        m["latency_s"] = (float(lat) if lat is not None else None, None, n)
+        if n_flip:
+            m["flip_rate"] = (float(flip), None, n_flip)
+        if n_mc:  # samples decided by the all -inf tie-break, out of the MC samples
+            m["ties"] = (float(ties or 0), None, n_mc)
+        if n_gen:  # generated outputs with no extractable answer, out of the generated samples
+            m["unparsed"] = (float(unparsed or 0), None, n_gen)
 
 
 def _vs_ft_aggregates(session: Session, run_ids: list[int], metrics: dict[int, dict[str, Any]]) -> None:
@@ -85,11 +124,10 @@ def _kv_aggregates(session: Session, run_ids: list[int], metrics: dict[int, dict
     sums: dict[int, dict[str, list[float]]] = {r: {} for r in run_ids}
     for run_id, kv in session.execute(select(SampleResult.run_id, SampleResult.kv)
                                       .where(SampleResult.run_id.in_(run_ids), SampleResult.kv.is_not(None))):
-        for k, v in (kv or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                acc = sums[run_id].setdefault(k, [0.0, 0.0])
-                acc[0] += v
-                acc[1] += 1
+        for k, v in scalar_kv_stats(kv).items():
+            acc = sums[run_id].setdefault(k, [0.0, 0.0])
+            acc[0] += v
+            acc[1] += 1
     for run_id, stats in sums.items():
         for k, (total, n) in stats.items():
             metrics[run_id][f"kv.{k}"] = (total / n, None, int(n))

@@ -6,7 +6,6 @@ read whole and filtered in Python rather than with dialect-specific JSON operato
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +15,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
 from services.db import store
+from services.db.kv_stats import scalar_kv_stats
 from services.db.models import (
     Adapter,
     BaseModel,
@@ -204,17 +204,12 @@ def samples_at(session: Session, dataset_id: int, indices: Sequence[int]) -> dic
     return out
 
 
-def _scalar_stats(kv: dict[str, Any] | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (kv or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
 def kv_sample_stats(session: Session, run_id: int) -> list[KvSampleRow]:
     """Per-sample scalar kv statistics of a run (KL, ||kv||_1, entropies, ...) and its flip rate."""
     stmt = (select(SampleResult.sample_index, SampleResult.sample_id, SampleResult.correct, SampleResult.vs_ft,
                    SampleResult.flip_rate, SampleResult.tokens, SampleResult.kv)
             .where(SampleResult.run_id == run_id).order_by(SampleResult.sample_index))
-    return [KvSampleRow(int(i), sid, c, vs, fr, int(tok or 0), _scalar_stats(kv),
+    return [KvSampleRow(int(i), sid, c, vs, fr, int(tok or 0), scalar_kv_stats(kv),
                         bool(isinstance(kv, dict) and kv.get("per_step")))
             for i, sid, c, vs, fr, tok, kv in session.execute(stmt)]
 

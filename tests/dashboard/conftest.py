@@ -102,8 +102,9 @@ def _complete_job(s, *, base_id: int, adapter_id: int | None, dataset_id: int, n
     store.upsert_sample_results(s, [{"run_id": runs[k], "sample_index": i, **rows_for(k, i)}
                                     for k in keys for i in range(n)])
     store.shard_progress(s, claim.shard.id, n)
-    aggregates.refresh_aggregates(s, list(runs.values()))
+    aggregates.store_shard_partials(s, list(runs.values()), 0, n)  # as a worker ends its shard
     store.finish_shard(s, claim.shard.id, "done")
+    aggregates.refresh_aggregates(s, list(runs.values()))
     return job.id, runs
 
 

@@ -86,6 +86,7 @@ def test_embedded_run_streams_rows_and_finishes(migrated_url, tiny_model_dir, ti
         assert [r["sample_index"] for r in rows] == list(range(10))
         assert all(len(r["scores"]) == 2 + i % 3 for i, r in enumerate(rows))
         assert rows[0]["kv"] and rows[0]["vs_ft"] in (None, "fixed", "broken")
+    _assert_aggregates_are_the_reference(settings, [r.id for r in runs], starts={0, 4, 8})
     # a redelivered finished shard is skipped, never recomputed
     assert run_shard(plan.job.id, 0, 4, settings).action == "done"
 
@@ -121,6 +122,32 @@ def test_cancel_at_batch_boundary(sqlite_url, tiny_model_dir, tiny_lora_dir, roo
     with session_scope(settings) as s:
         assert [x.status for x in store.job_shards(s, plan.job.id)] == ["cancelled", "cancelled"]
         assert store.count_sample_rows(s, [plan.runs[0].id]) == 2
+        assert store.run_aggregates(s, plan.runs[0].id)["n"][2] == 2  # the cancelled shard's rows count
+
+
+def _assert_aggregates_are_the_reference(settings, run_ids: list[int], starts: set[int]) -> None:
+    """The aggregates the shards left (sums of their partials) are those of the Python reference over every
+    stored row; each shard stored its partials under its first sample index."""
+    from sqlalchemy import delete, select
+
+    from services.db.models import RunAggregate, ShardAggregate
+
+    def table(s) -> dict:
+        return {(r, m): (v, se, n) for r, m, v, se, n in s.execute(
+            select(RunAggregate.run_id, RunAggregate.metric, RunAggregate.value, RunAggregate.stderr, RunAggregate.n)
+            .where(RunAggregate.run_id.in_(run_ids)))}
+
+    with session_scope(settings) as s:
+        assert set(s.scalars(select(ShardAggregate.start).distinct())) == starts
+        left = table(s)
+        s.execute(delete(RunAggregate).where(RunAggregate.run_id.in_(run_ids)))
+        store.refresh_aggregates(s, run_ids)
+        reference = table(s)
+    assert left.keys() == reference.keys() and any(m.startswith("kv.") for _, m in left)
+    for key, (v, se, n) in reference.items():
+        assert left[key][2] == n, key
+        for got, want in ((left[key][0], v), (left[key][1], se)):
+            assert (got is None and want is None) or got == pytest.approx(want, rel=1e-9, abs=1e-12), key
 
 
 def test_base_model_licence_is_recorded(migrated_url, tiny_model_dir, tmp_path, capsys):

@@ -82,3 +82,34 @@ def test_sqlite_walk_down_and_up_keeps_every_row(tmp_path) -> None:
     upgrade(url)
     dispose_engines()
     assert counts() == before
+    _assert_backfilled_partials_give_the_reference(url)
+
+
+def _assert_backfilled_partials_give_the_reference(url: str) -> None:
+    """The partials 0008 backfilled (the in-flight job's stored rows included) refresh every run to the numbers
+    of the Python reference that reads every row."""
+    import pytest
+    from sqlalchemy import delete, select
+
+    from services.db import aggregates, store
+    from services.db.models import Run, RunAggregate, ShardAggregate
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(url)
+    tables = {}
+    for name, refresh in (("partials", aggregates.refresh_aggregates), ("reference", store.refresh_aggregates)):
+        with session_scope(engine) as s:
+            s.execute(delete(RunAggregate))
+            refresh(s, list(s.scalars(select(Run.id))))
+            tables[name] = {(r, m): (v, se, n) for r, m, v, se, n in s.execute(
+                select(RunAggregate.run_id, RunAggregate.metric, RunAggregate.value, RunAggregate.stderr,
+                       RunAggregate.n))}
+            assert s.scalar(select(ShardAggregate.run_id).limit(1)) is not None
+    engine.dispose()
+    assert tables["partials"].keys() == tables["reference"].keys() and tables["partials"]
+    def close(x: float | None, y: float | None) -> bool:
+        return x == y if x is None or y is None else x == pytest.approx(y, rel=1e-9)
+
+    for key, want in tables["reference"].items():
+        got = tables["partials"][key]
+        assert got[2] == want[2] and close(got[0], want[0]) and close(got[1], want[1]), (key, got, want)
