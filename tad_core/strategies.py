@@ -203,7 +203,9 @@ class TaD(Strategy):
     def target_scores(self, step: Step, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """In probability space: log_softmax of the (masked) scores is `log q(t) - log sum(q over the head)` and
         the argmax is q's, so the full-vocabulary log (most of TaD's cost in MC scoring) is never taken."""
-        if self.alpha == 0.0:
+        if self.alpha == 0.0:  # the fine-tuned distribution itself: exactly ft's scores when unmasked
+            if self.beta == 0:
+                return step.lp_f.gather(-1, targets[:, None]).squeeze(-1), step.argmax_f
             return super().target_scores(step, targets)
         q = torch.add(step.p_f, step.kv, alpha=self.alpha).clamp_min_(0.0)
         if self.beta > 0:
