@@ -50,19 +50,16 @@ class FusedStep:
     have both sides (their kv statistics are kept)."""
 
     def __init__(self, groups: Sequence[tuple[Strategy, Sequence[int]]], paired: Sequence[bool], topk: int,
-                 device: torch.device, compile_step: bool) -> None:
+                 device: torch.device) -> None:
         self.groups = [(s, torch.tensor(list(rows), dtype=torch.long, device=device)) for s, rows in groups]
         self.paired = list(paired)
         self.paired_rows = [r for (_, rows), p in zip(groups, paired) if p for r in rows]
         self.n = sum(len(rows) for _, rows in groups)
         self.topk = topk
-        self.fn = self._step
         self.failed: str | None = None
         self.calls = 0  # steps the compiled function ran (visible to tests and benchmarks)
-        if compile_step:
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self.fn = torch.compile(self._step, mode=mode, dynamic=False)
-        self.compiled = compile_step
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.fn = torch.compile(self._step, mode=mode, dynamic=False)
 
     def _step(self, z_b: torch.Tensor | None, z_f: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         ref = z_f if z_f is not None else z_b
@@ -71,11 +68,11 @@ class FusedStep:
         stats, up_i, up_v, dn_i, dn_v = [], [], [], [], []
         for (strat, rows), paired in zip(self.groups, self.paired):
             step = Step(None if z_b is None else z_b[rows], None if z_f is None else z_f[rows])
-            scores = strat.scores_from(step)
-            nxt[rows] = scores.argmax(-1)
+            picked = strat.scores_from(step).argmax(-1)
+            nxt[rows] = picked
             if paired:
                 st = kvstats.step_stats(step)
-                flip = (scores.argmax(-1) != step.lp_f.argmax(-1)).float()
+                flip = (picked != step.argmax_f).float()
                 stats.append(torch.stack([flip, *st.values()], dim=-1))
                 if self.topk:
                     k = min(self.topk, step.kv.shape[-1])
@@ -90,7 +87,7 @@ class FusedStep:
         return tuple(out)
 
     def __call__(self, z_b: torch.Tensor | None, z_f: torch.Tensor | None) -> StepOut:
-        if self.compiled and self.failed is None:
+        if self.failed is None:
             try:
                 out = self.fn(z_b, z_f)
                 self.calls += 1

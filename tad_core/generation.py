@@ -99,7 +99,7 @@ def _fused_step(pair: PairedModel, path: str, strategies: Sequence[Strategy],
     if key not in cache:
         if len(cache) >= 16:  # a few batch layouts per worker; drop the oldest beyond that
             cache.pop(next(iter(cache)))
-        cache[key] = FusedStep(groups, group_paired, key[2], pair.device, compile_step=True)
+        cache[key] = FusedStep(groups, group_paired, key[2], pair.device)
     return cache[key]
 
 
