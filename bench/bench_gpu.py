@@ -178,7 +178,7 @@ def main() -> None:
     fused = list(pair.info.get("fused_steps", {}).values())
     print(f"10 strategies x batch 8, {new} tokens: pair's path {t10['path']:.2f} s, eager static {t10['static']:.2f} s,"
           f" **static / path = {t10['static'] / t10['path']:.2f}**; compiled strategy steps: "
-          f"{[(f.calls, f.failed) for f in fused] or 'none (not the compiled path)'}")
+          f"{[(f.compiled.calls, f.compiled.failed) for f in fused] or 'none (not the compiled path)'}")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ def main() -> int:
     if compiled.path != "compiled" or step is None or step.failed or step.calls < 23:
         failures.append("compiled path fell back or did not run")
     fused = list(pair.info.get("fused_steps", {}).values())
-    print(f"compiled strategy steps: {[(f.calls, f.failed) for f in fused]}")
-    if len(fused) != 1 or fused[0].failed or fused[0].calls < 24:
+    print(f"compiled strategy steps: {[(f.compiled.calls, f.compiled.failed) for f in fused]}")
+    if len(fused) != 1 or fused[0].compiled.failed or fused[0].compiled.calls < 24:
         failures.append("compiled strategy step fell back or did not run")
     print("FAILED: " + ", ".join(failures) if failures else "all device checks passed")
     return 1 if failures else 0

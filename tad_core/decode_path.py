@@ -22,8 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
+from tad_core.compiled import CompiledOrEager
 from tad_core.models import PairedModel
 
 log = logging.getLogger(__name__)
@@ -42,32 +41,6 @@ class DecodeChoice:
 
     def describe(self) -> str:
         return f"{self.path} ({self.reason})"
-
-
-class CompiledStep:
-    """`torch.compile` of the paired model's forward for single-token steps, falling back to the eager model
-    (and recording why) when compiling or capturing fails. A failure surfaces while the graph is traced or
-    compiled, before the step writes to the cache, so the eager retry continues the same sequence."""
-
-    def __init__(self, pair: PairedModel, choice: DecodeChoice) -> None:
-        self.pair = pair
-        self.choice = choice
-        self.mode = "reduce-overhead" if pair.device.type == "cuda" else None
-        self.fn = torch.compile(pair.model, mode=self.mode, dynamic=False)
-        self.calls = 0  # steps the compiled forward ran (visible to tests and benchmarks)
-        self.failed: str | None = None
-
-    def __call__(self, **kw: Any) -> Any:
-        if self.failed is None:
-            try:
-                out = self.fn(**kw)
-                self.calls += 1
-                return out
-            except Exception as e:  # noqa: BLE001 - any compile / capture failure: the eager static path instead
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                self.choice.path, self.choice.reason = "static", f"compile failed: {self.failed}"
-                log.warning("compiled decoding failed, decoding eagerly with a static cache: %s", self.failed)
-        return self.pair.model(**kw)
 
 
 def _static_possible(pair: PairedModel) -> str | None:
@@ -106,5 +79,7 @@ def _build(pair: PairedModel, path: str, reason: str) -> DecodeChoice:
                                       "which a captured graph cannot follow")
     choice = DecodeChoice(path, reason)
     if path == "compiled":
-        choice.step = CompiledStep(pair, choice)
+        def fall_back(why: str) -> None:
+            choice.path, choice.reason = "static", f"compile failed: {why}"
+        choice.step = CompiledOrEager(pair.model, "the paired forward", pair.device, fall_back)
     return choice

@@ -13,16 +13,14 @@ token history): the eager loop serves the others. Outputs equal the eager loop's
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from tad_core import kvstats
+from tad_core.compiled import CompiledOrEager
 from tad_core.strategies import Step, Strategy
-
-log = logging.getLogger(__name__)
 
 
 def unfusable(strategies: Sequence[Strategy], temperature: float) -> str | None:
@@ -56,10 +54,7 @@ class FusedStep:
         self.paired_rows = [r for (_, rows), p in zip(groups, paired) if p for r in rows]
         self.n = sum(len(rows) for _, rows in groups)
         self.topk = topk
-        self.failed: str | None = None
-        self.calls = 0  # steps the compiled function ran (visible to tests and benchmarks)
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self.fn = torch.compile(self._step, mode=mode, dynamic=False)
+        self.compiled = CompiledOrEager(self._step, "the strategy step", device)
 
     def _step(self, z_b: torch.Tensor | None, z_f: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         ref = z_f if z_f is not None else z_b
@@ -87,16 +82,7 @@ class FusedStep:
         return tuple(out)
 
     def __call__(self, z_b: torch.Tensor | None, z_f: torch.Tensor | None) -> StepOut:
-        if self.failed is None:
-            try:
-                out = self.fn(z_b, z_f)
-                self.calls += 1
-            except Exception as e:  # noqa: BLE001 - a compile failure: the same function, eagerly
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                log.warning("compiled strategy step failed, stepping eagerly: %s", self.failed)
-                out = self._step(z_b, z_f)
-        else:
-            out = self._step(z_b, z_f)
+        out = self.compiled(z_b, z_f)
         host: list[Any] = [t.tolist() for t in out]  # the step's one read from the device (in a few copies)
         tokens = host[0]
         stats = host[1] if len(host) > 1 else []

@@ -1,0 +1,44 @@
+"""`torch.compile` with an eager fallback, shared by the compiled decoding path's two compiled functions (the paired
+forward of `tad_core.decode_path` and the strategy step of `tad_core.fused_step`).
+
+A compile or capture failure surfaces while the graph is traced or compiled, before the function writes anything
+(a cache, an output), so the eager call that follows continues the same sequence. The first failure is recorded
+and every later call is eager: a worker does not pay for the failed compile at every step.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CompiledOrEager:
+    """Calls `fn` compiled (on CUDA with `mode="reduce-overhead"`: captured CUDA graphs), or eagerly once the
+    compiled call has failed. `calls` counts the compiled calls and `failed` says why it stopped (tests and
+    benchmarks read both); `on_fail(why)` lets the owner report the fallback."""
+
+    def __init__(self, fn: Callable[..., Any], what: str, device: torch.device,
+                 on_fail: Callable[[str], None] | None = None) -> None:
+        self.eager = fn
+        self.what = what
+        self.fn = torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        self.on_fail = on_fail
+        self.calls = 0
+        self.failed: str | None = None
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        if self.failed is None:
+            try:
+                out = self.fn(*args, **kw)
+                self.calls += 1
+                return out
+            except Exception as e:  # noqa: BLE001 - any compile / capture failure: the same function, eagerly
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                self.failed = f"{type(e).__name__}: {first}"
+                log.warning("%s failed to compile, running eagerly: %s", self.what, self.failed)
+                if self.on_fail is not None:
+                    self.on_fail(self.failed)
+        return self.eager(*args, **kw)

@@ -1,0 +1,44 @@
+"""The compile-or-eager wrapper: a real compile failure (an op whose fake kernel raises, as an op that cannot be
+captured does) falls back to the same function eagerly, is recorded and reported once, and is not retried."""
+from __future__ import annotations
+
+import torch
+
+from tad_core.compiled import CompiledOrEager
+
+
+@torch.library.custom_op("tadtest::uncapturable", mutates_args=())
+def _uncapturable(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_uncapturable.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this op cannot be traced")
+
+
+def test_a_function_that_compiles_runs_compiled() -> None:
+    step = CompiledOrEager(lambda x: torch.softmax(x, -1).argmax(-1), "a step", torch.device("cpu"))
+    x = torch.randn(3, 7)
+    for _ in range(3):
+        assert torch.equal(step(x), x.argmax(-1))
+    assert step.failed is None and step.calls == 3
+
+
+def test_a_compile_failure_falls_back_to_eager_once() -> None:
+    eager_calls: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            eager_calls.append(1)
+        return _uncapturable(x + 1)
+
+    reported: list[str] = []
+    step = CompiledOrEager(fn, "a step", torch.device("cpu"), on_fail=reported.append)
+    x = torch.ones(4)
+    for _ in range(3):
+        assert torch.equal(step(x), torch.full((4,), 4.0))  # the eager result, every time
+    assert step.calls == 0
+    assert step.failed is not None and "fake tensor" in step.failed
+    assert reported == [step.failed]  # reported once, not at every step
+    assert len(eager_calls) == 3  # one eager call per step: the compiled function is not retried
