@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.dashboard.conftest import ROOT, Seed, seed_database
+from tests.processes import stop_group
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -120,9 +120,4 @@ def test_dashboard_renders_leaderboard_in_chromium(own_seed: Seed, tmp_path: Pat
                 browser.close()
         assert shot.is_file() and shot.stat().st_size > 20_000
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_group(proc, 15)

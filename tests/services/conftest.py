@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+
+from tests.processes import stop_group
 
 PG_ADMIN_URL = os.environ.get("TAD_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -100,6 +103,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
 class RedisServer:
     """A private redis-server on a free port (restartable, for the fault tests)."""
 
@@ -168,22 +172,12 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and its pool children), like a machine dying."""
-        import signal
-
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, 20)
         self._fh.close()
 
     def tail(self, n: int = 40) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from services.settings import Settings
+from tests.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,15 +67,7 @@ class ApiServer:
         raise AssertionError("tad serve did not answer /health\n" + self.tail())
 
     def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, 15)
         self._fh.close()
 
     def tail(self, n: int = 60) -> str:
