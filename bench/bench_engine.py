@@ -5,6 +5,7 @@
     python bench/bench_engine.py mc    # MC scoring: 10 strategies (incl. a 6-point alpha sweep) vs ft + tad alone
     python bench/bench_engine.py mem   # peak memory: paired LoRA generation vs the fine-tuned model alone
     python bench/bench_engine.py prefill  # 10 strategies per sample: one shared prefill vs one per strategy
+    python bench/bench_engine.py paths    # the decoding paths on this CPU: dynamic (default) vs static vs compiled
 
 Uses the embedded SmolLM2-135M-Instruct with a random-weight LoRA (same compute as a trained one) unless
 `--adapter DIR` is given.
@@ -69,6 +70,41 @@ def bench_gen(args) -> list[str]:
                      f"tad {t['tad']:.2f} s | **tad/ft = {t['tad'] / t['ft']:.2f}** (target <= 1.3) | "
                      f"tad without kv stats / ft = {t['tad_no_kv'] / t['ft']:.2f} | "
                      f"naive two-pass tad/ft = {t['tad_naive'] / t['ft']:.2f} |")
+    return lines
+
+
+def bench_paths(args) -> list[str]:
+    """The three decoding paths of `tad_core.decode_path` on this CPU, side by side: `dynamic` (the CPU default),
+    `static` (eager, preallocated cache) and `compiled` (the CUDA default: the paired forward and every strategy
+    in `torch.compile`d functions, inductor on the CPU). Greedy tokens must agree; the compile happens in the
+    untimed warm-up run."""
+    pair = _pair(args)
+    cfg = GenConfig(max_new_tokens=args.tokens, ignore_eos=True, kv_steps=False)
+    paths = {p: dataclasses.replace(cfg, decode=p) for p in ("dynamic", "static", "compiled")}
+    ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
+    ten = [build(s) for s in parse_strategy_arg(",".join(TEN))]
+    SmallRowsLinear.for_pair(pair)
+    lines = [f"few-rows route: {pair.info['few_rows_route'].describe()}"]
+    cases = {f"ft b{bs}": (PROMPTS[:bs], [ft]) for bs in (1, 8)}
+    cases |= {f"tad b{bs}": (PROMPTS[:bs], [tad]) for bs in (1, 8)}
+    cases["10 strategies b8"] = (PROMPTS, [s for s in ten if not s.needs_hidden])  # dola runs eagerly anyway
+    lines.append("| case | dynamic s | static s | compiled s | compiled / dynamic | same tokens |")
+    lines.append("|---|---|---|---|---|---|")
+    for name, (prompts, strats) in cases.items():
+        outs: dict[str, object] = {}
+
+        def run(p: str):
+            return lambda: outs.__setitem__(p, generate_texts(pair, prompts, strats, paths[p]))
+        t = interleaved({p: run(p) for p in paths}, repeats=args.repeats)
+        toks = {p: [[o.token_ids for o in row] for row in outs[p]] for p in paths}  # type: ignore[union-attr]
+        same = toks["dynamic"] == toks["static"] == toks["compiled"]
+        lines.append(f"| {name}, {args.tokens} new tokens | {t['dynamic']:.2f} | {t['static']:.2f} | "
+                     f"{t['compiled']:.2f} | **{t['compiled'] / t['dynamic']:.2f}** | {same} |")
+    compiled = pair.info.get("decode_path:compiled")
+    fused = list(pair.info.get("fused_steps", {}).values())
+    lines.append(f"compiled path: {compiled.describe() if compiled else '-'}; compiled forward steps "
+                 f"{compiled.step.calls if compiled and compiled.step else 0}; compiled strategy steps "
+                 f"{[(f.compiled.calls, f.compiled.failed) for f in fused]}")
     return lines
 
 
@@ -191,7 +227,7 @@ def bench_mem(args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "prefill", "all", "_mem"])
+    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "prefill", "paths", "all", "_mem"])
     ap.add_argument("kind", nargs="?")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--adapter")
@@ -206,7 +242,7 @@ def main() -> None:
     todo = ["gen", "hf", "mc", "mem"] if args.what == "all" else [args.what]
     for what in todo:
         for line in {"gen": bench_gen, "hf": bench_hf, "mc": bench_mc, "mem": bench_mem,
-                     "prefill": bench_prefill}[what](args):
+                     "prefill": bench_prefill, "paths": bench_paths}[what](args):
             print(line, flush=True)
 
 
