@@ -1,9 +1,11 @@
 """`torch.compile` with an eager fallback, shared by the compiled decoding path's two compiled functions (the paired
 forward of `tad_core.decode_path` and the strategy step of `tad_core.fused_step`).
 
-A compile or capture failure surfaces while the graph is traced or compiled, before the function writes anything
-(a cache, an output), so the eager call that follows continues the same sequence. The first failure is recorded
-and every later call is eager: a worker does not pay for the failed compile at every step.
+Compiled with `fullgraph=True`: a graph break (an operation torch cannot trace) is a failure, not a silent run of
+eager fragments between small graphs. A compile or capture failure surfaces while the graph is traced or compiled,
+before the function writes anything (a cache, an output), so the eager call that follows continues the same
+sequence. The first failure is recorded and every later call is eager: a worker does not pay for the failed
+compile at every step.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Graphs are specialised to shapes (`dynamic=False`): a worker meets a few batch sizes times a few static-cache
+# lengths (`tad_core.generation.static_length`). Past torch's default of 8 compiled versions per function, the
+# call would fail (`fullgraph=True`) and the process would step eagerly from then on.
+RECOMPILE_LIMIT = 64
+
 
 class CompiledOrEager:
     """Calls `fn` compiled (on CUDA with `mode="reduce-overhead"`: captured CUDA graphs), or eagerly once the
@@ -22,9 +29,11 @@ class CompiledOrEager:
 
     def __init__(self, fn: Callable[..., Any], what: str, device: torch.device,
                  on_fail: Callable[[str], None] | None = None) -> None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.eager = fn
         self.what = what
-        self.fn = torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        self.fn = torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False,
+                                fullgraph=True)
         self.on_fail = on_fail
         self.calls = 0
         self.failed: str | None = None

@@ -3,13 +3,15 @@
 - `dynamic`: transformers' growing `DynamicCache`, eager. The CPU default: there the measured fast route is the
   few-rows matmul of `tad_core.engine.SmallRowsLinear`, and a static cache would attend over every preallocated
   position at every step.
-- `static`: a preallocated `StaticCache` (prompt + new tokens) with the attention mask padded to it, eager: every
-  step has the same shapes and tensor addresses. Greedy outputs are token-identical to `dynamic` (tests).
+- `static`: a preallocated `StaticCache` (prompt + new tokens, rounded up to a multiple of 64 by
+  `tad_core.generation.static_length` so that batches share compiled graphs) with the attention mask padded to it,
+  eager: every step has the same shapes and tensor addresses. Greedy outputs are token-identical to `dynamic` (tests).
 - `compiled`: `static` with the single-token steps of the paired forward run by `torch.compile` (on CUDA with
   `mode="reduce-overhead"`, i.e. captured CUDA graphs: one graph launch per step instead of hundreds of kernel
   launches from Python), and every strategy of the batch stepped by one compiled function (`tad_core.fused_step`:
   next tokens, flips and kv statistics of all rows, one host read per step; greedy strategies that read only the
-  two logit tensors, the eager strategy loop otherwise). The CUDA default where the pair allows it.
+  two logit tensors, the eager strategy loop otherwise). Both are compiled whole (`fullgraph=True`, no graph
+  breaks: `tad_core.compiled`). The CUDA default where the pair allows it.
 
 Where a path is impossible the next one down is used and the reason kept: prefix-tuning pairs start their cache
 from the learned prefix (a dynamic cache), so they decode `dynamic`; a compile or capture that fails on its first

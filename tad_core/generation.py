@@ -103,6 +103,17 @@ def _fused_step(pair: PairedModel, path: str, strategies: Sequence[Strategy],
     return cache[key]
 
 
+STATIC_LEN_MULTIPLE = 64
+
+
+def static_length(tokens: int) -> int:
+    """The static cache's length for sequences of up to `tokens` positions, rounded up to a multiple of
+    `STATIC_LEN_MULTIPLE`: the compiled path's graphs are specialised to the cache's shape, so batches whose
+    prompts differ by a few tokens share one compiled graph instead of compiling (and on CUDA capturing) their
+    own. The extra positions are masked out."""
+    return -(-tokens // STATIC_LEN_MULTIPLE) * STATIC_LEN_MULTIPLE
+
+
 def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequence[Strategy],
                    cfg: GenConfig = GenConfig(), kv_for_all: bool = False,
                    stops: Sequence[Sequence[str]] | None = None) -> list[list[Generated]]:
@@ -131,7 +142,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     ids, mask = left_pad([enc[p] for p in prefill_rows], tok.pad_token_id)
     path = decode_path.choose(pair, cfg.decode)
     runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers),
-                          static_len=None if path.path == "dynamic" else ids.shape[1] + cfg.max_new_tokens,
+                          static_len=None if path.path == "dynamic" else static_length(ids.shape[1] + cfg.max_new_tokens),
                           step=path.step)
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
@@ -224,7 +235,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     if any(st in text for st in row_stops[r]):
                         done[r] = True
                         finish[r] = "stop"
-            if bool(done.all()):
+            if bool(done.all()) or _t == cfg.max_new_tokens - 1:  # no forward for a token nobody will read
                 break
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
             pos = pos[:, -1:] + 1

@@ -11,12 +11,24 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 NEG = -1e30  # finite stand-in for -inf inside arithmetic; only final scores carry -inf
+
+
+def _once(fn: Callable[[Step], torch.Tensor]) -> property:
+    """A `Step` property computed on first use and kept. Not `functools.cached_property`: on Python 3.11 that
+    takes a lock, which `torch.compile` cannot trace, so the compiled strategy step (`tad_core.fused_step`) would
+    silently fall back to eager frames."""
+    name = fn.__name__
+
+    def get(self: Step) -> torch.Tensor:
+        if name not in self._memo:
+            self._memo[name] = fn(self)
+        return self._memo[name]
+    return property(get, doc=fn.__doc__)
 
 
 class Step:
@@ -31,28 +43,29 @@ class Step:
         self.z_f = None if z_f is None else z_f.float()
         self.extras = extras or {}
         self._heads: dict[float, torch.Tensor] = {}
+        self._memo: dict[str, torch.Tensor] = {}
 
-    @cached_property
+    @_once
     def lp_f(self) -> torch.Tensor:
         return torch.log_softmax(_need(self.z_f, "fine-tuned"), dim=-1)
 
-    @cached_property
+    @_once
     def lp_b(self) -> torch.Tensor:
         return torch.log_softmax(_need(self.z_b, "base"), dim=-1)
 
-    @cached_property
+    @_once
     def p_f(self) -> torch.Tensor:
         return self.lp_f.exp()
 
-    @cached_property
+    @_once
     def p_b(self) -> torch.Tensor:
         return self.lp_b.exp()
 
-    @cached_property
+    @_once
     def argmax_f(self) -> torch.Tensor:
         return self.lp_f.argmax(-1)
 
-    @cached_property
+    @_once
     def kv(self) -> torch.Tensor:
         """The knowledge vector `p_f - p_b`."""
         return self.p_f - self.p_b

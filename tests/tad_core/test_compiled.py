@@ -42,3 +42,29 @@ def test_a_compile_failure_falls_back_to_eager_once() -> None:
     assert step.failed is not None and "fake tensor" in step.failed
     assert reported == [step.failed]  # reported once, not at every step
     assert len(eager_calls) == 3  # one eager call per step: the compiled function is not retried
+
+
+def test_a_graph_break_is_a_failure_not_silent_eager_fragments() -> None:
+    """A Python branch on a tensor's value cannot be traced: with `fullgraph=True` the compile fails and the
+    wrapper says so, instead of torch running the function as eager pieces between small graphs."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 0:  # data-dependent control flow: a graph break
+            return x * 2
+        return x
+
+    step = CompiledOrEager(fn, "a step", torch.device("cpu"))
+    assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
+    assert step.calls == 0 and step.failed is not None
+
+
+def test_more_shapes_than_the_recompile_limit_is_reported() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    step = CompiledOrEager(lambda x: x.softmax(-1), "a step", torch.device("cpu"))
+    assert dynamo_config.recompile_limit >= 64  # raised for the compiled path's few shapes
+    with dynamo_config.patch(recompile_limit=2):
+        for n in range(1, 5):
+            x = torch.randn(n, 3)
+            assert torch.allclose(step(x), x.softmax(-1))
+    assert step.calls == 2 and "RecompileLimit" in (step.failed or "")

@@ -90,3 +90,32 @@ def test_strategies_that_read_layers_or_history_step_eagerly_on_the_compiled_pat
     assert "dola" in unfusable(dola, 0.0)
     assert "sampling" in unfusable([build(parse_strategy_arg("tad")[0])], 0.7)
     assert unfusable([build(parse_strategy_arg("tad")[0])], 0.0) is None
+
+
+def test_compiled_graphs_are_reused_across_batches(tiny_model_dir, tiny_lora_dir):
+    """A worker's batches differ in prompt length: the static cache is rounded up (`static_length`), so batches
+    whose prompts differ by a few tokens run the same compiled forward and strategy step; the strategy step is
+    one graph (no graph breaks: the compile would fail with `fullgraph=True`)."""
+    from torch._dynamo.utils import counters
+
+    from tad_core.generation import STATIC_LEN_MULTIPLE, static_length
+
+    assert [static_length(n) for n in (1, STATIC_LEN_MULTIPLE, STATIC_LEN_MULTIPLE + 1)] == [
+        STATIC_LEN_MULTIPLE, STATIC_LEN_MULTIPLE, 2 * STATIC_LEN_MULTIPLE]
+    pair = load_pair(str(tiny_model_dir), adapter=tiny_lora_dir)
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad"))]
+    cfg = GenConfig(max_new_tokens=4, ignore_eos=True, decode="compiled")
+    batches = [["Hello there, how are you", "x"], ["What is two plus two? Answer:", "a b c d e f g h i j k l"]]
+    lengths = [max(len(pair.tokenizer(p)["input_ids"]) for p in b) for b in batches]
+    assert lengths[0] != lengths[1] and static_length(lengths[0] + 4) == static_length(lengths[1] + 4)
+    generate_texts(pair, batches[0], strategies, cfg)
+    graphs = counters["stats"]["unique_graphs"]
+    out = generate_texts(pair, batches[1], strategies, cfg)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the second batch
+    choice = choose(pair, "compiled")
+    assert choice.step.failed is None and choice.step.calls == 6  # 3 decode steps per batch, all compiled
+    (fused,) = pair.info["fused_steps"].values()
+    assert fused.compiled.failed is None and fused.compiled.calls == 8
+    eager = generate_texts(pair, batches[1], strategies, GenConfig(max_new_tokens=4, ignore_eos=True,
+                                                                   decode="dynamic"))
+    assert [[g.token_ids for g in row] for row in out] == [[g.token_ids for g in row] for row in eager]
