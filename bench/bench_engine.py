@@ -82,7 +82,7 @@ def bench_paths(args) -> list[str]:
     cfg = GenConfig(max_new_tokens=args.tokens, ignore_eos=True, kv_steps=False)
     paths = {p: dataclasses.replace(cfg, decode=p) for p in ("dynamic", "static", "compiled")}
     ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
-    ten = [build(s) for s in parse_strategy_arg(",".join(TEN))]
+    ten = [build(s) for arg in TEN for s in parse_strategy_arg(arg)]
     SmallRowsLinear.for_pair(pair)
     lines = [f"few-rows route: {pair.info['few_rows_route'].describe()}"]
     cases = {f"ft b{bs}": (PROMPTS[:bs], [ft]) for bs in (1, 8)}

@@ -72,6 +72,8 @@ class SmallRowsLinear:
 
     def _wrap(self, module: torch.nn.Linear, forward: Any) -> Any:
         def few_rows_forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():  # a compiled graph picks its own kernels; the counter below would
+                return forward(x)  # be a guard that changes at every step (a recompile per step)
             rows = x.numel() // x.shape[-1] if x.numel() else 0
             if not (self.active and 1 < rows <= self.MAX_ROWS and x.device.type == "cpu"
                     and x.dtype == torch.float32 == module.weight.dtype):

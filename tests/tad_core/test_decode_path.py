@@ -119,3 +119,29 @@ def test_compiled_graphs_are_reused_across_batches(tiny_model_dir, tiny_lora_dir
     eager = generate_texts(pair, batches[1], strategies, GenConfig(max_new_tokens=4, ignore_eos=True,
                                                                    decode="dynamic"))
     assert [[g.token_ids for g in row] for row in out] == [[g.token_ids for g in row] for row in eager]
+
+
+def test_compiled_path_ignores_the_few_rows_cpu_route(tiny_model_dir, tiny_lora_dir):
+    """Where the few-rows CPU route is taken (imposed here), the compiled forward must not trace it: its call
+    counter would be a guard that changes at every step, recompiling the model at every step."""
+    from torch._dynamo.utils import counters
+
+    from tad_core.cpu_route import RouteChoice
+    from tad_core.engine import SmallRowsLinear
+
+    pair = load_pair(str(tiny_model_dir), adapter=tiny_lora_dir)
+    pair.info["few_rows_route"] = RouteChoice("mm", reason="imposed by the test")
+    few = SmallRowsLinear.for_pair(pair)
+    assert few is not None
+    tad = [build(s) for s in parse_strategy_arg("tad")]
+    cfg = GenConfig(max_new_tokens=6, ignore_eos=True, decode="compiled")
+    first = generate_texts(pair, PROMPTS[:1], tad, cfg)  # 2 rows (ft and base sides): the route's size
+    graphs, prefill_calls = counters["stats"]["unique_graphs"], few.calls  # the eager prefill's output head
+    again = generate_texts(pair, PROMPTS[:1], tad, cfg)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile: neither per step nor per batch
+    assert few.calls == 2 * prefill_calls <= 2  # the compiled decode steps never took the route
+    choice = choose(pair, "compiled")
+    assert choice.step.failed is None and choice.step.calls == 10
+    dynamic = generate_texts(pair, PROMPTS[:1], tad, GenConfig(max_new_tokens=6, ignore_eos=True, decode="dynamic"))
+    assert few.calls - 2 * prefill_calls > 5  # the eager decode steps do take it
+    assert first[0][0].token_ids == again[0][0].token_ids == dynamic[0][0].token_ids
