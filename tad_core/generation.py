@@ -141,9 +141,9 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     enc = [tok(p)["input_ids"] for p in prompts]
     ids, mask = left_pad([enc[p] for p in prefill_rows], tok.pad_token_id)
     path = decode_path.choose(pair, cfg.decode)
+    static_len = None if path.path == "dynamic" else static_length(ids.shape[1] + cfg.max_new_tokens)
     runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers),
-                          static_len=None if path.path == "dynamic" else static_length(ids.shape[1] + cfg.max_new_tokens),
-                          step=path.step)
+                          static_len=static_len, step=path.step)
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
     row_stops = [tuple(cfg.stop) + tuple(stops[pi] if stops is not None else ()) for pi, _ in seqs]
