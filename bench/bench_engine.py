@@ -49,14 +49,19 @@ def _pair(args):
     return load_pair(base, adapter=adapter)
 
 
+def _route_line(pair) -> str:
+    """Measure the few-rows route on this CPU (done when the pair is first used) and say what was chosen."""
+    SmallRowsLinear.for_pair(pair)
+    return f"few-rows route: {pair.info['few_rows_route'].describe()}"
+
+
 def bench_gen(args) -> list[str]:
     pair = _pair(args)
     naive = dataclasses.replace(pair, path="two_pass")  # two separate forwards per step, adapter on / off
     cfg = GenConfig(max_new_tokens=args.tokens, ignore_eos=True, kv_steps=False)
     no_kv = dataclasses.replace(cfg, kv_stats=False)
     ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
-    SmallRowsLinear.for_pair(pair)  # the few-rows route, measured on this CPU when the pair is first used
-    lines = [f"few-rows route: {pair.info['few_rows_route'].describe()}"]
+    lines = [_route_line(pair)]
     for bs in (1, 8):
         prompts = PROMPTS[:bs]
         t = interleaved({
@@ -83,8 +88,7 @@ def bench_paths(args) -> list[str]:
     paths = {p: dataclasses.replace(cfg, decode=p) for p in ("dynamic", "static", "compiled")}
     ft, tad = build(StrategySpec("ft")), build(StrategySpec("tad"))
     ten = [build(s) for arg in TEN for s in parse_strategy_arg(arg)]
-    SmallRowsLinear.for_pair(pair)
-    lines = [f"few-rows route: {pair.info['few_rows_route'].describe()}"]
+    lines = [_route_line(pair)]
     cases = {f"ft b{bs}": (PROMPTS[:bs], [ft]) for bs in (1, 8)}
     cases |= {f"tad b{bs}": (PROMPTS[:bs], [tad]) for bs in (1, 8)}
     cases["10 strategies b8"] = (PROMPTS, [s for s in ten if not s.needs_hidden])  # dola runs eagerly anyway

@@ -103,7 +103,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
 class RedisServer:
     """A private redis-server on a free port (restartable, for the fault tests)."""
 
