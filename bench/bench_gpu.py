@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -165,7 +166,8 @@ def main() -> None:
         print(f"| {bs} | {toks / t['ft']:.0f} | {toks / t['tad']:.0f} | **{t['tad'] / t['ft']:.2f}** | "
               f"{toks / t['ft_eager']:.0f} | {toks / t['hf_eager']:.0f} | {toks / t['hf_static']:.0f} | "
               f"**{t['ft'] / best_hf:.2f}** | {steps:.0f} | **{limit}** | {peak} |", flush=True)
-    print(f"decoding path: {choose(pair).describe()}")
+    print(f"decoding path: {choose(pair).describe()}; process-wide (ours and transformers'): graphs compiled "
+          f"{counters['stats']['unique_graphs']}, CUDA graphs skipped {counters['inductor']['cudagraph_skips']}")
     # Ten strategies per prompt (a worker's sweep), batch 8: the pair's path (on CUDA the compiled forward and all
     # strategies in one compiled step, tad_core.fused_step) against eager steps on the same static cache.
     ten = [build(StrategySpec(n, p)) for n, p in (("ft", {}), ("base", {}), *(("tad", {"alpha": a}) for a in

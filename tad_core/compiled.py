@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +24,24 @@ RECOMPILE_LIMIT = 64
 
 
 class CompiledOrEager:
-    """Calls `fn` compiled (on CUDA with `mode="reduce-overhead"`: captured CUDA graphs), or eagerly once the
-    compiled call has failed. `calls` counts the compiled calls and `failed` says why it stopped (tests and
-    benchmarks read both); `on_fail(why)` lets the owner report the fallback."""
+    """Calls `fn` compiled (on CUDA with `mode="reduce-overhead"`: captured CUDA graphs, whose tensor outputs are
+    copied out of the graph's pool), or eagerly once the compiled call has failed. `calls` counts the compiled
+    calls and `failed` says why it stopped (tests and benchmarks read both); `on_fail(why)` lets the owner report
+    the fallback."""
 
     def __init__(self, fn: Callable[..., Any], what: str, device: torch.device,
-                 on_fail: Callable[[str], None] | None = None) -> None:
+                 on_fail: Callable[[str], None] | None = None, copy_outputs: bool | None = None) -> None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.eager = fn
         self.what = what
-        self.fn = torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False,
-                                fullgraph=True)
+        graphs = device.type == "cuda"
+        self.fn = torch.compile(fn, mode="reduce-overhead" if graphs else None, dynamic=False, fullgraph=True)
+        # A captured graph's outputs live in its memory pool: cudagraph trees start a new generation at the next
+        # call of any compiled function (the strategy step after the forward, the next step's forward) and that
+        # call may overwrite them, or refuse access to them ("accessing tensor output of CUDAGraphs that has been
+        # overwritten by a subsequent run"). The callers read the forward's logits in the strategy step, so the
+        # tensors are copied out (a step's logits: one small copy) where graphs are captured.
+        self.copy_outputs = graphs if copy_outputs is None else copy_outputs
         self.on_fail = on_fail
         self.calls = 0
         self.failed: str | None = None
@@ -43,7 +51,7 @@ class CompiledOrEager:
             try:
                 out = self.fn(*args, **kw)
                 self.calls += 1
-                return out
+                return tree_map_only(torch.Tensor, torch.Tensor.clone, out) if self.copy_outputs else out
             except Exception as e:  # noqa: BLE001 - any compile / capture failure: the same function, eagerly
                 first = str(e).splitlines()[0][:200] if str(e) else ""
                 self.failed = f"{type(e).__name__}: {first}"

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache, StaticCache
 
+from tad_core import static_cache
 from tad_core.models import PairedModel, is_plain_lora
 
 
@@ -126,7 +127,8 @@ class PairedRunner:
         self.output_hidden_states = output_hidden_states
         # fine-tuned side's hidden states of the last call: rows in `ft_rows` order, the positions of the kept logits
         self.hidden: tuple[torch.Tensor, ...] | None = None
-        self._caches: dict[str, DynamicCache] = {}
+        self._caches: dict[str, DynamicCache | StaticCache] = {}
+        self._cache_models: dict[str, Any] = {}  # the model each cache belongs to (its config shapes the cache)
         self._nvt = 0
         if pair.path == "two_pass" and pair.model.peft_config["default"].is_prompt_learning:
             cfg = pair.model.peft_config["default"]
@@ -143,8 +145,9 @@ class PairedRunner:
         if cache is None:
             initial = kw.pop("initial_cache", None)
             if initial is None and self.static_len:
-                initial = StaticCache(config=_config(model), max_cache_len=self.static_len)
+                initial = static_cache.pooled(self.pair, model, cache_key, ids.shape[0], self.static_len)
             cache = self._caches[cache_key] = initial or DynamicCache()
+            self._cache_models[cache_key] = model
         else:
             kw.pop("initial_cache", None)
         fn = model
@@ -258,30 +261,13 @@ class PairedRunner:
                 idx = ft_idx if key == "ft" else base_idx
             index = torch.tensor(idx, dtype=torch.long, device=self.pair.device)
             if isinstance(cache, StaticCache):
-                _select_static(cache, index)
+                self._caches[key] = static_cache.select_rows(self.pair, self._cache_models[key], key, cache, index)
             else:
                 cache.batch_select_indices(index)
         if self.hidden is not None:
             self.hidden = tuple(h[ft_idx] for h in self.hidden)
         self.ft_rows, self.base_rows, self.n = new_ft, new_base, len(seq_index)
         self.forwards_since_select = 0
-
-
-def _config(model: Any) -> Any:
-    """The transformers config a StaticCache is shaped from (a PEFT model's is its base model's)."""
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-
-
-def _select_static(cache: StaticCache, index: torch.Tensor) -> None:
-    """Keep (and repeat) the static cache's batch rows `index` (transformers' static layers cannot), as new
-    tensors that torch.compile is told keep their addresses: they are updated in place from now on."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys = layer.keys[index].contiguous()
-            layer.values = layer.values[index].contiguous()
-            layer.batch_size = int(index.numel())
-            torch._dynamo.mark_static_address(layer.keys)
-            torch._dynamo.mark_static_address(layer.values)
 
 
 def _kept(hidden: tuple[torch.Tensor, ...], n_ft: int, keep: int) -> tuple[torch.Tensor, ...]:

@@ -114,12 +114,29 @@ def static_length(tokens: int) -> int:
     return -(-tokens // STATIC_LEN_MULTIPLE) * STATIC_LEN_MULTIPLE
 
 
+def row_bucket(n: int) -> int:
+    """The batch size a compiled greedy batch of `n` prompts runs at: 1, 2, 4, 8, then multiples of 8. Compiled
+    graphs are specialised to their row count, so a worker's odd-sized batches (a shard's last one) share the
+    graphs of a few sizes instead of compiling (and on CUDA capturing) their own; torch keeps at most
+    `tad_core.compiled.RECOMPILE_LIMIT` versions per function."""
+    return 1 << max(n - 1, 0).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
 def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequence[Strategy],
                    cfg: GenConfig = GenConfig(), kv_for_all: bool = False,
                    stops: Sequence[Sequence[str]] | None = None) -> list[list[Generated]]:
     """Decode every prompt with every strategy; returns `out[prompt][strategy]`.
 
     `stops[i]` are extra stop sequences of prompt i (a sample's own `stop`), on top of `cfg.stop`."""
+    path = decode_path.choose(pair, cfg.decode)
+    pad = row_bucket(len(prompts)) - len(prompts)
+    if path.path == "compiled" and cfg.temperature == 0 and prompts and pad:
+        # Padded with copies of the last prompt, whose rows decode (and finish) as it does: greedy rows are
+        # independent of each other, so the real prompts' outputs are unchanged (sampling is not padded: extra rows
+        # would draw from the shared generator).
+        more = [*prompts, *[prompts[-1]] * pad]
+        more_stops = None if stops is None else [*stops, *[stops[-1]] * pad]
+        return generate_texts(pair, more, strategies, cfg, kv_for_all, more_stops)[:len(prompts)]
     tok = pair.tokenizer
     n_p, n_s = len(prompts), len(strategies)
     seqs = [(pi, si) for si in range(n_s) for pi in range(n_p)]  # strategy-major
@@ -140,7 +157,6 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     head = output_head(pair.model) if hidden_layers else None
     enc = [tok(p)["input_ids"] for p in prompts]
     ids, mask = left_pad([enc[p] for p in prefill_rows], tok.pad_token_id)
-    path = decode_path.choose(pair, cfg.decode)
     static_len = None if path.path == "dynamic" else static_length(ids.shape[1] + cfg.max_new_tokens)
     runner = PairedRunner(pair, prompt_ft, prompt_base, output_hidden_states=bool(hidden_layers),
                           static_len=static_len, step=path.step)

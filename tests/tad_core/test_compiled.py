@@ -68,3 +68,28 @@ def test_more_shapes_than_the_recompile_limit_is_reported() -> None:
             x = torch.randn(n, 3)
             assert torch.allclose(step(x), x.softmax(-1))
     assert step.calls == 2 and "RecompileLimit" in (step.failed or "")
+
+
+def test_outputs_are_copied_out_where_graphs_are_captured() -> None:
+    """On CUDA a captured graph's outputs are overwritten by later graph calls, so the wrapper copies them out
+    (`copy_outputs`, on by default only on CUDA); a model output keeps its class and its non-tensor fields."""
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    cache = DynamicCache()
+    kept: list[torch.Tensor] = []
+
+    def forward(x: torch.Tensor) -> CausalLMOutputWithPast:
+        logits = x * 2
+        kept.append(logits)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache, hidden_states=(x + 1, x - 1))
+
+    assert CompiledOrEager(forward, "a forward", torch.device("cpu")).copy_outputs is False
+    assert CompiledOrEager(forward, "a forward", torch.device("cuda")).copy_outputs is True  # compiles lazily
+    step = CompiledOrEager(torch.compiler.disable(forward), "a forward", torch.device("cpu"), copy_outputs=True)
+    x = torch.randn(2, 5)
+    out = step(x)
+    assert step.failed is None and step.calls == 1
+    assert type(out) is CausalLMOutputWithPast and out.past_key_values is cache
+    assert torch.equal(out.logits, x * 2) and torch.equal(out.hidden_states[1], x - 1)
+    assert out.logits.data_ptr() != kept[0].data_ptr()  # a copy, not the function's own tensor

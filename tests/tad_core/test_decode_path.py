@@ -14,8 +14,8 @@ EVERY = [*parse_strategy_arg("ft"), *parse_strategy_arg("base"), *parse_strategy
          *parse_strategy_arg("svdecode:mu=0.5")]
 
 
-def _tokens(pair, strategies, decode, n=8):
-    out = generate_texts(pair, PROMPTS, strategies, GenConfig(max_new_tokens=n, ignore_eos=True, decode=decode))
+def _tokens(pair, strategies, decode, n=8, prompts=PROMPTS):
+    out = generate_texts(pair, prompts, strategies, GenConfig(max_new_tokens=n, ignore_eos=True, decode=decode))
     return [[g.token_ids for g in row] for row in out]
 
 
@@ -145,3 +145,101 @@ def test_compiled_path_ignores_the_few_rows_cpu_route(tiny_model_dir, tiny_lora_
     dynamic = generate_texts(pair, PROMPTS[:1], tad, GenConfig(max_new_tokens=6, ignore_eos=True, decode="dynamic"))
     assert few.calls - 2 * prefill_calls > 5  # the eager decode steps do take it
     assert first[0][0].token_ids == again[0][0].token_ids == dynamic[0][0].token_ids
+
+
+def test_static_caches_are_reused_batch_after_batch(tiny_pair):
+    """A captured graph reads and writes its cache at fixed addresses: the next batch of the same layout decodes in
+    the same cache tensors (no re-recording per batch on CUDA), and what the last batch left there changes nothing
+    (a batch of shorter prompts after longer ones decodes what the dynamic cache decodes). The pool is bounded."""
+    from tad_core.static_cache import MAX_CACHES
+
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad"))]
+    cfg = GenConfig(max_new_tokens=6, ignore_eos=True, decode="static")
+    long = ["The capital of France is a city called", "Hello there, how are you doing today", "a b c d e f g"]
+    short = ["Hi", "1+1=", "x y"]
+    tiny_pair.info.pop("static_caches", None)  # the shared pair's earlier static batches
+    generate_texts(tiny_pair, long, strategies, cfg)
+    pool = tiny_pair.info["static_caches"]
+    before = {key: [layer.keys for layer in cache.layers] for key, cache in pool.items()}  # kept alive here
+    assert len(before) == 2  # the prompts' prefill rows, and the strategies' decoding rows
+    out = generate_texts(tiny_pair, short, strategies, cfg)
+    after = {key: [layer.keys for layer in cache.layers] for key, cache in pool.items()}
+    assert after.keys() == before.keys()
+    assert all(a is b for key in before for a, b in zip(after[key], before[key]))
+    dynamic = generate_texts(tiny_pair, short, strategies, GenConfig(max_new_tokens=6, ignore_eos=True,
+                                                                     decode="dynamic"))
+    assert [[g.token_ids for g in row] for row in out] == [[g.token_ids for g in row] for row in dynamic]
+    for n in range(1, 7):  # other layouts: the pool keeps the most recent ones only
+        generate_texts(tiny_pair, short[:1] * n, strategies, GenConfig(max_new_tokens=2, decode="static"))
+    assert len(pool) == MAX_CACHES
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_pair(tmp_path_factory):
+    """A 2-layer random Gemma-3 (one sliding-window layer, window 8) with a random LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tad_core.models import resolve_base_dir
+
+    out = tmp_path_factory.mktemp("tiny_gemma")
+    tok = AutoTokenizer.from_pretrained(str(resolve_base_dir("smollm2-135m-instruct")))
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, intermediate_size=64, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                            task_type="CAUSAL_LM"))
+    lora.save_pretrained(str(out / "lora"))
+    return load_pair(str(out), adapter=str(out / "lora"))
+
+
+def test_sliding_window_layers_compile_once_and_keep_their_window(tiny_gemma_pair):
+    """transformers' sliding static layer counts its fill level in a Python int that the compiled step guarded on
+    (a recompile at every decoding step); the static cache's layers are all full-length, the window being applied by
+    the attention mask. Compiled and static decode the dynamic cache's tokens past the window, and the compiled
+    forward is one graph for every step."""
+    from torch._dynamo.utils import counters
+
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad"))]
+    prompts = PROMPTS[:2]
+    n = 12
+    assert max(len(tiny_gemma_pair.tokenizer(p)["input_ids"]) for p in prompts) + n > 2 * 8  # well past the window
+    tokens = {}
+    for decode in ("dynamic", "static", "compiled"):
+        if decode == "compiled":
+            graphs = counters["stats"]["unique_graphs"]
+        tokens[decode] = _tokens(tiny_gemma_pair, strategies, decode, n=n, prompts=prompts)
+    # the paired forward and the strategy step (which may reuse an earlier test's graph), once: not once per step
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
+    choice = choose(tiny_gemma_pair, "compiled")
+    assert choice.path == "compiled" and choice.step.failed is None and choice.step.calls == n - 1
+    assert tokens["static"] == tokens["dynamic"] == tokens["compiled"]
+
+
+def test_compiled_batches_are_padded_to_a_few_row_counts(tiny_model_dir, tiny_lora_dir):
+    """A shard's last batch is usually smaller: on the compiled path a batch runs at a bucketed row count (copies of
+    its last prompt), so it reuses the graphs of the full batches; the real prompts' outputs are unchanged."""
+    from torch._dynamo.utils import counters
+
+    from tad_core.generation import row_bucket
+
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+    pair = load_pair(str(tiny_model_dir), adapter=tiny_lora_dir)
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad"))]
+    four = [*PROMPTS, "One more prompt"]
+    cfg = GenConfig(max_new_tokens=4, ignore_eos=True, decode="compiled")
+    generate_texts(pair, four, strategies, cfg)
+    graphs = counters["stats"]["unique_graphs"]
+    out = generate_texts(pair, PROMPTS, strategies, cfg, stops=[("zzz",)] * 3)  # 3 prompts: run as 4
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert choose(pair, "compiled").step.calls == 6
+    dynamic = _tokens(pair, strategies, "dynamic", n=4)
+    assert len(out) == 3 and [[g.token_ids for g in row] for row in out] == dynamic
