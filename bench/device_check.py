@@ -1,6 +1,6 @@
 """Checks that need a GPU, as one short script (the CPU tests cover the same properties on the CPU).
 
-    python bench/device_check.py && python bench/bench_gpu.py --repeats 2
+    bench/gpu_run.sh LOGDIR        # on the GPU machine: this script, then bench/bench_gpu.py
 
 On CUDA, with a tiny random Llama + LoRA (built from a config, no files):
 1. bf16: the paired forward's ft and base logits equal plain bf16 forwards of the fine-tuned and base model;
