@@ -1,11 +1,12 @@
-"""Which matmul the paired forward uses for its few rows on the CPU, decided by a measurement on this machine.
+"""Which matmul the paired forward uses for its rows on the CPU, decided by a measurement on this machine.
 
-At batch 1-2 a paired decoding step has 2-4 rows. On the CPU where the engine was first tuned (2-core AMD EPYC)
-fp32 `F.linear` with 2-4 rows left BLAS's matrix-vector kernel and cost ~1.6x the one-row call, while
-`weight @ x.T` on the same rows cost what one row did; on another machine (Xeon with AVX-512/AMX) the same
-route made TaD/ft worse, not better. So the route is not fixed: when a pair is first used on the CPU, both are timed
-on the model's own Linear shapes with the row count of a batch-1 paired step, round-robin, and the faster one is
-kept (`weight @ x.T` only when it wins clearly). The measurement and the choice are kept in
+A paired decoding step has twice the rows of the fine-tuned one (2 at batch 1, 16 at batch 8). On some CPUs fp32
+`F.linear` with a few rows leaves BLAS's fast kernels: on a 2-core AMD EPYC it cost ~1.6x the one-row call at 2
+rows, and `weight @ x.T` (the same product, the other operand order) ran 2-4 rows at a fraction of it (0.15-0.4x
+over SmolLM2's layer shapes, still 0.85x at 16 rows); on a Xeon with AVX-512/AMX the same route made TaD/ft worse,
+not better. So the route is not fixed: when a pair is first used on the CPU, both are timed on the model's own
+Linear shapes at 2, 4, 8, 16 and 32 rows, round-robin, and `weight @ x.T` is kept for the row counts up to the
+largest one where it wins clearly at every count below it. The measurement and the choice are kept in
 `pair.info["few_rows_route"]` and printed by the benchmarks.
 """
 from __future__ import annotations
@@ -23,18 +24,21 @@ MARGIN = 0.9  # `mm` is taken only when it costs < 90% of `linear` (a tie keeps 
 
 @dataclass(frozen=True)
 class RouteChoice:
-    """The chosen route and what was measured (ms for one pass over the sampled layers, median of rounds)."""
+    """The chosen route and what was measured: `measured` holds (rows, F.linear ms, weight @ x.T ms) for one pass
+    over the sampled layers, median of rounds. `max_rows`: the route applies to 2..max_rows rows."""
 
     route: str
-    linear_ms: float | None = None
-    mm_ms: float | None = None
+    max_rows: int = 4
+    measured: tuple[tuple[int, float, float], ...] = ()
     reason: str = ""
 
     def describe(self) -> str:
-        if self.linear_ms is None:
+        if not self.measured:
             return f"{self.route} ({self.reason})"
-        return (f"{self.route} (measured on this CPU: F.linear {self.linear_ms:.2f} ms, weight @ x.T "
-                f"{self.mm_ms:.2f} ms per pass over the sampled layers, 2 rows)")
+        where = f" for 2-{self.max_rows} rows" if self.route == "mm" else ""
+        per = "; ".join(f"{r} rows {lin:.2f} / {mm:.2f}" for r, lin, mm in self.measured)
+        return (f"{self.route}{where} (measured on this CPU, ms per pass over the sampled layers, F.linear / "
+                f"weight @ x.T: {per})")
 
 
 def _sample_layers(model: Any, limit: int = 4) -> list[torch.nn.Linear]:
@@ -46,30 +50,39 @@ def _sample_layers(model: Any, limit: int = 4) -> list[torch.nn.Linear]:
     return sorted(by_shape.values(), key=lambda m: -m.weight.numel())[:limit]
 
 
-def measure(model: Any, rows: int = 2, rounds: int = 5, inner: int = 1) -> RouteChoice:
-    """Time `F.linear` and `weight @ x.T` with `rows` rows on the model's own layer shapes, round-robin (about
-    10 passes over its 4 largest layer shapes: ~2 s for SmolLM2-135M on a heavily loaded 2-core CPU)."""
+ROWS = (2, 4, 8, 16, 32)
+
+
+def measure(model: Any, rows: tuple[int, ...] = ROWS, rounds: int = 5) -> RouteChoice:
+    """Time `F.linear` and `weight @ x.T` at each row count on the model's own layer shapes, round-robin (5
+    rounds over its 4 largest layer shapes per count: about 1 s for SmolLM2-135M on a quiet 2-core CPU)."""
     layers = _sample_layers(model)
     if not layers:
-        return RouteChoice("linear", reason="no fp32 CPU Linear layers")
-    xs = [torch.randn(rows, m.in_features) for m in layers]
-
-    def linear() -> None:
-        for m, x in zip(layers, xs):
-            torch.nn.functional.linear(x, m.weight, m.bias)
-
-    def mm() -> None:
-        for m, x in zip(layers, xs):
-            torch.mm(m.weight, x.t()).t()
-
-    times: dict[str, list[float]] = {"linear": [], "mm": []}
+        return RouteChoice("linear", 0, reason="no fp32 CPU Linear layers")
+    measured = []
     with torch.no_grad():
-        linear(), mm()  # warm caches and kernels
-        for _ in range(rounds):
-            for name, fn in (("linear", linear), ("mm", mm)):
-                t0 = time.perf_counter()
-                for _ in range(inner):
+        for n in rows:
+            xs = [torch.randn(n, m.in_features) for m in layers]
+
+            def linear() -> None:
+                for m, x in zip(layers, xs):
+                    torch.nn.functional.linear(x, m.weight, m.bias)
+
+            def mm() -> None:
+                for m, x in zip(layers, xs):
+                    torch.mm(m.weight, x.t()).t()
+
+            times: dict[str, list[float]] = {"linear": [], "mm": []}
+            linear(), mm()  # warm caches and kernels
+            for _ in range(rounds):
+                for name, fn in (("linear", linear), ("mm", mm)):
+                    t0 = time.perf_counter()
                     fn()
-                times[name].append((time.perf_counter() - t0) * 1000 / inner)
-    lin, m = statistics.median(times["linear"]), statistics.median(times["mm"])
-    return RouteChoice("mm" if m < MARGIN * lin else "linear", lin, m)
+                    times[name].append((time.perf_counter() - t0) * 1000)
+            measured.append((n, statistics.median(times["linear"]), statistics.median(times["mm"])))
+    max_rows = 0
+    for n, lin, m in measured:  # the route holds from 2 rows up to the first count where it does not win
+        if m >= MARGIN * lin:
+            break
+        max_rows = n
+    return RouteChoice("mm" if max_rows else "linear", max_rows, tuple(measured))

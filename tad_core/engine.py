@@ -51,20 +51,21 @@ class RowGate:
 
 
 class SmallRowsLinear:
-    """CPU kernel choice for the few-row matmuls of paired decoding at batch 1-2 (2-4 rows per step), installed
-    only where a measurement at first use shows it faster on this CPU (`for_pair`, `tad_core.cpu_route`).
+    """CPU kernel choice for the few-row matmuls of paired decoding (2 rows per prompt and step), installed only
+    where a measurement at first use shows it faster on this CPU, for the row counts where it is (`for_pair`,
+    `tad_core.cpu_route`).
 
-    On CPU, fp32 `F.linear` with 2-4 input rows goes from BLAS's matrix-vector kernel to a general matmul that
-    costs ~1.6-1.75x the one-row call (measured on SmolLM2-135M, 2 threads: a decode step of the bare base model
-    took 45 ms for 1 row and 73 ms for 2), so a paired step at batch 1 cost 1.6x ft's. `weight @ x.T` on the
-    same rows runs at the one-row cost (46 ms for 2 rows). Each `nn.Linear` of the model gets a forward that takes
-    that route while `active` is set and the call has 2-4 rows on CPU in fp32; every other call, and every call
-    outside the paired forward (ft-only decoding stays bit-identical to transformers' generate), is untouched.
+    On some CPUs fp32 `F.linear` with a few input rows goes from BLAS's matrix-vector kernel to a general matmul
+    that costs ~1.6-1.75x the one-row call (SmolLM2-135M on a 2-core EPYC, 2 threads: a decode step of the bare base
+    model took 45 ms for 1 row and 73 ms for 2), so a paired step at batch 1 cost 1.6x ft's; `weight @ x.T` on the
+    same rows ran at the one-row cost (46 ms for 2 rows), and faster than `F.linear` up to 16-32 rows there. Each
+    `nn.Linear` of the model gets a forward that takes that route while `active` is set and the call has 2 to
+    `max_rows` rows on CPU in fp32; every other call, and every call outside the paired forward (ft-only decoding
+    stays bit-identical to transformers' generate), is untouched.
     """
 
-    MAX_ROWS = 4
-
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, max_rows: int = 4) -> None:
+        self.max_rows = max_rows  # the route applies to 2..max_rows rows (measured, `tad_core.cpu_route`)
         self.active = False
         self.calls = 0  # matmuls that took the few-rows route (visible to tests and benchmarks)
         for module in model.modules():
@@ -76,7 +77,7 @@ class SmallRowsLinear:
             if torch.compiler.is_compiling():  # a compiled graph picks its own kernels; the counter below would
                 return forward(x)  # be a guard that changes at every step (a recompile per step)
             rows = x.numel() // x.shape[-1] if x.numel() else 0
-            if not (self.active and 1 < rows <= self.MAX_ROWS and x.device.type == "cpu"
+            if not (self.active and 1 < rows <= self.max_rows and x.device.type == "cpu"
                     and x.dtype == torch.float32 == module.weight.dtype):
                 return forward(x)
             self.calls += 1
@@ -98,7 +99,7 @@ class SmallRowsLinear:
 
                 choice = pair.info.setdefault("few_rows_route", None) or measure(pair.model)
                 pair.info["few_rows_route"] = choice
-                wrapper = cls(pair.model) if choice.route == "mm" else None
+                wrapper = cls(pair.model, choice.max_rows) if choice.route == "mm" else None
             pair.info["small_rows_linear"] = wrapper
         return pair.info["small_rows_linear"]
 

@@ -63,7 +63,7 @@ class FusedStep:
         stats, up_i, up_v, dn_i, dn_v = [], [], [], [], []
         for (strat, rows), paired in zip(self.groups, self.paired):
             step = Step(None if z_b is None else z_b[rows], None if z_f is None else z_f[rows])
-            picked = strat.scores_from(step).argmax(-1)
+            picked = strat.greedy(step)
             nxt[rows] = picked
             if paired:
                 st = kvstats.step_stats(step)

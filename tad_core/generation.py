@@ -72,9 +72,9 @@ def _eos_ids(pair: PairedModel) -> set[int]:
     return ids
 
 
-def _pick(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch.Tensor:
-    if cfg.temperature == 0:
-        return scores.argmax(-1)
+def _sample(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch.Tensor:
+    """A token drawn from softmax(scores / temperature), restricted to the top-p nucleus (greedy decoding takes
+    `Strategy.greedy` instead)."""
     s = scores / cfg.temperature
     if cfg.top_p < 1.0:
         sorted_s, order = torch.sort(s, descending=True, dim=-1)
@@ -221,8 +221,11 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                 if strat.needs_history and seen is not None:
                     extras["seen_tokens"] = seen[live]
                 step = Step(None if z_b is None else z_b[live, -1], None if z_f is None else z_f[live, -1], extras)
-                s = strat.scores_from(step)
-                picked = _pick(s, cfg, gen)
+                if cfg.temperature == 0:
+                    picked = top = strat.greedy(step)
+                else:  # sampled; the flip rate still compares the strategy's top token with ft's
+                    s = strat.scores_from(step)
+                    picked, top = _sample(s, cfg, gen), s.argmax(-1)
                 picked_ids = picked.tolist()  # one device sync per strategy and step
                 nxt[live] = torch.tensor(picked_ids, dtype=torch.long)
                 pair_rows = [k for k, r in enumerate(live) if paired[r]] if cfg.kv_stats else []
@@ -230,7 +233,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     # every live row paired (the usual case): reuse the step's log-probs, computed once
                     sub = step if len(pair_rows) == len(live) else Step(step.z_b[pair_rows], step.z_f[pair_rows])
                     st = kvstats.step_stats(sub)
-                    flip = (s[pair_rows].argmax(-1) != sub.lp_f.argmax(-1)).float()
+                    flip = (top[pair_rows] != sub.argmax_f).float()
                     stacked = torch.stack([flip, *st.values()], dim=-1).tolist()  # one device sync
                     for k, r in enumerate(live[k2] for k2 in pair_rows):
                         top = kvstats.top_tokens(sub.kv[k], cfg.kv_topk, decode) if cfg.kv_steps else None

@@ -17,12 +17,12 @@ def step_stats(step: Step) -> dict[str, torch.Tensor]:
     m = 0.5 * (p_f + p_b)
     log_m = torch.log(m.clamp_min(1e-38))
     js = 0.5 * (p_f * (lp_f - log_m)).sum(-1) + 0.5 * (p_b * (lp_b - log_m)).sum(-1)
-    kv = step.kv
+    kv_abs = step.kv.abs()
     return {
         "kl": kl,
         "js": js,
-        "kv_l1": kv.abs().sum(-1),
-        "kv_max": kv.abs().amax(-1),
+        "kv_l1": kv_abs.sum(-1),
+        "kv_max": kv_abs.amax(-1),
         "h_f": -(p_f * lp_f).sum(-1),
         "h_b": -(p_b * lp_b).sum(-1),
     }

@@ -152,6 +152,12 @@ class Strategy:
         s = self.scores_from(step)
         return torch.log_softmax(s, dim=-1).gather(-1, targets[:, None]).squeeze(-1), s.argmax(-1)
 
+    def greedy(self, step: Step) -> torch.Tensor:
+        """The greedy next token: the argmax of `scores_from`. A strategy whose scores are a monotone map of a
+        cheaper tensor may override it (TaD skips the full-vocabulary log); a test checks every override against
+        this default."""
+        return self.scores_from(step).argmax(-1)
+
     def hidden_layers(self, num_layers: int, tied_embeddings: bool) -> list[int]:
         """Hidden-state indices (0 = embedding output) whose early-exit logits `scores_from` reads."""
         return []
@@ -180,6 +186,9 @@ class FineTuned(Strategy):
 
     def target_scores(self, step: Step, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return step.lp_f.gather(-1, targets[:, None]).squeeze(-1), step.argmax_f  # already log-probs
+
+    def greedy(self, step: Step) -> torch.Tensor:
+        return step.argmax_f
 
 
 @register
@@ -225,6 +234,15 @@ class TaD(Strategy):
             q = q.masked_fill_(~step.head(self.beta), 0.0)
         lp = torch.log(q.gather(-1, targets[:, None]).squeeze(-1)) - torch.log(q.sum(dim=-1))
         return lp, q.argmax(-1)
+
+    def greedy(self, step: Step) -> torch.Tensor:
+        """argmax of `log(q / sum q)` is q's own (the head mask keeps p_f's argmax, so with alpha 0 it is ft's)."""
+        if self.alpha == 0.0:
+            return step.argmax_f
+        q = torch.add(step.p_f, step.kv, alpha=self.alpha).clamp_min_(0.0)
+        if self.beta > 0:
+            q = q.masked_fill_(~step.head(self.beta), 0.0)
+        return q.argmax(-1)
 
 
 @register

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from tad_core.cpu_route import MARGIN, RouteChoice, measure
 from tad_core.engine import SmallRowsLinear
@@ -11,16 +12,43 @@ from tad_core.models import load_pair
 def test_route_follows_the_measurement_and_is_recorded(tiny_model_dir, tiny_lora_dir):
     pair = load_pair(str(tiny_model_dir), adapter=tiny_lora_dir)
     choice = measure(pair.model)
-    assert choice.linear_ms > 0 and choice.mm_ms > 0
-    assert choice.route == ("mm" if choice.mm_ms < MARGIN * choice.linear_ms else "linear")
+    assert [rows for rows, _, _ in choice.measured] == [2, 4, 8, 16, 32]
+    assert all(lin > 0 and mm > 0 for _, lin, mm in choice.measured)
+    wins = [rows for rows, lin, mm in choice.measured if mm < MARGIN * lin]
+    won = list(itertools.takewhile(lambda rows: rows in wins, (2, 4, 8, 16, 32)))  # up to the first loss
+    assert choice.max_rows == (won[-1] if won else 0)
+    assert choice.route == ("mm" if won else "linear")
     assert "measured on this CPU" in choice.describe()
     few = SmallRowsLinear.for_pair(pair)
     recorded = pair.info["few_rows_route"]
-    assert isinstance(recorded, RouteChoice) and recorded.linear_ms is not None
+    assert isinstance(recorded, RouteChoice) and recorded.measured
     assert (few is not None) == (recorded.route == "mm")  # the wrapper exists exactly when the route won
+    assert few is None or few.max_rows == recorded.max_rows
     assert SmallRowsLinear.for_pair(pair) is few  # measured once per pair
+
+
+def test_the_route_applies_to_the_measured_row_counts_only(tiny_pair):
+    """With the route imposed for up to 8 rows, a paired forward of 8 rows takes it and one of 16 rows does not."""
+    import torch
+
+    from tad_core.engine import PairedRunner, left_pad, positions_from_mask
+
+    pair = dataclasses.replace(tiny_pair, info={"few_rows_route": RouteChoice("mm", 8, reason="imposed")})
+    few = SmallRowsLinear.for_pair(pair)
+    assert few is not None and few.max_rows == 8
+    tok = pair.tokenizer
+    for prompts, takes in ((["a"] * 4, True), (["a"] * 8, False)):  # 8 rows (4 x both sides), then 16
+        ids, mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id)
+        runner = PairedRunner(pair, [True] * len(prompts), [True] * len(prompts))
+        with torch.no_grad():
+            runner.forward(ids, mask, positions_from_mask(mask), logits_to_keep=1)
+            before = few.calls
+            ids = torch.full((len(prompts), 1), 5)
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            runner.forward(ids, mask, positions_from_mask(mask)[:, -1:], logits_to_keep=1)
+        assert (few.calls > before) == takes
 
 
 def test_imposed_linear_route_installs_nothing(tiny_pair):
     pair = dataclasses.replace(tiny_pair, info={"few_rows_route": RouteChoice("linear", reason="imposed")})
-    assert SmallRowsLinear.for_pair(pair) is None and pair.info["few_rows_route"].linear_ms is None
+    assert SmallRowsLinear.for_pair(pair) is None and not pair.info["few_rows_route"].measured

@@ -153,3 +153,23 @@ def test_target_scores_equal_the_scores_log_softmax_at_the_targets(arg):
         assert torch.equal(top, ref_top), spec.key
     if arg.startswith("tad:alpha=1,2"):
         assert torch.isinf(ref_lp).any()  # the excluded case was exercised
+
+
+@pytest.mark.parametrize("arg", ["ft", "base", "tad:alpha=0,0.5,1,4", "tad:alpha=0,1,2,beta=0.1,0.5", "tad_log",
+                                 "contrastive", "svdecode:mu=0.5"])
+def test_greedy_is_the_argmax_of_the_scores(arg):
+    """Greedy generation reads `greedy`; the overrides (ft's memoised argmax, TaD's argmax of q without the log)
+    pick what the argmax of `scores_from` picks, also where TaD's head mask or clamp excludes p_f's favourites."""
+    from tad_core.strategies import Step, Strategy
+
+    step_logits = (torch.randn(64, V) * 4, torch.randn(64, V) * 4)
+    for spec in parse_strategy_arg(arg):
+        strat = build(spec)
+        assert torch.equal(strat.greedy(Step(*step_logits)), Strategy.greedy(strat, Step(*step_logits))), spec.key
+    z_f = step_logits[1]
+    z_b = z_f + 10 * torch.nn.functional.one_hot(z_f.argmax(-1), V)  # the base favours ft's top token even more
+    for spec in parse_strategy_arg("tad:alpha=1,4,beta=0,0.1"):  # so TaD moves away from it, within the head
+        strat = build(spec)
+        picked = strat.greedy(Step(z_b, z_f))
+        assert torch.equal(picked, Strategy.greedy(strat, Step(z_b, z_f))), spec.key
+        assert (picked != z_f.argmax(-1)).any(), spec.key
