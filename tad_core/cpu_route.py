@@ -5,8 +5,8 @@ A paired decoding step has twice the rows of the fine-tuned one (2 at batch 1, 1
 rows, and `weight @ x.T` (the same product, the other operand order) ran 2-4 rows at a fraction of it (0.15-0.4x
 over SmolLM2's layer shapes, still 0.85x at 16 rows); on a Xeon with AVX-512/AMX the same route made TaD/ft worse,
 not better. So the route is not fixed: when a pair is first used on the CPU, both are timed on the model's own
-Linear shapes at 2, 4, 8, 16 and 32 rows, round-robin, and `weight @ x.T` is kept for the row counts up to the
-largest one where it wins clearly at every count below it. The measurement and the choice are kept in
+Linear shapes at 2, 4, 8, 16 and 32 rows, round-robin, and `weight @ x.T` is kept for the counts where it wins
+clearly (a call's row count is judged by the next measured count up). The measurement and the choice are kept in
 `pair.info["few_rows_route"]` and printed by the benchmarks.
 """
 from __future__ import annotations
@@ -19,23 +19,31 @@ from typing import Any
 import torch
 
 ROUTES = ("linear", "mm")
+ROWS = (2, 4, 8, 16, 32)  # the row counts measured; a paired step has 2 rows per prompt
 MARGIN = 0.9  # `mm` is taken only when it costs < 90% of `linear` (a tie keeps transformers' own path)
 
 
 @dataclass(frozen=True)
 class RouteChoice:
     """The chosen route and what was measured: `measured` holds (rows, F.linear ms, weight @ x.T ms) for one pass
-    over the sampled layers, median of rounds. `max_rows`: the route applies to 2..max_rows rows."""
+    over the sampled layers, median of rounds. `rows`: the measured counts where `weight @ x.T` is taken."""
 
     route: str
-    max_rows: int = 4
+    rows: tuple[int, ...] = (2, 4)
     measured: tuple[tuple[int, float, float], ...] = ()
     reason: str = ""
+
+    def takes(self, rows: int) -> bool:
+        """Whether a call with `rows` rows takes the route: the next measured count up won."""
+        if self.route != "mm" or rows < 2:
+            return False
+        up = next((n for n in ROWS if n >= rows), None)
+        return up in self.rows
 
     def describe(self) -> str:
         if not self.measured:
             return f"{self.route} ({self.reason})"
-        where = f" for 2-{self.max_rows} rows" if self.route == "mm" else ""
+        where = f" at {', '.join(map(str, self.rows))} rows" if self.route == "mm" else ""
         per = "; ".join(f"{r} rows {lin:.2f} / {mm:.2f}" for r, lin, mm in self.measured)
         return (f"{self.route}{where} (measured on this CPU, ms per pass over the sampled layers, F.linear / "
                 f"weight @ x.T: {per})")
@@ -50,15 +58,13 @@ def _sample_layers(model: Any, limit: int = 4) -> list[torch.nn.Linear]:
     return sorted(by_shape.values(), key=lambda m: -m.weight.numel())[:limit]
 
 
-ROWS = (2, 4, 8, 16, 32)
-
 
 def measure(model: Any, rows: tuple[int, ...] = ROWS, rounds: int = 5) -> RouteChoice:
     """Time `F.linear` and `weight @ x.T` at each row count on the model's own layer shapes, round-robin (5
     rounds over its 4 largest layer shapes per count: about 1 s for SmolLM2-135M on a quiet 2-core CPU)."""
     layers = _sample_layers(model)
     if not layers:
-        return RouteChoice("linear", 0, reason="no fp32 CPU Linear layers")
+        return RouteChoice("linear", (), reason="no fp32 CPU Linear layers")
     measured = []
     with torch.no_grad():
         for n in rows:
@@ -80,9 +86,5 @@ def measure(model: Any, rows: tuple[int, ...] = ROWS, rounds: int = 5) -> RouteC
                     fn()
                     times[name].append((time.perf_counter() - t0) * 1000)
             measured.append((n, statistics.median(times["linear"]), statistics.median(times["mm"])))
-    max_rows = 0
-    for n, lin, m in measured:  # the route holds from 2 rows up to the first count where it does not win
-        if m >= MARGIN * lin:
-            break
-        max_rows = n
-    return RouteChoice("mm" if max_rows else "linear", max_rows, tuple(measured))
+    wins = tuple(n for n, lin, m in measured if m < MARGIN * lin)
+    return RouteChoice("mm" if wins else "linear", wins, tuple(measured))

@@ -12,13 +12,16 @@ adds what its path needs (the prefix's virtual tokens) and keeps the caches.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from transformers import DynamicCache, StaticCache
 
 from tad_core import static_cache
 from tad_core.models import PairedModel, is_plain_lora
+
+if TYPE_CHECKING:
+    from tad_core.cpu_route import RouteChoice
 
 
 class RowGate:
@@ -59,13 +62,14 @@ class SmallRowsLinear:
     that costs ~1.6-1.75x the one-row call (SmolLM2-135M on a 2-core EPYC, 2 threads: a decode step of the bare base
     model took 45 ms for 1 row and 73 ms for 2), so a paired step at batch 1 cost 1.6x ft's; `weight @ x.T` on the
     same rows ran at the one-row cost (46 ms for 2 rows), and faster than `F.linear` up to 16-32 rows there. Each
-    `nn.Linear` of the model gets a forward that takes that route while `active` is set and the call has 2 to
-    `max_rows` rows on CPU in fp32; every other call, and every call outside the paired forward (ft-only decoding
-    stays bit-identical to transformers' generate), is untouched.
+    `nn.Linear` of the model gets a forward that takes that route while `active` is set and the call's row count is
+    one the measurement chose, on CPU in fp32; every other call, and every call outside the paired forward (ft-only
+    decoding stays bit-identical to transformers' generate), is untouched.
     """
 
-    def __init__(self, model: Any, max_rows: int = 4) -> None:
-        self.max_rows = max_rows  # the route applies to 2..max_rows rows (measured, `tad_core.cpu_route`)
+    def __init__(self, model: Any, choice: "RouteChoice") -> None:
+        # the row counts that take the route (measured, `tad_core.cpu_route`), looked up at every Linear call
+        self.rows = frozenset(r for r in range(2, 1 + max(choice.rows, default=1)) if choice.takes(r))
         self.active = False
         self.calls = 0  # matmuls that took the few-rows route (visible to tests and benchmarks)
         for module in model.modules():
@@ -77,7 +81,7 @@ class SmallRowsLinear:
             if torch.compiler.is_compiling():  # a compiled graph picks its own kernels; the counter below would
                 return forward(x)  # be a guard that changes at every step (a recompile per step)
             rows = x.numel() // x.shape[-1] if x.numel() else 0
-            if not (self.active and 1 < rows <= self.max_rows and x.device.type == "cpu"
+            if not (self.active and rows in self.rows and x.device.type == "cpu"
                     and x.dtype == torch.float32 == module.weight.dtype):
                 return forward(x)
             self.calls += 1
@@ -99,7 +103,7 @@ class SmallRowsLinear:
 
                 choice = pair.info.setdefault("few_rows_route", None) or measure(pair.model)
                 pair.info["few_rows_route"] = choice
-                wrapper = cls(pair.model, choice.max_rows) if choice.route == "mm" else None
+                wrapper = cls(pair.model, choice) if choice.route == "mm" else None
             pair.info["small_rows_linear"] = wrapper
         return pair.info["small_rows_linear"]
 
