@@ -37,8 +37,8 @@ class RouteChoice:
         """Whether a call with `rows` rows takes the route: the next measured count up won."""
         if self.route != "mm" or rows < 2:
             return False
-        up = next((n for n in ROWS if n >= rows), None)
-        return up in self.rows
+        counts = sorted(n for n, _, _ in self.measured) or ROWS
+        return next((n for n in counts if n >= rows), None) in self.rows
 
     def describe(self) -> str:
         if not self.measured:
@@ -56,7 +56,6 @@ def _sample_layers(model: Any, limit: int = 4) -> list[torch.nn.Linear]:
         if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
             by_shape.setdefault(tuple(m.weight.shape), m)
     return sorted(by_shape.values(), key=lambda m: -m.weight.numel())[:limit]
-
 
 
 def measure(model: Any, rows: tuple[int, ...] = ROWS, rounds: int = 5) -> RouteChoice:

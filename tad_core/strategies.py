@@ -229,20 +229,18 @@ class TaD(Strategy):
             if self.beta == 0:
                 return step.lp_f.gather(-1, targets[:, None]).squeeze(-1), step.argmax_f
             return super().target_scores(step, targets)
-        q = torch.add(step.p_f, step.kv, alpha=self.alpha).clamp_min_(0.0)
-        if self.beta > 0:
-            q = q.masked_fill_(~step.head(self.beta), 0.0)
+        q = self._q(step)
         lp = torch.log(q.gather(-1, targets[:, None]).squeeze(-1)) - torch.log(q.sum(dim=-1))
         return lp, q.argmax(-1)
 
     def greedy(self, step: Step) -> torch.Tensor:
         """argmax of `log(q / sum q)` is q's own (the head mask keeps p_f's argmax, so with alpha 0 it is ft's)."""
-        if self.alpha == 0.0:
-            return step.argmax_f
+        return step.argmax_f if self.alpha == 0.0 else self._q(step).argmax(-1)
+
+    def _q(self, step: Step) -> torch.Tensor:
+        """The unnormalised TaD distribution `clamp(p_f + alpha * kv, 0)`, zero outside the head."""
         q = torch.add(step.p_f, step.kv, alpha=self.alpha).clamp_min_(0.0)
-        if self.beta > 0:
-            q = q.masked_fill_(~step.head(self.beta), 0.0)
-        return q.argmax(-1)
+        return q.masked_fill_(~step.head(self.beta), 0.0) if self.beta > 0 else q
 
 
 @register
