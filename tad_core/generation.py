@@ -222,10 +222,10 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     extras["seen_tokens"] = seen[live]
                 step = Step(None if z_b is None else z_b[live, -1], None if z_f is None else z_f[live, -1], extras)
                 if cfg.temperature == 0:
-                    picked = top = strat.greedy(step)
-                else:  # sampled; the flip rate still compares the strategy's top token with ft's
+                    picked = best = strat.greedy(step)
+                else:  # sampled; the flip rate still compares the strategy's best token with ft's
                     s = strat.scores_from(step)
-                    picked, top = _sample(s, cfg, gen), s.argmax(-1)
+                    picked, best = _sample(s, cfg, gen), s.argmax(-1)
                 picked_ids = picked.tolist()  # one device sync per strategy and step
                 nxt[live] = torch.tensor(picked_ids, dtype=torch.long)
                 pair_rows = [k for k, r in enumerate(live) if paired[r]] if cfg.kv_stats else []
@@ -233,7 +233,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     # every live row paired (the usual case): reuse the step's log-probs, computed once
                     sub = step if len(pair_rows) == len(live) else Step(step.z_b[pair_rows], step.z_f[pair_rows])
                     st = kvstats.step_stats(sub)
-                    flip = (top[pair_rows] != sub.argmax_f).float()
+                    flip = (best[pair_rows] != sub.argmax_f).float()
                     stacked = torch.stack([flip, *st.values()], dim=-1).tolist()  # one device sync
                     for k, r in enumerate(live[k2] for k2 in pair_rows):
                         top = kvstats.top_tokens(sub.kv[k], cfg.kv_topk, decode) if cfg.kv_steps else None
