@@ -6,7 +6,10 @@ worker re-records its graphs, and cudagraph trees keep every recording and scan 
 one cache per (cache key, rows, length) and hands the same tensors to the next batch of that layout, zeroed
 (prefill) or overwritten row by row (`select_rows`): a worker's batches replay the graphs they share. Caches stay
 allocated between batches (as transformers' `generate` keeps its static cache on the model); the pool holds at
-most `MAX_CACHES` of them per pair, least recently used first out.
+most `MAX_CACHES` of them per pair and at most `BUDGET_FRACTION` of the device's memory (a worker's batches of
+many lengths would otherwise keep 8 caches of its largest layouts: a cache of an 8B Llama for 64 rows of 2,048
+positions in bf16 is 17 GB), least recently used first out. An evicted layout costs a new cache and, on CUDA, a
+new recording when it comes back; nothing else.
 
 Every layer is a full-length `StaticLayer`, sliding-window layers included: transformers' sliding static layer
 counts its fill level in a Python int that torch.compile guards on, so a compiled decoding step recompiled the
@@ -18,6 +21,7 @@ Not thread-safe: one generation at a time per pair (as the row gate of `tad_core
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -28,6 +32,22 @@ from transformers.cache_utils import StaticLayer
 from tad_core.models import PairedModel
 
 MAX_CACHES = 8  # a batch uses 2 (prefill rows, decoding rows) per cache key; two-model pairs have 2 keys
+BUDGET_FRACTION = 0.25  # of the device's memory (CUDA: the GPU's, CPU: the machine's RAM) the pool may hold
+
+
+def budget_bytes(device: torch.device) -> int:
+    """The bytes a pair's pool may hold on `device`: `BUDGET_FRACTION` of its total memory."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(BUDGET_FRACTION * total)
+
+
+def cache_bytes(cache: StaticCache) -> int:
+    """Bytes of the cache's allocated key and value tensors (layers allocate at their first forward)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
+               for t in (layer.keys, layer.values))
 
 
 def model_config(model: Any) -> Any:
@@ -53,7 +73,10 @@ def pooled(pair: PairedModel, model: Any, key: str, rows: int, length: int, empt
     elif empty:
         cache.reset()
     pool[ident] = cache
-    while len(pool) > MAX_CACHES:
+    budget = budget_bytes(next(model.parameters()).device)
+    # Least recently used out, never the cache just handed out (the last): it has no tensors yet when it is new,
+    # so the pool overshoots the budget by at most that one cache until the next call.
+    while len(pool) > MAX_CACHES or (len(pool) > 1 and sum(map(cache_bytes, pool.values())) > budget):
         pool.popitem(last=False)
     return cache
 

@@ -174,6 +174,29 @@ def test_static_caches_are_reused_batch_after_batch(tiny_pair):
     assert len(pool) == MAX_CACHES
 
 
+def test_static_cache_pool_stays_within_its_memory_budget(tiny_pair, monkeypatch):
+    """Caches of many layouts are not all kept: past the budget (a fraction of the device's memory) the least
+    recently used go, down to the newest one, and what is decoded does not change."""
+    from tad_core import static_cache
+
+    strategies = [build(s) for s in (*parse_strategy_arg("ft"), *parse_strategy_arg("tad"))]
+    cfg = GenConfig(max_new_tokens=3, ignore_eos=True, decode="static")
+    tiny_pair.info.pop("static_caches", None)
+    generate_texts(tiny_pair, ["Hi"], strategies, cfg)
+    pool = tiny_pair.info["static_caches"]
+    sizes = [static_cache.cache_bytes(c) for c in pool.values()]
+    assert len(sizes) == 2 and min(sizes) > 0  # prefill: 2 rows (ft and base sides); decoding: 3 (ft, tad's 2)
+    assert sum(sizes) < static_cache.budget_bytes(next(tiny_pair.model.parameters()).device)
+    monkeypatch.setattr(static_cache, "budget_bytes", lambda device: max(sizes) + 1)  # room for one cache
+    out = generate_texts(tiny_pair, ["Hi", "1+1=", "x y"], strategies, cfg)
+    assert 1 <= len(pool) <= 2  # the 1-prompt layouts went; the newest cache stays
+    assert {rows for _, rows, _ in pool} <= {3 * 2, 3 * 3}  # only the 3-prompt batch's prefill and decoding rows
+    assert sum(static_cache.cache_bytes(c) for c in list(pool.values())[:-1]) <= max(sizes) + 1
+    dynamic = generate_texts(tiny_pair, ["Hi", "1+1=", "x y"], strategies, GenConfig(
+        max_new_tokens=3, ignore_eos=True, decode="dynamic"))
+    assert [[g.token_ids for g in row] for row in out] == [[g.token_ids for g in row] for row in dynamic]
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma_pair(tmp_path_factory):
     """A 2-layer random Gemma-3 (one sliding-window layer, window 8) with a random LoRA."""
