@@ -49,8 +49,9 @@ _KV_SUMS = {
 
 
 def _ft_runs(session: Session, run_ids: list[int]) -> dict[int, int]:
-    """Run id -> the id of its job's `ft` run, for the runs of `run_ids` that are not an ft run themselves (the
-    lowest id if a job has several)."""
+    """Run id -> the id of its job's `ft` run, for the runs of `run_ids` that are not an ft run themselves. A job
+    has at most one: `ft` takes no parameters, so its run key is always "ft", and (job_id, key) is unique; the
+    `min` only makes the join a mapping."""
     ft_run = aliased(Run)
     stmt = (select(Run.id, func.min(ft_run.id))
             .join(ft_run, and_(ft_run.job_id == Run.job_id, ft_run.strategy == "ft", ft_run.id != Run.id))
