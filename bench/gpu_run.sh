@@ -5,7 +5,7 @@
 # leaves what it measured.
 set -u
 logs=${1:-.}
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -f .whl/pins.txt ]; then
   python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site -r .whl/pins.txt \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1

@@ -73,7 +73,7 @@ def pooled(pair: PairedModel, model: Any, key: str, rows: int, length: int, empt
     elif empty:
         cache.reset()
     pool[ident] = cache
-    budget = budget_bytes(next(model.parameters()).device)
+    budget = budget_bytes(pair.device)
     # Least recently used out, never the cache just handed out (the last): it has no tensors yet when it is new,
     # so the pool overshoots the budget by at most that one cache until the next call.
     while len(pool) > MAX_CACHES or (len(pool) > 1 and sum(map(cache_bytes, pool.values())) > budget):

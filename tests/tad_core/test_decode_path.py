@@ -186,7 +186,7 @@ def test_static_cache_pool_stays_within_its_memory_budget(tiny_pair, monkeypatch
     pool = tiny_pair.info["static_caches"]
     sizes = [static_cache.cache_bytes(c) for c in pool.values()]
     assert len(sizes) == 2 and min(sizes) > 0  # prefill: 2 rows (ft and base sides); decoding: 3 (ft, tad's 2)
-    assert sum(sizes) < static_cache.budget_bytes(next(tiny_pair.model.parameters()).device)
+    assert sum(sizes) < static_cache.budget_bytes(tiny_pair.device)
     monkeypatch.setattr(static_cache, "budget_bytes", lambda device: max(sizes) + 1)  # room for one cache
     out = generate_texts(tiny_pair, ["Hi", "1+1=", "x y"], strategies, cfg)
     assert 1 <= len(pool) <= 2  # the 1-prompt layouts went; the newest cache stays
