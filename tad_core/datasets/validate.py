@@ -11,7 +11,6 @@ A file with any error is rejected whole: all errors (up to `max_errors`) are col
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tad_core.extraction import check_mode, first_match
+from tad_core.paths import atomic_target
 from tad_core.samples import Sample
 
 KNOWN_FIELDS = ("id", "prompt", "choices", "choice_prompts", "continuation", "answer", "reference",
@@ -308,8 +308,6 @@ def dumps_jsonl(samples: Iterable[Sample]) -> bytes:
 def write_jsonl(samples: Iterable[Sample], path: str | Path) -> Path:
     """Write samples in the canonical format, atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(dumps_jsonl(samples))
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(dumps_jsonl(samples))
     return path
