@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from tad_core.datasets.validate import DatasetLimits
 from tad_core.paths import cache_dir
 
 
@@ -55,9 +56,9 @@ class Settings(BaseSettings):
     # (4 s) is shorter than a cold torch/transformers import, which made workers kill their children in a loop.
     worker_proc_alive_timeout: float = Field(default=120.0, gt=0)
     # Dataset limits enforced on submission.
-    max_dataset_rows: int = Field(default=100_000, ge=1)
-    max_sample_chars: int = Field(default=32_768, ge=1)
-    max_dataset_bytes: int = Field(default=200_000_000, ge=1)
+    max_dataset_rows: int = Field(default=DatasetLimits.max_rows, ge=1)
+    max_sample_chars: int = Field(default=DatasetLimits.max_field_chars, ge=1)
+    max_dataset_bytes: int = Field(default=DatasetLimits.max_bytes, ge=1)
     # Per-sample budgets (services.budgets), enforced at submission and again in the worker; tokens are the base
     # model's tokens.
     max_choices: int = Field(default=64, ge=2)

@@ -26,12 +26,15 @@ def needs_resolving(dataset: str, name: str | None, shuffle: int | None) -> bool
 def resolve_dataset(dataset: str, split: str, name: str | None = None, shuffle: int | None = None) -> str:
     """The reference to plan the job with: `dataset` unchanged when nothing needs reading, else the canonical file
     of the selected split. Raises services.submit_request.SubmissionError (every problem named; nothing stored)."""
+    from services.dataset_input import dataset_limits
+    from services.settings import get_settings
     from services.submit_request import SubmissionError
 
     if not needs_resolving(dataset, name, shuffle):
         return dataset
     try:
-        loaded = load_dataset(dataset, split, shuffle_choices=shuffle, name=name)
+        loaded = load_dataset(dataset, split, shuffle_choices=shuffle, name=name,
+                              limits=dataset_limits(get_settings()))
     except DatasetValidationError as e:
         raise SubmissionError([f"dataset {dataset!r}: {msg}" for msg in e.errors]) from None
     except (ValueError, OSError) as e:

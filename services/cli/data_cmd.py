@@ -66,15 +66,19 @@ def register(app: typer.Typer) -> None:
     @data_app.command("validate")
     def validate(file: Path = typer.Argument(..., help="a dataset file: canonical JSONL, or a .json array of the "
                                              "same objects")) -> None:
-        """Check a dataset file against the canonical format, exactly as `tad run` and `tad submit` do; exit code
-        2 (bad input, as for every command) with every error named by line (array item) and field."""
+        """Check a dataset file against the canonical format, exactly as `tad run` and `tad submit` do (the same
+        TAD_MAX_DATASET_BYTES / _ROWS and TAD_MAX_SAMPLE_CHARS limits); exit code 2 (bad input, as for every
+        command) with the errors (up to 50) named by line (array item) and field."""
         from collections import Counter
 
         from tad_core.datasets import DatasetValidationError
         from tad_core.datasets.user_files import validate_file
 
+        from services.dataset_input import dataset_limits
+        from services.settings import get_settings
+
         try:
-            samples, splits = validate_file(file)
+            samples, splits = validate_file(file, dataset_limits(get_settings()))
         except DatasetValidationError as e:
             _fail(str(e), code=2)
         kinds = {s.kind for s in samples}

@@ -9,11 +9,13 @@ with every error named by file, line (or array item) and field.
 
 References (what `--dataset` takes besides registered names and `lmeval:`):
 - `FILE.jsonl` / `FILE.json`: labelled by the file's stem;
-- `NAME=FILE`: the same file labelled NAME;
+- `NAME=FILE`: the same file labelled NAME; `NAME=SPLIT:FILE`: that file is split SPLIT only (another `--split`
+  is refused instead of reading the whole file as it);
 - `NAME=A.jsonl,B.jsonl,...`: one file per split; a file's split is `SPLIT:PATH` when written so, else the last
   `_`/`-`/`.`-separated word of its stem (`sciq_train.jsonl` -> train; `validation`/`valid`/`dev` -> val).
-A file whose rows carry `split` holds several splits, and `--split` selects one; a selected split is hashed over its
-canonical bytes, so the same samples give the same stored dataset whichever file layout they came in.
+A file whose rows carry `split` holds several splits, and `--split` selects one. Samples are hashed over their
+canonical bytes (`dumps_jsonl`), so the same samples give the same stored dataset whichever file layout, key order
+or whitespace they came in.
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def parse_reference(ref: str, name: str | None = None) -> UserFiles:
             raise DatasetReferenceError(f"dataset {ref!r}: {path_text!r} is not a .jsonl or .json file")
         if not path.is_file():
             raise DatasetReferenceError(f"dataset {ref!r}: file {path_text!r} does not exist")
-        split = (SPLIT_ALIASES.get(explicit, explicit) or _split_of(path)) if len(parts) > 1 else None
+        # one file is every split (its rows may carry a `split` field) unless SPLIT:PATH names the one it is
+        split = (SPLIT_ALIASES.get(explicit, explicit) or (_split_of(path) if len(parts) > 1 else None))
         if split in files:
             raise DatasetReferenceError(f"dataset {ref!r}: two files for split {split!r}; write SPLIT:PATH to say "
                                         "which is which")
@@ -154,8 +157,7 @@ def load_user_split(files: UserFiles, split: str, limits: DatasetLimits = Datase
             data = dumps_jsonl(chosen)
             return UserSplit(files.name, split, chosen, hashlib.sha256(data).hexdigest(),
                              f"{path.resolve()} split={split}")
-        return UserSplit(files.name, split, samples, hashlib.sha256(path.read_bytes()).hexdigest()
-                         if path.suffix == ".jsonl" else hashlib.sha256(dumps_jsonl(samples)).hexdigest(),
+        return UserSplit(files.name, split, samples, hashlib.sha256(dumps_jsonl(samples)).hexdigest(),
                          str(path.resolve()))
     if split not in files.files:
         raise DatasetReferenceError(f"dataset {files.name!r} has no split {split!r}; available: "

@@ -28,11 +28,14 @@ SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 
 @dataclass(frozen=True)
 class DatasetLimits:
-    """Upper bounds that keep a submitted file from exhausting memory or producing absurd prompts."""
+    """Upper bounds that keep a submitted file from exhausting memory or producing absurd prompts.
 
-    max_bytes: int = 50_000_000
-    max_rows: int = 200_000
-    max_field_chars: int = 20_000
+    These defaults are also the service's (services.settings reads them for TAD_MAX_DATASET_BYTES / _ROWS and
+    TAD_MAX_SAMPLE_CHARS), so a file `tad data validate` accepts is one `tad run` accepts."""
+
+    max_bytes: int = 200_000_000
+    max_rows: int = 100_000
+    max_field_chars: int = 32_768
     max_errors: int = 50
 
 

@@ -160,3 +160,19 @@ def test_export_row_spells_minus_inf_and_keeps_finite_scores() -> None:
     assert out["scores"] == [-1.5, "-inf"] and out["gold"] == 1 and row["scores"] == [-1.5, None]
     cells = dict(zip(SAMPLE_CSV_COLUMNS, sample_csv_cells("ft", row)))
     assert cells["scores"] == '[-1.5, "-inf"]' and cells["gold"] is None
+
+
+def test_validate_and_run_apply_the_deployments_limits_alike(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data validate` used the validator's own defaults (20,000 chars a field) while `run` used the settings
+    (32,768): a file validate refused ran, and TAD_MAX_SAMPLE_CHARS did not reach validate at all."""
+    long = _jsonl(env["tmp"] / "long.jsonl", [{**_rows(1)[0], "prompt": "word " * 5_000 + "Answer:"}])
+    v = runner.invoke(app, ["data", "validate", str(long)])
+    assert v.exit_code == 0 and "ok: 1 samples" in v.output, v.output
+    monkeypatch.setenv("TAD_MAX_SAMPLE_CHARS", "1000")
+    get_settings.cache_clear()
+    v = runner.invoke(app, ["data", "validate", str(long)])
+    r = runner.invoke(app, ["run", "--dataset", f"long={long}", "--base", env["model"], "-s", "base"])
+    assert v.exit_code == r.exit_code == 2, (v.output, r.output)
+    message = "long.jsonl: line 1: field 'prompt'"
+    assert message in v.output and message in r.output and "1000" in v.output, (v.output, r.output)
+    assert json.loads(runner.invoke(app, ["jobs", "--json"]).stdout) == []  # nothing stored

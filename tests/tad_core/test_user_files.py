@@ -126,3 +126,32 @@ def test_split_rows_are_refused_where_one_split_is_expected() -> None:
     with pytest.raises(DatasetValidationError, match=r"line 1: field 'split': rows with splits are selected"):
         validate_jsonl(data)
     assert len(validate_jsonl(data, allow_split=True)) == 2
+
+
+def test_the_same_samples_hash_alike_in_every_layout(tmp_path: Path) -> None:
+    """Key order and whitespace do not make another dataset: a plain file used to be hashed over its raw bytes,
+    the split layouts over their canonical ones, so the same samples were stored twice."""
+    items = rows(3)
+    plain = jsonl(tmp_path / "a_val.jsonl", items)
+    spaced = tmp_path / "b.jsonl"
+    spaced.write_text("".join(json.dumps(dict(reversed(list(x.items()))), indent=None, separators=(" , ", " : "))
+                              + "\n" for x in items))
+    array = tmp_path / "c.json"
+    array.write_text(json.dumps(items, indent=2))
+    split_rows = jsonl(tmp_path / "d.jsonl", [{**x, "split": "val"} for x in items] + rows(1, "train", "t"))
+    per_split = f"e={jsonl(tmp_path / 'e_train.jsonl', rows(1, prefix='t'))},{plain}"
+    hashes = {ref: load_dataset(ref, "val").content_hash for ref in (str(plain), str(spaced), str(array),
+                                                                      str(split_rows), per_split)}
+    assert len(set(hashes.values())) == 1, hashes
+    changed = jsonl(tmp_path / "f.jsonl", rows(2) + [{**items[2], "answer": 0}])
+    assert load_dataset(str(changed), "val").content_hash != hashes[str(plain)]
+
+
+def test_one_file_given_as_split_is_that_split_only(tmp_path: Path) -> None:
+    """`NAME=val:FILE` used to drop the prefix: any `--split` read the whole file as that split."""
+    f = jsonl(tmp_path / "mine.jsonl", rows(2))
+    assert parse_reference(f"mine=val:{f}").files == {"val": f}
+    assert [s.id for s in load_dataset(f"mine=val:{f}", "val").samples] == ["q0", "q1"]
+    with pytest.raises(DatasetReferenceError, match="no split 'test'; available: val"):
+        load_dataset(f"mine=val:{f}", "test")
+    assert [s.id for s in load_dataset(f"mine={f}", "test").samples] == ["q0", "q1"]  # no prefix: every split
