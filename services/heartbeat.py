@@ -11,6 +11,10 @@ running shards of processes whose heartbeat is older than `TAD_WORKER_DEAD_AFTER
 again when the broker lost its data (services.queueing.recover_lost_queue), and gives a regression gate whose jobs
 have all ended its verdict (services.gates.advance_open_gates), so recovery needs no person and no single
 coordinator.
+
+A process sweeps only after its own beats have succeeded for `TAD_WORKER_DEAD_AFTER` in a row. During a database
+outage no process can beat; without that wait, the first process to reach the database again would find every
+other live worker's heartbeat stale and requeue all their running shards (a second, concurrent attempt of each).
 """
 from __future__ import annotations
 
@@ -65,12 +69,15 @@ class HeartbeatThread(threading.Thread):
 
     def run(self) -> None:
         next_sweep = time.monotonic() + self.settings.sweep_every_s
+        healthy_since: float | None = None  # start of this process's current run of successful beats
         while True:
             try:
                 beat(self.settings, self.info)
+                healthy_since = healthy_since if healthy_since is not None else time.monotonic()
             except Exception as e:  # noqa: BLE001 - a heartbeat must never stop a worker
+                healthy_since = None
                 log.warning("heartbeat failed: %s", e)
-            if self.sweep and time.monotonic() >= next_sweep:
+            if self.sweep and time.monotonic() >= next_sweep and self.may_sweep(healthy_since):
                 next_sweep = time.monotonic() + self.settings.sweep_every_s
                 try:
                     from services.gates import advance_open_gates
@@ -86,6 +93,11 @@ class HeartbeatThread(threading.Thread):
                 wait = min(wait, max(0.0, next_sweep - time.monotonic()))
             if self._stopped.wait(wait):
                 return
+
+    def may_sweep(self, healthy_since: float | None) -> bool:
+        """True once this process has beaten without a failure for `dead_after_s`: by then every live worker
+        has had the same time to beat again after an outage, so a stale heartbeat means a dead process."""
+        return healthy_since is not None and time.monotonic() - healthy_since >= self.settings.dead_after_s
 
     def stop(self) -> None:
         self._stopped.set()

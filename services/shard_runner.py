@@ -313,7 +313,7 @@ def _attempt_failed(job_id: int, start: int, stop: int, shard_id: int, attempts:
             info = _close_shard(s, job_id, start, stop, shard_id, "failed",
                                 f"failed after {attempts} attempts; last error: {error}")
             return ShardOutcome(job_id, start, stop, "failed", 0, info.status)
-        store.release_shard(s, shard_id, error, refund_attempt=transient)
+        store.release_shard(s, shard_id, error, heartbeat.worker_name(), attempts, refund_attempt=transient)
     raise ShardRetry(error) from exc
 
 

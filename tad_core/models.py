@@ -244,7 +244,8 @@ def _adapter_weights(adapter_dir: Path, allow_pickle: bool) -> Path:
     if weights.name == layout.PICKLED and not allow_pickle:
         raise ModelLoadError(
             f"adapter {adapter_dir} stores pickled weights ({layout.PICKLED}), which can run code on load; "
-            "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it"
+            "convert it to safetensors, or if you trust it set TAD_ALLOW_PICKLE=1 (services, CLI) or pass "
+            "allow_pickle=True (Python)"
         )
     return weights
 

@@ -260,7 +260,7 @@ def register(app: typer.Typer) -> None:
                                                                "under this directory")] = None,
                 mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="log one MLflow run "
                                                               "per strategy to this tracking URI (needs "
-                                                              "tad-eval[mlflow])")] = None,
+                                                              "tad-eval\\[mlflow])")] = None,
                 mlflow_experiment: Annotated[str, typer.Option("--mlflow-experiment", help="MLflow experiment "
                                                                "name (created if missing)")] = "tad-eval",
                 server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:

@@ -113,12 +113,18 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
     second message
     for it (the broker's redelivery after its visibility timeout, a sweep racing a redelivery) must not start a
     second, concurrent attempt. A shard still `running` under a dead process is taken over; the loss is recorded.
+
+    The attempt is taken by a compare-and-set on the state read here (status, holder, attempts), so two processes
+    that read the same `queued` shard cannot both run it: on SQLite, where nothing locks the rows read, the loser's
+    update matches no row and it gets `busy`. Locks are taken job first, then shard, as everywhere in this module
+    (a cancel racing a claim on Postgres cannot deadlock).
     """
+    job = session.scalar(_locked(session, select(Job).where(Job.id == job_id)))
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
     shard = session.scalar(_locked(session, select(Shard).where(Shard.job_id == job_id, Shard.start == start)))
     if shard is None:
         raise NotFound(f"job {job_id} has no shard starting at {start}")
-    job = session.scalar(_locked(session, select(Job).where(Job.id == job_id)))
-    assert job is not None
     if shard.status in ("done", "failed", "cancelled"):
         return ShardClaim(shard.status, shard_info(shard))
     if job.cancel_requested or job.status == "cancelled":
@@ -131,19 +137,26 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         shard.started_at = utcnow()
         session.flush()
         return ShardClaim("run", shard_info(shard))
+    error = shard.error
     if shard.status == "running" and shard.worker and shard.worker != worker:
         if holder_alive is not None and holder_alive(shard.worker, shard.id):
             return ShardClaim("busy", shard_info(shard))
-        shard.error = f"attempt {shard.attempts}: worker process {shard.worker} was lost while running it"
+        error = f"attempt {shard.attempts}: worker process {shard.worker} was lost while running it"
     if shard.attempts >= max_attempts:
-        last = f"; last error: {shard.error}" if shard.error else " (worker lost each time)"
+        last = f"; last error: {error}" if error else " (worker lost each time)"
         shard.status, shard.finished_at = "failed", utcnow()
         shard.error = f"gave up after {shard.attempts} attempts{last}"
         _finalize_locked(session, job)
         return ShardClaim("failed", shard_info(shard))
-    shard.attempts += 1
-    shard.status, shard.worker, shard.started_at, shard.finished_at = "running", worker, utcnow(), None
-    shard.samples_done = 0
+    taken = session.execute(
+        update(Shard).where(Shard.id == shard.id, Shard.status == shard.status, Shard.attempts == shard.attempts,
+                            Shard.worker.is_(None) if shard.worker is None else Shard.worker == shard.worker)
+        .values(attempts=shard.attempts + 1, status="running", worker=worker, started_at=utcnow(), finished_at=None,
+                samples_done=0, error=error)
+        .execution_options(synchronize_session=False))
+    session.refresh(shard)
+    if taken.rowcount != 1:  # another process claimed it between our read and this write
+        return ShardClaim("busy", shard_info(shard))
     if job.status == "queued":
         job.status = "running"
         job.started_at = job.started_at or utcnow()
@@ -156,15 +169,18 @@ def shard_progress(session: Session, shard_id: int, samples_done: int) -> None:
     session.execute(update(Shard).where(Shard.id == shard_id).values(samples_done=samples_done))
 
 
-def release_shard(session: Session, shard_id: int, error: str, refund_attempt: bool = False) -> ShardInfo:
-    """An attempt failed with `error`: back to queued for a retry (claim_shard enforces the attempt cap).
+def release_shard(session: Session, shard_id: int, error: str, worker: str, attempt: int,
+                  refund_attempt: bool = False) -> ShardInfo:
+    """Attempt `attempt` of `worker` failed with `error`: back to queued for a retry (claim_shard enforces the
+    attempt cap). Nothing changes when the shard is no longer that attempt (a sweep took it for dead and another
+    worker runs it now): the failed holder must not requeue the new holder's attempt.
 
     `refund_attempt` un-counts the attempt when the failure was not the shard's fault (database connection lost).
     """
     shard = session.scalar(_locked(session, select(Shard).where(Shard.id == shard_id)))
     if shard is None:
         raise NotFound(f"shard {shard_id} does not exist")
-    if shard.status == "running":
+    if shard.status == "running" and shard.worker == worker and shard.attempts == attempt:
         shard.status, shard.error = "queued", error
         if refund_attempt and shard.attempts > 0:
             shard.attempts -= 1
@@ -174,11 +190,12 @@ def release_shard(session: Session, shard_id: int, error: str, refund_attempt: b
 
 def finish_shard(session: Session, shard_id: int, status: str, error: str | None = None) -> JobInfo:
     """Mark a shard done / failed / cancelled, update the job's counters and finish the job when all shards are."""
-    shard = session.scalar(_locked(session, select(Shard).where(Shard.id == shard_id)))
-    if shard is None:
+    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    if job_id is None:
         raise NotFound(f"shard {shard_id} does not exist")
-    job = session.scalar(_locked(session, select(Job).where(Job.id == shard.job_id)))
-    assert job is not None
+    job = session.scalar(_locked(session, select(Job).where(Job.id == job_id)))
+    shard = session.scalar(_locked(session, select(Shard).where(Shard.id == shard_id)))
+    assert job is not None and shard is not None
     if shard.status != "done":
         shard.status, shard.finished_at = status, utcnow()
         if status == "done":
@@ -237,9 +254,9 @@ def cancel_requested(session: Session, job_id: int) -> bool:
 
 def mark_job_failed(session: Session, job_id: int, error: str) -> None:
     """A job that cannot run at all (e.g. its model no longer loads): fail it and its open shards."""
+    job = session.scalar(_locked(session, select(Job).where(Job.id == job_id)))
     session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status.in_(("queued", "running")))
                     .values(status="failed", error=error, finished_at=utcnow()))
-    job = session.scalar(_locked(session, select(Job).where(Job.id == job_id)))
     if job is not None and job.status not in TERMINAL_JOB:
         _finalize_locked(session, job)
         job.error = error

@@ -49,3 +49,27 @@ def test_failed_beats_do_not_stop_the_thread(tmp_path) -> None:
     thread.stop()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_no_sweep_until_this_process_has_beaten_for_dead_after(tmp_path, caplog) -> None:
+    """After a database outage every heartbeat is stale; the first process back must not take the live workers'
+    shards for dead. A process sweeps only after `dead_after_s` of successful beats in a row: while its beats fail
+    (here: a database that cannot be opened) it never sweeps, where it used to every `sweep_every_s`."""
+    import logging
+
+    url = f"sqlite:///{tmp_path / 'missing-dir' / 'no.db'}"
+    settings = Settings(database_url=url, heartbeat_interval=0.05, sweep_interval=0.05, worker_dead_after=0.2)
+    thread = heartbeat.HeartbeatThread(settings, sweep=True)
+    with caplog.at_level(logging.WARNING, logger="services.heartbeat"):
+        thread.start()
+        time.sleep(0.8)
+        thread.stop()
+        thread.join(5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("heartbeat failed") for m in messages)
+    assert not any("sweep failed" in m for m in messages), messages  # no sweep was even tried
+
+    now = time.monotonic()
+    assert not thread.may_sweep(None)  # the last beat failed
+    assert not thread.may_sweep(now - 0.1)  # healthy for less than dead_after_s
+    assert thread.may_sweep(now - 0.25)

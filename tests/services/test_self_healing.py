@@ -163,6 +163,43 @@ def test_claim_rules_for_a_running_shard(migrated_url: str, tmp_path: Path, tiny
         assert "worker process h:1 was lost" in taken.shard.error
 
 
+
+def test_two_processes_reading_one_queued_shard_run_it_once(migrated_url: str, tmp_path: Path,
+                                                            tiny_model_dir: Path) -> None:
+    """Process B reads the queued shard, process A claims and commits it, then B writes its claim. On SQLite
+    nothing locked B's read, and B's plain UPDATE used to succeed: two concurrent attempts, one lost count. The
+    claim is now a compare-and-set, so B gets `busy` on both dialects (on Postgres B waits on the row lock)."""
+    from sqlalchemy import event
+
+    from services.db.session import make_engine
+    from services.settings import Settings
+
+    settings = Settings(database_url=migrated_url, model_roots=[tiny_model_dir.parent.parent, tmp_path])
+    data = write_mc_dataset(tmp_path / "race.jsonl", 4)
+    job_id = plan_job(SubmitRequest(dataset=str(data), base=str(tiny_model_dir), strategies=["ft"], shard_size=4),
+                      settings).job.id
+    engine_a, engine_b = make_engine(migrated_url), make_engine(migrated_url)
+    claims: dict[str, store.ShardClaim] = {}
+
+    def a_claims_first(conn, cursor, statement, *_args) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith("UPDATE SHARDS") and "a" not in claims:
+            with session_scope(engine_a) as s:
+                claims["a"] = store.claim_shard(s, job_id, 0, "host:a", 3)
+
+    if engine_b.dialect.name == "postgresql":  # B's row lock would block A: let A claim before B reads
+        with session_scope(engine_a) as s:
+            claims["a"] = store.claim_shard(s, job_id, 0, "host:a", 3)
+    else:
+        event.listen(engine_b, "before_cursor_execute", a_claims_first)
+    with session_scope(engine_b) as s:
+        claims["b"] = store.claim_shard(s, job_id, 0, "host:b", 3, holder_alive=lambda w, sh: w == "host:a")
+    engine_a.dispose()
+    engine_b.dispose()
+    assert claims["a"].action == "run" and claims["b"].action == "busy", claims
+    with session_scope(settings) as s:
+        (shard,) = store.job_shards(s, job_id)
+    assert (shard.status, shard.worker, shard.attempts) == ("running", "host:a", 1)
+
 def test_redis_restart_without_its_data_mid_job(service: dict) -> None:
     """The broker restarts empty (no persistence, or its disk lost): the queued shards' messages are gone. The
     workers' sweep notices the missing marker key and sends the queued shards again; nobody runs `tad requeue`."""

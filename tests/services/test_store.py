@@ -87,6 +87,23 @@ def test_shard_lifecycle_upserts_aggregates_and_diff(migrated_url: str) -> None:
         assert [r.sample_index for r in diff.rows] == [1, 3, 5, 8]
 
 
+def test_a_failed_holder_does_not_requeue_the_attempt_that_replaced_it(migrated_url: str) -> None:
+    """Worker w's attempt was taken for dead (a sweep) and w2 runs the shard now; w's late failure report used to
+    put w2's running attempt back to queued, so a third process would run it beside w2."""
+    engine = make_engine(migrated_url)
+    with session_scope(engine) as s:
+        job = _job(s, n=4, shard=4, keys=("ft",))
+        first = store.claim_shard(s, job.id, 0, "w", max_attempts=3)
+    with session_scope(engine) as s:
+        second = store.claim_shard(s, job.id, 0, "w2", max_attempts=3, holder_alive=lambda w, sh: False)
+        assert (second.action, second.shard.attempts) == ("run", 2)
+    with session_scope(engine) as s:
+        late = store.release_shard(s, first.shard.id, "RuntimeError: boom", "w", first.shard.attempts)
+        assert (late.status, late.worker, late.attempts) == ("running", "w2", 2)
+        own = store.release_shard(s, second.shard.id, "RuntimeError: boom", "w2", second.shard.attempts)
+        assert (own.status, own.error) == ("queued", "RuntimeError: boom")
+
+
 def test_poisoned_shard_is_capped_and_job_is_partial(migrated_url: str) -> None:
     engine = make_engine(migrated_url)
     with session_scope(engine) as s:
@@ -95,7 +112,7 @@ def test_poisoned_shard_is_capped_and_job_is_partial(migrated_url: str) -> None:
         with session_scope(engine) as s:
             claim = store.claim_shard(s, job.id, 4, "w", max_attempts=2)
             assert claim.action == "run" and claim.shard.attempts == attempt + 1
-            store.release_shard(s, claim.shard.id, "RuntimeError: boom")
+            store.release_shard(s, claim.shard.id, "RuntimeError: boom", "w", claim.shard.attempts)
     with session_scope(engine) as s:
         claim = store.claim_shard(s, job.id, 4, "w", max_attempts=2)
         assert claim.action == "failed" and "gave up after 2 attempts" in claim.shard.error and "boom" in claim.shard.error
