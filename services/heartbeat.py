@@ -8,7 +8,8 @@ one tries again: a heartbeat never stops a worker.
 
 The same thread sweeps for dead workers (services.queueing.sweep_dead_workers): every worker process requeues the
 running shards of processes whose heartbeat is older than `TAD_WORKER_DEAD_AFTER`, and sends the queued shards
-again when the broker lost its data (services.queueing.recover_lost_queue), and gives a regression gate whose jobs
+again when the broker lost its data (services.queueing.recover_lost_queue) or a queued shard's or gate's message
+is gone (services.queueing.recover_orphans), and gives a regression gate whose jobs
 have all ended its verdict (services.gates.advance_open_gates), so recovery needs no person and no single
 coordinator.
 
@@ -81,10 +82,11 @@ class HeartbeatThread(threading.Thread):
                 next_sweep = time.monotonic() + self.settings.sweep_every_s
                 try:
                     from services.gates import advance_open_gates
-                    from services.queueing import recover_lost_queue, sweep_dead_workers
+                    from services.queueing import recover_lost_queue, recover_orphans, sweep_dead_workers
 
                     sweep_dead_workers(self.settings)
                     recover_lost_queue(self.settings)
+                    recover_orphans(self.settings)
                     advance_open_gates(self.settings)
                 except Exception as e:  # noqa: BLE001 - nor does a failed sweep; the next one tries again
                     log.warning("dead-worker sweep failed: %s", e)

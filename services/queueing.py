@@ -1,11 +1,14 @@
 """Queueing: send a job's shards to the broker (or mark the job failed when it cannot take them), requeue a
 job's unfinished shards, and the recovery every worker process runs periodically (dead workers' shards, a broker
-that lost its data)."""
+that lost its data, queued shards and gates whose message was lost)."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
+from typing import Any
 
 from services.db import store
+from services.db.models import utcnow
 from services.db.session import session_scope
 from services.heartbeat import worker_name
 from services.settings import Settings, get_settings
@@ -137,6 +140,54 @@ def recover_lost_queue(settings: Settings | None = None) -> list[tuple[int, int]
         log.warning("the broker lost its data (marker %s missing): sent the queued shards again: %s",
                     broker_epoch_key(settings), ", ".join(f"job {j}: {n}" for j, n in sent))
     return sent
+
+
+def recover_orphans(settings: Settings | None = None) -> dict[str, list[Any]]:
+    """Send again every queued shard and gate, older than `orphan_after` seconds, whose message the broker no
+    longer holds (services.broker_messages); returns {"shards": [(job, start, stop)], "gates": [id]} sent.
+
+    The backstop for every way a stored `queued` row can lose its message: the planning process died before
+    sending, a retry could not be published, a recovery's send failed. At most one process in the deployment
+    checks per `orphan_after` (a Redis SET NX with that expiry); the check reads the queue and the unacked set
+    once. Only Redis brokers are watched.
+    """
+    settings = settings or get_settings()
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return {"shards": [], "gates": []}
+    import redis
+
+    from services.broker_messages import pending_tasks
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        if not client.set(f"tad:orphan-check:{settings.queue}", worker_name(), nx=True,
+                          px=int(settings.orphan_after * 1000)):
+            return {"shards": [], "gates": []}  # another process checked within orphan_after
+    finally:
+        client.close()
+    cutoff = utcnow() - timedelta(seconds=settings.orphan_after)
+    with session_scope(settings) as s:
+        shards = store.queued_shards_created_before(s, cutoff)
+        gates = [g.id for g in store.gate_runs(s, open_only=True) if g.status == "queued" and g.created_at < cutoff]
+    if not shards and not gates:
+        return {"shards": [], "gates": []}
+    pending = pending_tasks(settings)
+    lost = [(sh.job_id, sh.start, sh.stop) for sh in shards if ("tad.run_shard", (sh.job_id, sh.start, sh.stop))
+            not in pending]
+    lost_gates = [g for g in gates if ("tad.run_gate", (g,)) not in pending]
+    for job_id, start, stop in lost:
+        _send_shards(job_id, [(start, stop)], settings)
+    if lost_gates:
+        from services.celery_app import make_celery
+
+        app = make_celery(settings)
+        for gate_id in lost_gates:
+            app.send_task("tad.run_gate", args=[gate_id], queue=settings.queue)
+    if lost or lost_gates:
+        log.warning("sent again %d queued shard(s) and %d gate(s) whose messages the broker no longer held: %s",
+                    len(lost), len(lost_gates), ", ".join([f"job {j} [{a},{b})" for j, a, b in lost] +
+                                                           [f"gate {g}" for g in lost_gates]))
+    return {"shards": lost, "gates": lost_gates}
 
 
 def _send_shards(job_id: int, shards: list[tuple[int, int]], settings: Settings) -> int:

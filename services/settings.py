@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # running shards back to the queue (0 = three heartbeat intervals).
     worker_dead_after: float = Field(default=0.0, ge=0)
     # Seconds between two sweeps for dead workers' shards in each worker process (0 = one heartbeat interval).
+    # A queued shard or gate older than this whose message is in neither the queue nor the unacked set is sent
+    # again (services.queueing.recover_orphans); also the least time between two such checks in the deployment.
+    orphan_after: float = Field(default=60.0, gt=0)
     sweep_interval: float = Field(default=0.0, ge=0)
     # Seconds a freshly forked pool process may take to report itself up before Celery kills it. Celery's default
     # (4 s) is shorter than a cold torch/transformers import, which made workers kill their children in a loop.

@@ -3,6 +3,7 @@ Functions of a Session returning plain types (services.db.entities); they never 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -78,6 +79,14 @@ def list_jobs(session: Session, limit: int = 50, status: str | None = None) -> l
 def open_job_ids(session: Session) -> list[int]:
     """Ids of the jobs that are not finished (queued or running), oldest first."""
     return list(session.scalars(select(Job.id).where(Job.status.not_in(TERMINAL_JOB)).order_by(Job.id)))
+
+
+def queued_shards_created_before(session: Session, cutoff: datetime) -> list[ShardInfo]:
+    """Queued shards of unfinished jobs stored before `cutoff` (the candidates for a lost message)."""
+    stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
+            .where(Shard.status == "queued", Job.status.not_in(TERMINAL_JOB), Job.created_at < cutoff)
+            .order_by(Shard.id))
+    return [shard_info(x) for x in session.scalars(stmt)]
 
 
 def job_runs(session: Session, job_id: int) -> list[RunInfo]:

@@ -65,6 +65,7 @@ from services.db.jobs import (  # noqa: F401
     get_job,
     list_jobs,
     open_job_ids,
+    queued_shards_created_before,
     job_runs,
     job_shards,
     runs_by_hash,

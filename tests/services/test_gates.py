@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,38 @@ def test_api_registers_a_version_with_its_gate_and_reports_the_gate(
         assert [g["id"] for g in listed["fam:2"]] == [gate["id"]] and listed["fam:1"] == []
         again = api.post("/adapters", json={**body, "gate": ["smoke"]}).json()  # CI re-run: the same gate
         assert again["created"] is False and [g["id"] for g in again["gates"]] == [gate["id"]]
+
+
+def test_a_queued_gate_whose_message_is_gone_is_sent_again(service: dict, monkeypatch: pytest.MonkeyPatch,
+                                                           tiny_lora_dir: Path, third_lora: Path) -> None:
+    """A gate stored `queued` whose `tad.run_gate` message never reached the broker (the registering process died,
+    the send failed after the commit) is sent again by the orphan check, once, and then runs to a verdict."""
+    from services.broker_messages import pending_tasks
+    from services.queueing import recover_orphans
+
+    env, tmp = service["env"], service["tmp"]
+    settings = _use_env(monkeypatch, env["TAD_DATABASE_URL"], [service["model"].parent.parent, tmp,
+                                                               third_lora.parent],
+                        TAD_BROKER_URL=env["TAD_BROKER_URL"], TAD_QUEUE=env["TAD_QUEUE"])
+    model = str(service["model"])
+    _family(tmp, model, tiny_lora_dir)
+    _ok(["adapters", "register", "fam", str(third_lora), "--base", model])  # fam:2, no gate
+    with session_scope(settings) as s:
+        candidate = store.find_adapter(s, "fam", 2)
+        (suite,) = [x for x in store.list_suites(s) if x.name == "smoke"]
+        gate = store.create_gate_run(s, candidate_id=candidate.id, suite_id=suite.id, alpha=0.05, min_effect=0.01)
+    fast = settings.model_copy(update={"orphan_after": 0.5})
+    time.sleep(0.6)
+    assert recover_orphans(fast)["gates"] == [gate.id]
+    assert ("tad.run_gate", (gate.id,)) in pending_tasks(fast)
+    time.sleep(0.6)
+    assert recover_orphans(fast)["gates"] == []  # its message is in the queue now
+    service["start_worker"]("gates")
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        with session_scope(settings) as s:
+            now = store.get_gate_run(s, gate.id)
+        if now.finished:
+            break
+        time.sleep(1)
+    assert now.status in ("passed", "regressed") and now.check_id, now

@@ -244,3 +244,58 @@ def test_a_shard_its_live_worker_no_longer_runs_is_swept(migrated_url: str) -> N
         with session_scope(settings) as s:
             assert bool(store.stale_running_shards(s, settings.dead_after_s)) is stale, working_on
             assert _holder_alive(s, settings)("elsewhere:1", shard.id) is (not stale)
+
+
+def test_queued_shards_whose_messages_are_gone_are_sent_again(service: dict) -> None:
+    """A job stored but never sent (its planning process died between the two) used to wait for ever. The
+    orphan check sends exactly the queued shards the broker holds no message for, at most once per
+    `orphan_after` in the deployment, and counts a delivered but unacknowledged message as held."""
+    from kombu import Connection, Consumer, Queue
+
+    from services.broker_messages import pending_tasks
+    from services.queueing import recover_orphans
+
+    settings = service["settings"].model_copy(update={"orphan_after": 1.0})
+    sent_job = _submit(service, 8, name="sent")  # its 2 shard messages wait in the queue (no worker runs)
+    lost_job = _submit(service, 12, name="lost", enqueue=False)  # 3 shards, no message
+    time.sleep(1.1)
+    first = recover_orphans(settings)
+    assert sorted(first["shards"]) == [(lost_job, 0, 4), (lost_job, 4, 8), (lost_job, 8, 12)], first
+    assert recover_orphans(settings) == {"shards": [], "gates": []}  # checked within orphan_after: skipped
+    held = pending_tasks(settings)
+    assert {("tad.run_shard", (j, a, a + 4)) for j, n in ((sent_job, 8), (lost_job, 12)) for a in range(0, n, 4)} \
+        <= held
+
+    # a message delivered to a consumer and not acknowledged (a worker's prefetched or ETA'd retry) still counts
+    with Connection(settings.broker_url) as conn:
+        got: list = []
+        consumer = Consumer(conn, [Queue(settings.queue, no_declare=True)], callbacks=[lambda b, m: got.append(m)],
+                            no_ack=False, prefetch_count=1)
+        with consumer:
+            conn.drain_events(timeout=5)
+            assert len(got) == 1 and got[0].headers["task"] == "tad.run_shard"
+            assert pending_tasks(settings) == held  # the delivered one moved to the unacked set, still seen
+            time.sleep(1.1)
+            assert recover_orphans(settings) == {"shards": [], "gates": []}  # nothing lost: nothing sent
+
+    # a worker started now finishes both jobs, each shard in one attempt (the re-sent messages are not duplicated)
+    service["start_worker"]("a", TAD_ORPHAN_AFTER="1", TAD_HEARTBEAT_INTERVAL="0.5")
+    for job_id, n in ((sent_job, 8), (lost_job, 12)):
+        assert _wait_finished(service, job_id, timeout=180).status == "done"
+        _assert_complete(settings, job_id, n)
+        assert {x.attempts for x in _shards(settings, job_id)} == {1}
+
+
+def test_a_job_stored_but_never_sent_finishes_without_anyone(service: dict) -> None:
+    """The planning process died after storing the job: no message, no person. The workers' orphan check sends
+    the shards once they are `orphan_after` old."""
+    service["start_worker"]("a", TAD_ORPHAN_AFTER="2", TAD_HEARTBEAT_INTERVAL="0.5")
+    # the first sweep on a fresh broker sets its marker key and sends every queued shard (recover_lost_queue):
+    # submit after it, so that only the orphan check can send this job
+    client = redis.Redis.from_url(service["redis"].url)
+    _wait(lambda: client.exists(broker_epoch_key(service["settings"])), 60, "the broker marker", service)
+    job_id = _submit(service, 8, name="never-sent", enqueue=False)
+    job = _wait_finished(service, job_id, timeout=180)
+    assert job.status == "done", job.error
+    _assert_complete(service["settings"], job_id, 8)
+    assert {x.attempts for x in _shards(service["settings"], job_id)} == {1}
