@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -37,6 +38,16 @@ def _family(tmp: Path, model: str, first: Path) -> None:
     _ok(["adapters", "register", "fam", str(first), "--base", model])
     _ok(["adapters", "promote", "fam:1"])
     _ok(["suites", "add", str(tmp / "suite.yaml")])
+
+
+def _service_family(service: dict, monkeypatch: pytest.MonkeyPatch, first: Path, extra_root: Path) -> Any:
+    """The CLI pointed at the service fixture's Postgres and Redis, with `_family` stored; returns its Settings."""
+    env = service["env"]
+    settings = _use_env(monkeypatch, env["TAD_DATABASE_URL"], [service["model"].parent.parent, service["tmp"],
+                                                               extra_root.parent],
+                        TAD_BROKER_URL=env["TAD_BROKER_URL"], TAD_QUEUE=env["TAD_QUEUE"])
+    _family(service["tmp"], str(service["model"]), first)
+    return settings
 
 
 def test_a_gate_that_cannot_run_is_refused_before_the_version_is_stored(
@@ -135,12 +146,8 @@ def test_register_with_gate_runs_on_a_celery_worker_and_ci_waits(service: dict, 
     """The CI recipe: register with --gate --wait against a real `tad worker` (Celery, Redis, Postgres): the
     exit code is the verdict's, the verdict is stored with its check, and a family's default gate runs for the
     next version without --gate."""
-    env, tmp = service["env"], service["tmp"]
-    settings = _use_env(monkeypatch, env["TAD_DATABASE_URL"], [service["model"].parent.parent, tmp,
-                                                               third_lora.parent],
-                        TAD_BROKER_URL=env["TAD_BROKER_URL"], TAD_QUEUE=env["TAD_QUEUE"])
-    model = str(service["model"])
-    _family(tmp, model, tiny_lora_dir)
+    env, tmp, model = service["env"], service["tmp"], str(service["model"])
+    settings = _service_family(service, monkeypatch, tiny_lora_dir, third_lora)
     worker = service["start_worker"]("gates")
     r = CliRunner().invoke(app, ["adapters", "register", "fam", str(third_lora), "--base", model, "--gate", "smoke",
                                  "--wait", "--timeout", "400"])
@@ -225,12 +232,8 @@ def test_a_queued_gate_whose_message_is_gone_is_sent_again(service: dict, monkey
     from services.broker_messages import pending_tasks
     from services.queueing import recover_orphans
 
-    env, tmp = service["env"], service["tmp"]
-    settings = _use_env(monkeypatch, env["TAD_DATABASE_URL"], [service["model"].parent.parent, tmp,
-                                                               third_lora.parent],
-                        TAD_BROKER_URL=env["TAD_BROKER_URL"], TAD_QUEUE=env["TAD_QUEUE"])
-    model = str(service["model"])
-    _family(tmp, model, tiny_lora_dir)
+    env, tmp, model = service["env"], service["tmp"], str(service["model"])
+    settings = _service_family(service, monkeypatch, tiny_lora_dir, third_lora)
     _ok(["adapters", "register", "fam", str(third_lora), "--base", model])  # fam:2, no gate
     with session_scope(settings) as s:
         candidate = store.find_adapter(s, "fam", 2)
