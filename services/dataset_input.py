@@ -60,6 +60,10 @@ def check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) -> 
     except (ValueError, OSError) as e:
         errors.append(f"dataset {req.dataset!r}: {e}")
         return None
+    if len(ds.name) > 200:  # datasets.name is a VARCHAR(200)
+        errors.append(f"dataset {req.dataset!r}: its name {ds.name[:60]!r}... is {len(ds.name)} characters, at most "
+                      "200 (give a shorter --dataset-name)")
+        return None
     if len(ds.samples) > settings.max_dataset_rows:
         errors.append(f"dataset {req.dataset!r} has {len(ds.samples)} rows, over TAD_MAX_DATASET_ROWS="
                       f"{settings.max_dataset_rows}")

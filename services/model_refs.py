@@ -13,7 +13,7 @@ from typing import Any
 from tad_core import adapter_dir as layout
 from tad_core.assets import sha256_file
 
-from services.refs import RefError, parse_ref
+from services.refs import NAME_RE, RefError, parse_ref
 from services.security import SecurityError, resolve_under_roots
 from services.settings import Settings
 from services.submit_request import SubmissionError, SubmitRequest
@@ -161,6 +161,12 @@ def check_models(req: SubmitRequest, settings: Settings, errors: list[str]) -> M
             return ModelSide(**{**side.__dict__, "adapter_ref": ref})
         found = inspect_adapter_dir(req.adapter, settings, errors)
         if found is None or not _adapter_fits_base(req.adapter, found, req.base, side.base_path, settings, errors):
+            return None
+        name = req.adapter_name or found.path.name  # what the adapter is registered as, `NAME:VERSION` afterwards
+        if not NAME_RE.match(name):
+            errors.append(f"adapter name {name!r}"
+                          f"{'' if req.adapter_name else ' (the directory name)'}: use letters, digits, '_', '.', "
+                          "'-' (at most 200, no ':' or '/'), or give --adapter-name")
             return None
         return ModelSide(**{**side.__dict__, "adapter_dir": found.path, "adapter_sha256": found.sha256,
                              "adapter_method": found.method, "adapter_manifest": found.manifest})

@@ -18,6 +18,8 @@ from services.submit_request import SubmissionError, SubmitRequest
 
 log = logging.getLogger(__name__)
 
+MAX_RUN_KEY_CHARS = 300  # runs.key is a VARCHAR(300)
+
 
 def _check_strategies(args: Sequence[str], errors: list[str]) -> list[Any]:
     from tad_core.strategies import parse_strategy_arg
@@ -29,6 +31,9 @@ def _check_strategies(args: Sequence[str], errors: list[str]) -> list[Any]:
                 specs.setdefault(spec.key, spec)
         except ValueError as e:
             errors.append(f"--strategy {arg!r}: {e}")
+    for key in [k for k in specs if len(k) > MAX_RUN_KEY_CHARS]:
+        errors.append(f"--strategy {key[:80]!r}...: its run key is {len(key)} characters, at most {MAX_RUN_KEY_CHARS}")
+        del specs[key]
     if not args:
         errors.append("give at least one --strategy")
     if specs and "ft" not in {s.name for s in specs.values()}:

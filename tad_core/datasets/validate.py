@@ -23,6 +23,7 @@ from tad_core.samples import Sample
 
 KNOWN_FIELDS = ("id", "prompt", "choices", "choice_prompts", "continuation", "answer", "reference",
                 "answer_pattern", "extract", "stop", "metadata")
+MAX_ID_CHARS = 200  # the results DB keeps sample ids in a VARCHAR(200)
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 
 
@@ -169,6 +170,8 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
         err("id", "missing")
     elif not isinstance(sid, str) or not sid.strip():
         err("id", "must be a non-empty string")
+    elif len(sid) > MAX_ID_CHARS:
+        err("id", f"at most {MAX_ID_CHARS} characters (got {len(sid)})")
     elif sid in seen:
         err("id", f"duplicate id {sid!r} (first on line {seen[sid]})")
     else:
