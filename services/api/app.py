@@ -95,6 +95,16 @@ def _error_handlers(app: FastAPI) -> None:
         async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
             return JSONResponse({"detail": "database unavailable; try again later"}, 503)
 
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    for exc_type in (BrokerError, RedisConnectionError):
+        @app.exception_handler(exc_type)
+        async def _broker(_: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": f"broker unavailable ({type(exc).__name__}); what was stored before the "
+                                           "failure is kept, and a job or gate that could not be queued is marked "
+                                           "failed (error): try again later"}, 503)
+
 
 def _owned(settings: Settings, jobs: list[store.JobInfo]) -> list[dict[str, Any]]:
     with session_scope(settings) as s:

@@ -223,6 +223,14 @@ def test_api_registers_a_version_with_its_gate_and_reports_the_gate(
         assert [g["id"] for g in listed["fam:2"]] == [gate["id"]] and listed["fam:1"] == []
         again = api.post("/adapters", json={**body, "gate": ["smoke"]}).json()  # CI re-run: the same gate
         assert again["created"] is False and [g["id"] for g in again["gates"]] == [gate["id"]]
+        # the broker down: the version is stored, its gate marked error, and the answer is 503, not a bare 500
+        redis_server.stop()
+        fifth = build_adapter(tiny_model_dir, tmp_path / "lora5", "lora", seed=5)
+        down = api.post("/adapters", json={**body, "path": str(fifth), "gate": ["smoke"]})
+        assert down.status_code == 503 and "broker unavailable" in down.json()["detail"], down.text
+        listed = {a["label"]: a["gates"] for a in api.get("/adapters").json()}
+        assert [g["status"] for g in listed["fam:3"]] == ["error"]
+        assert "could not queue the gate" in listed["fam:3"][0]["error"]
 
 
 def test_a_queued_gate_whose_message_is_gone_is_sent_again(service: dict, monkeypatch: pytest.MonkeyPatch,
