@@ -94,10 +94,22 @@ def _fail(gate_id: int, from_status: str, error: str, settings: Settings) -> Non
     log.warning("gate %s: %s", gate_id, error)
 
 
-def _plan(gate: store.GateRunInfo, settings: Settings) -> GatePlan:
+class _GateMoved(Exception):
+    """The gate left the status this worker planned it from (another worker got there first)."""
+
+
+def _plan(gate: store.GateRunInfo, settings: Settings, status: str | None = None) -> GatePlan:
+    """Plan the gate's missing jobs; with `status`, its job ids are recorded (and it is moved from `status` to
+    `running`) in the jobs' own transaction, so a crash never leaves jobs the gate does not know of."""
+    def record(s: Session, jobs: dict[int, int]) -> None:
+        if not jobs and status == "finishing":
+            return  # nothing to compute: the gate stays `finishing` and gets its verdict now
+        if not store.move_gate_run(s, gate.id, status, "running", job_ids=list(jobs)):
+            raise _GateMoved(gate.id)  # rolls the jobs back: another worker plans (or planned) this gate
+
     return plan_gate(gate.candidate, gate.suite, None, alpha=gate.alpha, min_effect=gate.min_effect,
                      submitted_by=gate.submitted_by or f"gate {gate.id}", token=_server_token(settings),
-                     settings=settings)
+                     settings=settings, record=record if status is not None else None)
 
 
 def start_gate(gate_id: int, settings: Settings | None = None) -> store.GateRunInfo:
@@ -113,14 +125,19 @@ def start_gate(gate_id: int, settings: Settings | None = None) -> store.GateRunI
 
 
 def _run_plan(gate: store.GateRunInfo, settings: Settings, status: str) -> None:
-    """Plan the gate; record its jobs (before they are queued, so a job cannot end unnoticed) and queue them."""
+    """Plan the gate; record its jobs (with them, before they are queued, so a job cannot end unnoticed) and
+    queue them."""
     try:
-        plan = _plan(gate, settings)
+        plan = _plan(gate, settings, status)
+    except _GateMoved:
+        return
     except (GateError, SubmissionError, SecurityError) as e:
         _fail(gate.id, status, f"the gate cannot run: {e}", settings)
         return
-    with session_scope(settings) as s:
-        store.move_gate_run(s, gate.id, status, "running", job_ids=list(plan.jobs))
+    _queue(gate, plan, settings)
+
+
+def _queue(gate: store.GateRunInfo, plan: GatePlan, settings: Settings) -> None:
     try:
         enqueue_all_or_fail(list(plan.jobs), settings)
     except QueueUnavailable as e:
@@ -144,14 +161,16 @@ def advance_gate(gate_id: int, settings: Settings | None = None) -> store.GateRu
                                               for j in bad), settings)
     else:
         try:
-            plan = _plan(gate, settings)
-            if plan.jobs:  # a run it needs is missing (e.g. another job's reuse went away): compute it first
-                _run_plan(gate, settings, "finishing")
+            plan = _plan(gate, settings, "finishing")
+            if plan.jobs:  # a run it needs is missing (its planning was interrupted, or another job's reuse went
+                _queue(gate, plan, settings)  # away): stored with the gate `running` on them again; compute first
             else:
                 result = finish_gate(plan, settings)
                 with session_scope(settings) as s:
                     store.move_gate_run(s, gate_id, "finishing", "regressed" if result.regressed else "passed",
                                         check_id=result.check_id)
+        except _GateMoved:
+            pass  # not ours any more
         except Exception as e:  # noqa: BLE001 - recorded on the gate: a gate never stays `finishing`
             _fail(gate_id, "finishing", f"{type(e).__name__}: {e}", settings)
     with session_scope(settings) as s:

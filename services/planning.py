@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from services.db import store
 from services.db.session import session_scope
@@ -62,13 +66,25 @@ def plan_job(req: SubmitRequest, settings: Settings | None = None) -> PlannedJob
     return plan_validated(validate_request(req, settings), settings)
 
 
-def plan_validated(v: ValidatedRequest, settings: Settings | None = None) -> PlannedJob:
-    """Store a validated request: dataset/adapter (if new), the job, its runs and shards."""
+@contextmanager
+def _session(settings: Settings, session: Session | None) -> Iterator[Session]:
+    """The caller's session (its transaction, committed by the caller) or a managed one of our own."""
+    if session is not None:
+        yield session
+    else:
+        with session_scope(settings) as s:
+            yield s
+
+
+def plan_validated(v: ValidatedRequest, settings: Settings | None = None,
+                   session: Session | None = None) -> PlannedJob:
+    """Store a validated request: dataset/adapter (if new), the job, its runs and shards; in `session` when given
+    (so that several jobs and what refers to them commit together: a regression gate's), else committed here."""
     from tad_core.models import model_licence
 
     settings = settings or get_settings()
     req, specs, side, data, n = v.req, v.specs, v.side, v.data, v.n_samples
-    with session_scope(settings) as s:
+    with _session(settings, session) as s:
         adapter: store.AdapterInfo | None = None
         adapter_created = False
         if side.adapter_ref is not None:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from services.db import store, views
 from services.db.session import session_scope
 from services.planning import plan_validated, run_hashes
@@ -159,10 +161,13 @@ def _check_weights(adapter: store.AdapterInfo) -> None:
 
 def plan_gate(candidate: str, suite: str, against: str | None = None, *, alpha: float = 0.05,
               min_effect: float = 0.01, force: bool = False, submitted_by: str = "", token: str | None = None,
-              settings: Settings | None = None) -> GatePlan:
+              settings: Settings | None = None,
+              record: Callable[[Session, dict[int, int]], None] | None = None) -> GatePlan:
     """Resolve and validate everything, reuse what is stored, and plan (store, not run) the missing jobs.
 
-    Raises GateError / SubmissionError before anything is stored when the request is invalid.
+    Raises GateError / SubmissionError before anything is stored when the request is invalid. The jobs are
+    stored in one transaction with whatever `record(session, {job id: samples})` stores (a gate records its job
+    ids so): a crash cannot leave jobs that nothing refers to, and `record` raising stores no job.
     """
     settings = settings or get_settings()
     if not 0 < alpha <= 1:
@@ -217,11 +222,14 @@ def plan_gate(candidate: str, suite: str, against: str | None = None, *, alpha: 
     for adapter in {side.adapter.id: side.adapter for side in todo}.values():
         _check_weights(adapter)
     jobs: dict[int, int] = {}
-    for side in todo:
-        plan = plan_validated(side.request, settings)
-        side.job_id = plan.job.id
-        side.runs = {r.key: r for r in plan.runs}
-        jobs[plan.job.id] = plan.job.n_samples
+    with session_scope(settings) as s:  # every job, and what `record` stores about them, or nothing
+        for side in todo:
+            plan = plan_validated(side.request, settings, session=s)
+            side.job_id = plan.job.id
+            side.runs = {r.key: r for r in plan.runs}
+            jobs[plan.job.id] = plan.job.n_samples
+        if record is not None:
+            record(s, jobs)
     return GatePlan(cand, base, suite_info, alpha, min_effect, sides, jobs)
 
 

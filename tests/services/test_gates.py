@@ -40,6 +40,15 @@ def _family(tmp: Path, model: str, first: Path) -> None:
     _ok(["suites", "add", str(tmp / "suite.yaml")])
 
 
+def _sqlite_family(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server: Any, model: Path, first: Path,
+                   extra: Path) -> Any:
+    """The CLI on an SQLite DB and the private Redis, with `_family` stored; returns its Settings."""
+    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}", [model.parent.parent, tmp_path, extra.parent],
+                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
+    _family(tmp_path, str(model), first)
+    return settings
+
+
 def _service_family(service: dict, monkeypatch: pytest.MonkeyPatch, first: Path, extra_root: Path) -> Any:
     """The CLI pointed at the service fixture's Postgres and Redis, with `_family` stored; returns its Settings."""
     env = service["env"]
@@ -87,10 +96,7 @@ def test_gate_lifecycle_reaches_the_regress_verdict_once(
     """The worker's path without a worker: the gate is queued (private Redis), `start_gate` plans and queues its
     jobs, the jobs run through the shard function, and `advance_gate` stores the verdict `tad regress` gives;
     advancing again (a racing worker, the sweep) stores nothing more."""
-    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
-                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
-                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
-    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
     out = _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "smoke"])
     assert "registered fam:2" in out and "on suite smoke:1: queued" in out
     with session_scope(settings) as s:
@@ -119,12 +125,48 @@ def test_gate_lifecycle_reaches_the_regress_verdict_once(
     assert f"smoke:1 {done.status}" in _ok(["adapters", "list"])
 
 
+def test_a_gate_interrupted_while_planning_is_planned_once_by_the_sweep(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path,
+        tiny_lora_dir: Path, third_lora: Path) -> None:
+    """The worker that took the gate died while planning. Its jobs were committed one by one and the gate's job
+    ids after them: a crash between left jobs nobody referred to, and the sweep then planned every job a second
+    time. Now a gate's jobs and its job ids commit together: here a failure at the record rolls the jobs back,
+    the gate is `running` with no jobs, and the sweep plans each job once and reaches the verdict."""
+    from services.gates import advance_open_gates
+    from services.regress import plan_gate
+
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
+    _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "smoke"])
+    with session_scope(settings) as s:
+        (gate,) = store.gate_runs(s, adapter_name="fam")
+        store.move_gate_run(s, gate.id, "queued", "running")  # start_gate's first step, then the worker died
+
+    def crash(_s: object, jobs: dict[int, int]) -> None:
+        assert len(jobs) == 4
+        raise KeyboardInterrupt("the worker died here")
+
+    with pytest.raises(KeyboardInterrupt):
+        plan_gate("fam:2", "smoke", settings=settings, record=crash)
+    with session_scope(settings) as s:
+        assert store.list_jobs(s) == [] and store.get_gate_run(s, gate.id).job_ids == []  # nothing half-stored
+
+    advance_open_gates(settings)  # the periodic sweep: a running gate with no jobs is planned from scratch
+    with session_scope(settings) as s:
+        planned = store.get_gate_run(s, gate.id)
+        jobs = store.list_jobs(s)
+    assert planned.status == "running" and sorted(planned.job_ids) == sorted(j.id for j in jobs) and len(jobs) == 4
+    advance_open_gates(settings)  # again, while the jobs run: nothing more is planned
+    for job_id in planned.job_ids:
+        run_job_embedded(job_id, settings)
+    done = advance_gate(gate.id, settings)
+    assert done.status in ("passed", "regressed") and done.check_id is not None
+    with session_scope(settings) as s:
+        assert len(store.list_jobs(s)) == 4
+
+
 def test_a_gate_whose_job_fails_ends_in_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server,
                                               tiny_model_dir: Path, tiny_lora_dir: Path, third_lora: Path) -> None:
-    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
-                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
-                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
-    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
     _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "smoke"])
     with session_scope(settings) as s:
         (gate,) = store.gate_runs(s)
@@ -197,10 +239,7 @@ def test_api_registers_a_version_with_its_gate_and_reports_the_gate(
     from services.api.app import create_app
     from services.db import users
 
-    settings = _use_env(monkeypatch, f"sqlite:///{tmp_path / 'g.db'}",
-                        [tiny_model_dir.parent.parent, tmp_path, third_lora.parent],
-                        TAD_BROKER_URL=redis_server.url, TAD_QUEUE="tadtest-gates")
-    _family(tmp_path, str(tiny_model_dir), tiny_lora_dir)
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
     with session_scope(settings) as s:
         users.add_user(s, "ci")
         secret = users.create_token(s, "ci").secret
