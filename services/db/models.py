@@ -169,6 +169,7 @@ class Shard(Base):
         CheckConstraint(_in("status", SHARD_STATUSES), name="status"),
         CheckConstraint("stop > start", name="range"),
         Index(None, "job_id", "status"),
+        Index(None, "status"),  # the sweeps' lookups across jobs (running of dead workers, queued without message)
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
