@@ -24,48 +24,96 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_current: dict[str, int | None] = {"job_id": None, "shard_id": None}
+@dataclass
+class Lane:
+    """One line of execution that runs shards one at a time, as the database sees it: its worker name and what it
+    works on now. A Celery pool process is one lane (`host:pid`). An embedded job runs in a lane of its own
+    (`host:pid-tN`, see `own_lane`): the dashboard runs several jobs at once in threads of one process, and under
+    one shared name their heartbeats reported one shard, so a sweep took the others for abandoned and requeued
+    them while they ran."""
+
+    name: str
+    job_id: int | None = None
+    shard_id: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+_local = threading.local()
+_process_lanes: dict[int, Lane] = {}  # by pid: a forked child gets its own
+
+
+def current_lane() -> Lane:
+    """The calling thread's lane: its own inside `own_lane`, else the process's."""
+    lane = getattr(_local, "lane", None)
+    if lane is not None:
+        return lane
+    pid = os.getpid()
+    return _process_lanes.setdefault(pid, Lane(f"{socket.gethostname()}:{pid}"))
+
+
+@contextmanager
+def own_lane() -> Iterator[Lane]:
+    """Run the block in a lane of this thread's own (an embedded job)."""
+    _local.lane = Lane(f"{socket.gethostname()}:{os.getpid()}-t{threading.get_native_id()}")
+    try:
+        yield _local.lane
+    finally:
+        _local.lane = None
+
+
+def lane_pid(name: str) -> int | None:
+    """The process id in a lane name (`host:pid` or `host:pid-tN`), None when it has none."""
+    pid = name.rpartition(":")[2].partition("-")[0]
+    return int(pid) if pid.isdigit() else None
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return current_lane().name
 
 
 def working_on(job_id: int | None, shard_id: int | None) -> None:
-    """Declare what this process works on now (None, None = idle); the next beat reports it."""
-    with _lock:
-        _current.update(job_id=job_id, shard_id=shard_id)
+    """Declare what this lane works on now (None, None = idle); the next beat reports it."""
+    lane = current_lane()
+    with lane.lock:
+        lane.job_id, lane.shard_id = job_id, shard_id
 
 
 def current() -> dict[str, int | None]:
-    with _lock:
-        return dict(_current)
+    lane = current_lane()
+    with lane.lock:
+        return {"job_id": lane.job_id, "shard_id": lane.shard_id}
 
 
-def beat(settings: Settings, info: dict[str, Any] | None = None) -> None:
-    """Record one heartbeat of this process now."""
+def beat(settings: Settings, info: dict[str, Any] | None = None, lane: Lane | None = None) -> None:
+    """Record one heartbeat of `lane` (default: the caller's) now."""
     from services.db import store
     from services.db.session import session_scope
 
-    now = current()
+    lane = lane or current_lane()
+    with lane.lock:
+        job_id, shard_id = lane.job_id, lane.shard_id
     with session_scope(settings) as s:
-        store.heartbeat(s, worker_name(), os.getpid(), now["job_id"], now["shard_id"], info=info)
+        store.heartbeat(s, lane.name, os.getpid(), job_id, shard_id, info=info)
 
 
 class HeartbeatThread(threading.Thread):
-    """Beats every `settings.heartbeat_interval` seconds until `stop()`; with `sweep`, also requeues the shards
-    of dead workers every `settings.sweep_every_s` seconds (services.queueing.sweep_dead_workers)."""
+    """Beats for the lane of the thread that creates it every `settings.heartbeat_interval` seconds until
+    `stop()`; with `sweep`, also requeues the shards of dead workers every `settings.sweep_every_s` seconds
+    (services.queueing.sweep_dead_workers)."""
 
     def __init__(self, settings: Settings, info: dict[str, Any] | None = None, sweep: bool = False) -> None:
         super().__init__(name="tad-heartbeat", daemon=True)
         self.settings, self.info, self.sweep = settings, info, sweep
+        self.lane = current_lane()
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -73,7 +121,7 @@ class HeartbeatThread(threading.Thread):
         healthy_since: float | None = None  # start of this process's current run of successful beats
         while True:
             try:
-                beat(self.settings, self.info)
+                beat(self.settings, self.info, self.lane)
                 healthy_since = healthy_since if healthy_since is not None else time.monotonic()
             except Exception as e:  # noqa: BLE001 - a heartbeat must never stop a worker
                 healthy_since = None

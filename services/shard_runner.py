@@ -76,8 +76,8 @@ def _holder_alive(session: Any, settings: Settings) -> Callable[[str, int], bool
     def alive(name: str, shard_id: int) -> bool:
         if name not in fresh or fresh[name] != shard_id:
             return False
-        where, _, pid = name.rpartition(":")
-        return not (where == host and pid.isdigit() and not _pid_alive(int(pid)))
+        pid = heartbeat.lane_pid(name)
+        return not (name.rpartition(":")[0] == host and pid is not None and not _pid_alive(pid))
 
     return alive
 
@@ -323,17 +323,18 @@ def run_job_embedded(job_id: int, settings: Settings | None = None, *,
     settings = settings or get_settings()
     with session_scope(settings) as s:
         shards = [(sh.start, sh.stop) for sh in store.job_shards(s, job_id) if sh.status in ("queued", "running")]
-    beats = heartbeat.HeartbeatThread(settings, info={"embedded": True})  # so no sweeper takes it for dead
-    beats.start()
-    try:
-        for start, stop in shards:
-            while True:
-                try:
-                    run_shard(job_id, start, stop, settings, progress=progress)
-                    break
-                except ShardRetry:
-                    continue
-    finally:
-        beats.stop()
+    with heartbeat.own_lane():  # one lane per embedded job: the dashboard runs several at once in threads
+        beats = heartbeat.HeartbeatThread(settings, info={"embedded": True})  # so no sweeper takes it for dead
+        beats.start()
+        try:
+            for start, stop in shards:
+                while True:
+                    try:
+                        run_shard(job_id, start, stop, settings, progress=progress)
+                        break
+                    except ShardRetry:
+                        continue
+        finally:
+            beats.stop()
     with session_scope(settings) as s:
         return store.get_job(s, job_id)

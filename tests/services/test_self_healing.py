@@ -299,3 +299,34 @@ def test_a_job_stored_but_never_sent_finishes_without_anyone(service: dict) -> N
     assert job.status == "done", job.error
     _assert_complete(service["settings"], job_id, 8)
     assert {x.attempts for x in _shards(service["settings"], job_id)} == {1}
+
+
+def test_embedded_jobs_in_threads_of_one_process_are_not_taken_for_abandoned(
+        migrated_url: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard runs jobs in threads of its process. They shared one worker name and one heartbeat slot, so
+    the heartbeat named one thread's shard and a sweep saw the other thread's running shard as given up (`beats
+    but reports another shard`) and requeued it while it ran. Each embedded job now beats as a lane of its own."""
+    from services.settings import Settings
+    from services.shard_runner import run_job_embedded
+
+    monkeypatch.setenv("TAD_ENABLE_TEST_FAULTS", "1")
+    monkeypatch.setenv("TAD_TEST_BATCH_DELAY", "0.4")  # each shard runs > dead_after_s
+    settings = Settings(database_url=migrated_url, model_roots=[tiny_model_dir.parent.parent, tmp_path],
+                        heartbeat_interval=0.1)
+    jobs = [plan_job(SubmitRequest(dataset=str(write_mc_dataset(tmp_path / f"t{i}.jsonl", 8)),
+                                   base=str(tiny_model_dir), strategies=["ft"], shard_size=4,
+                                   config={"batch_size": 2}), settings).job.id for i in range(2)]
+    threads = [threading.Thread(target=run_job_embedded, args=(j, settings)) for j in jobs]
+    for t in threads:
+        t.start()
+    taken_for_abandoned: list[store.ShardInfo] = []
+    while any(t.is_alive() for t in threads):
+        with session_scope(settings) as s:
+            taken_for_abandoned += store.stale_running_shards(s, settings.dead_after_s)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert taken_for_abandoned == []
+    names = {j: {sh.worker for sh in _shards(settings, j)} for j in jobs}
+    assert all(len(n) == 1 for n in names.values()) and names[jobs[0]] != names[jobs[1]], names
+    assert all(sh.status == "done" and sh.attempts == 1 for j in jobs for sh in _shards(settings, j))
