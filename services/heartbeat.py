@@ -128,21 +128,24 @@ class HeartbeatThread(threading.Thread):
                 log.warning("heartbeat failed: %s", e)
             if self.sweep and time.monotonic() >= next_sweep and self.may_sweep(healthy_since):
                 next_sweep = time.monotonic() + self.settings.sweep_every_s
-                try:
-                    from services.gates import advance_open_gates
-                    from services.queueing import recover_lost_queue, recover_orphans, sweep_dead_workers
-
-                    sweep_dead_workers(self.settings)
-                    recover_lost_queue(self.settings)
-                    recover_orphans(self.settings)
-                    advance_open_gates(self.settings)
-                except Exception as e:  # noqa: BLE001 - nor does a failed sweep; the next one tries again
-                    log.warning("dead-worker sweep failed: %s", e)
+                self.sweep_once()
             wait = self.settings.heartbeat_interval
             if self.sweep:
                 wait = min(wait, max(0.0, next_sweep - time.monotonic()))
             if self._stopped.wait(wait):
                 return
+
+    def sweep_once(self) -> None:
+        """Each recovery on its own: one that fails (its service down) is logged and does not skip the others;
+        the next sweep tries it again."""
+        from services.gates import advance_open_gates
+        from services.queueing import recover_lost_queue, recover_orphans, sweep_dead_workers
+
+        for step in (sweep_dead_workers, recover_lost_queue, recover_orphans, advance_open_gates):
+            try:
+                step(self.settings)
+            except Exception as e:  # noqa: BLE001 - nor does a failed sweep stop a worker
+                log.warning("sweep step %s failed: %s", step.__name__, e)
 
     def may_sweep(self, healthy_since: float | None) -> bool:
         """True once this process has beaten without a failure for `dead_after_s`: by then every live worker

@@ -168,7 +168,7 @@ def recover_orphans(settings: Settings | None = None) -> dict[str, list[Any]]:
     cutoff = utcnow() - timedelta(seconds=settings.orphan_after)
     with session_scope(settings) as s:
         shards = store.queued_shards_created_before(s, cutoff)
-        gates = [g.id for g in store.gate_runs(s, open_only=True) if g.status == "queued" and g.created_at < cutoff]
+        gates = store.queued_gate_ids_created_before(s, cutoff)
     if not shards and not gates:
         return {"shards": [], "gates": []}
     pending = pending_tasks(settings)

@@ -4,6 +4,7 @@ commit. Status changes that several workers may race on are conditional UPDATEs:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
@@ -69,6 +70,12 @@ def gate_runs(session: Session, *, adapter_name: str | None = None, candidate_id
     if open_only:
         stmt = stmt.where(GateRun.status.not_in(GATE_FINISHED))
     return [_info(*r) for r in session.execute(stmt.order_by(GateRun.id.desc()).limit(limit))]
+
+
+def queued_gate_ids_created_before(session: Session, cutoff: datetime) -> list[int]:
+    """Ids of the gates still `queued` that were stored before `cutoff` (the candidates for a lost message)."""
+    return list(session.scalars(select(GateRun.id).where(GateRun.status == "queued", GateRun.created_at < cutoff)
+                                .order_by(GateRun.id)))
 
 
 def move_gate_run(session: Session, gate_id: int, from_status: str, to_status: str, **values: object) -> bool:

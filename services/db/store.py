@@ -37,6 +37,7 @@ from services.db.gates import (  # noqa: F401
     create_gate_run,
     family_gate_suites,
     gate_runs,
+    queued_gate_ids_created_before,
     get_gate_run,
     move_gate_run,
     set_family_gate_suites,

@@ -301,3 +301,20 @@ def test_a_queued_gate_whose_message_is_gone_is_sent_again(service: dict, monkey
             break
         time.sleep(1)
     assert now.status in ("passed", "regressed") and now.check_id, now
+
+
+def test_the_orphan_check_reads_gate_times_on_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server,
+                                                     tiny_model_dir: Path, tiny_lora_dir: Path,
+                                                     third_lora: Path) -> None:
+    """SQLite returns naive datetimes: the gates' age is compared in SQL, so the check works on the embedded DB
+    (comparing in Python raised TypeError there and the sweep skipped the rest of its recovery)."""
+    from services.queueing import recover_orphans
+
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
+    _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir)])
+    with session_scope(settings) as s:
+        candidate = store.find_adapter(s, "fam", 2)
+        (suite,) = [x for x in store.list_suites(s) if x.name == "smoke"]
+        gate = store.create_gate_run(s, candidate_id=candidate.id, suite_id=suite.id, alpha=0.05, min_effect=0.01)
+    time.sleep(0.6)
+    assert recover_orphans(settings.model_copy(update={"orphan_after": 0.5})) == {"shards": [], "gates": [gate.id]}
