@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from services.db import store
 from services.db.session import session_scope
-from services.queueing import QueueUnavailable, enqueue_all_or_fail
+from services.queueing import QueueUnavailable, enqueue_all_or_fail, send_gate
 from services.refs import RefError, parse_ref
 from services.regress import GateError, GatePlan, finish_gate, plan_gate
 from services.security import SecurityError
@@ -79,10 +79,8 @@ def queue_gates(candidate: store.AdapterInfo, suites: Sequence[store.SuiteInfo],
 
 
 def _send_gate(gate_id: int, settings: Settings) -> None:
-    from services.celery_app import make_celery
-
     try:
-        make_celery(settings).send_task("tad.run_gate", args=[gate_id], queue=settings.queue)
+        send_gate(gate_id, settings)
     except Exception as e:  # noqa: BLE001 - broker unreachable: the gate must not wait forever
         _fail(gate_id, "queued", f"could not queue the gate: {e}", settings)
         raise
@@ -98,9 +96,9 @@ class _GateMoved(Exception):
     """The gate left the status this worker planned it from (another worker got there first)."""
 
 
-def _plan(gate: store.GateRunInfo, settings: Settings, status: str | None = None) -> GatePlan:
-    """Plan the gate's missing jobs; with `status`, its job ids are recorded (and it is moved from `status` to
-    `running`) in the jobs' own transaction, so a crash never leaves jobs the gate does not know of."""
+def _plan(gate: store.GateRunInfo, settings: Settings, status: str) -> GatePlan:
+    """Plan the gate's missing jobs; their ids are recorded (and the gate moved from `status` to `running`) in
+    the jobs' own transaction, so a crash never leaves jobs the gate does not know of."""
     def record(s: Session, jobs: dict[int, int]) -> None:
         if not jobs and status == "finishing":
             return  # nothing to compute: the gate stays `finishing` and gets its verdict now
@@ -109,7 +107,7 @@ def _plan(gate: store.GateRunInfo, settings: Settings, status: str | None = None
 
     return plan_gate(gate.candidate, gate.suite, None, alpha=gate.alpha, min_effect=gate.min_effect,
                      submitted_by=gate.submitted_by or f"gate {gate.id}", token=_server_token(settings),
-                     settings=settings, record=record if status is not None else None)
+                     settings=settings, record=record)
 
 
 def start_gate(gate_id: int, settings: Settings | None = None) -> store.GateRunInfo:

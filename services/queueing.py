@@ -175,19 +175,25 @@ def recover_orphans(settings: Settings | None = None) -> dict[str, list[Any]]:
     lost = [(sh.job_id, sh.start, sh.stop) for sh in shards if ("tad.run_shard", (sh.job_id, sh.start, sh.stop))
             not in pending]
     lost_gates = [g for g in gates if ("tad.run_gate", (g,)) not in pending]
+    by_job: dict[int, list[tuple[int, int]]] = {}
     for job_id, start, stop in lost:
-        _send_shards(job_id, [(start, stop)], settings)
-    if lost_gates:
-        from services.celery_app import make_celery
-
-        app = make_celery(settings)
-        for gate_id in lost_gates:
-            app.send_task("tad.run_gate", args=[gate_id], queue=settings.queue)
+        by_job.setdefault(job_id, []).append((start, stop))
+    for job_id, ranges in by_job.items():
+        _send_shards(job_id, ranges, settings)
+    for gate_id in lost_gates:
+        send_gate(gate_id, settings)
     if lost or lost_gates:
         log.warning("sent again %d queued shard(s) and %d gate(s) whose messages the broker no longer held: %s",
                     len(lost), len(lost_gates), ", ".join([f"job {j} [{a},{b})" for j, a, b in lost] +
                                                            [f"gate {g}" for g in lost_gates]))
     return {"shards": lost, "gates": lost_gates}
+
+
+def send_gate(gate_id: int, settings: Settings) -> None:
+    """Send one regression gate's `tad.run_gate` message."""
+    from services.celery_app import make_celery
+
+    make_celery(settings).send_task("tad.run_gate", args=[gate_id], queue=settings.queue)
 
 
 def _send_shards(job_id: int, shards: list[tuple[int, int]], settings: Settings) -> int:
