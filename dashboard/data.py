@@ -7,9 +7,11 @@ unreachable) before any page queries it.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,25 @@ def job_progress(url: str, limit: int = 50) -> list[views.JobProgress]:
 def shards(url: str, job_id: int) -> list[store.ShardInfo]:
     with _session(url) as s:
         return store.job_shards(s, job_id)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def clock_offset(url: str) -> float:
+    """Seconds the database's clock is ahead of this host's. Heartbeats and shard starts carry the database's
+    time (services.db.dialect.db_now), so ages on the live page are read on that clock: with this host's, a
+    dashboard whose clock ran a minute ahead showed every live worker as silent."""
+    from services.db.dialect import db_now
+
+    with _session(url) as s:
+        before = time.time()
+        remote = db_now(s).timestamp()
+        after = time.time()
+    return remote - (before + after) / 2
+
+
+def now(url: str) -> datetime:
+    """The database's time now (see clock_offset)."""
+    return datetime.now(timezone.utc) + timedelta(seconds=clock_offset(url))
 
 
 @st.cache_data(ttl=LIVE_TTL, show_spinner=False)

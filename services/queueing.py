@@ -4,11 +4,9 @@ that lost its data, queued shards and gates whose message was lost)."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 from services.db import store
-from services.db.models import utcnow
 from services.db.session import session_scope
 from services.heartbeat import worker_name
 from services.settings import Settings, get_settings
@@ -165,10 +163,9 @@ def recover_orphans(settings: Settings | None = None) -> dict[str, list[Any]]:
             return {"shards": [], "gates": []}  # another process checked within orphan_after
     finally:
         client.close()
-    cutoff = utcnow() - timedelta(seconds=settings.orphan_after)
     with session_scope(settings) as s:
-        shards = store.queued_shards_created_before(s, cutoff)
-        gates = store.queued_gate_ids_created_before(s, cutoff)
+        shards = store.queued_shards_older_than(s, settings.orphan_after)
+        gates = store.queued_gate_ids_older_than(s, settings.orphan_after)
     if not shards and not gates:
         return {"shards": [], "gates": []}
     pending = pending_tasks(settings)

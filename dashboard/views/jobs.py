@@ -26,8 +26,8 @@ def throughput(job: JobProgress, now: datetime | None = None) -> float | None:
     return job.samples_done / seconds if seconds > 0 else None
 
 
-def jobs_frame(jobs: list[JobProgress]) -> pd.DataFrame:
-    now = datetime.now(timezone.utc)
+def jobs_frame(jobs: list[JobProgress], now: datetime) -> pd.DataFrame:
+    """One row per job; ages and rates read at `now` (the database's time: data.now)."""
     records = []
     for j in jobs:
         rate = throughput(j, now)
@@ -47,17 +47,18 @@ def _jobs_body(url: str) -> None:
     if not jobs:
         st.info("No jobs yet: submit one on the Submit page, or with `tad submit` / `tad run`.")
         return
+    now = data.now(url)
     active = [j for j in jobs if j.active]
     counts = pd.Series([j.status for j in jobs]).value_counts()
     cols = st.columns(5)
     for col, status in zip(cols, ("queued", "running", "done", "partial", "failed")):
         col.metric(status, int(counts.get(status, 0)))
     for j in active:
-        rate = throughput(j)
+        rate = throughput(j, now)
         st.progress(j.fraction, text=f"job {j.id} · {j.status} · {j.dataset}:{j.split} · {j.model} · "
                                      f"{j.samples_done}/{j.n_samples} samples"
                                      + (f" · {rate:.2f} samples/s" if rate else ""))
-    st.dataframe(jobs_frame(jobs), hide_index=True, width="stretch", column_config={
+    st.dataframe(jobs_frame(jobs, now), hide_index=True, width="stretch", column_config={
         "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
         "samples/s": st.column_config.NumberColumn(format="%.2f"),
         "eta (s)": st.column_config.NumberColumn(format="%.0f")})
@@ -72,7 +73,6 @@ def _jobs_body(url: str) -> None:
                    "`tad worker`).")
     else:
         limit = 3 * data.settings().heartbeat_interval
-        now = datetime.now(timezone.utc)
         st.dataframe(pd.DataFrame.from_records([{
             "worker": w.worker, "pid": w.pid,
             "state": "alive" if (now - as_utc(w.last_seen)).total_seconds() <= limit else "silent",

@@ -4,13 +4,14 @@ commit. Status changes that several workers may race on are conditional UPDATEs:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
 from services.db.entities import GATE_FINISHED, GateRunInfo, NotFound
-from services.db.models import Adapter, AdapterFamily, GateRun, Suite, utcnow
+from services.db.dialect import db_now
+from services.db.models import Adapter, AdapterFamily, GateRun, Suite
 
 
 def family_gate_suites(session: Session, family: str) -> list[str]:
@@ -33,7 +34,7 @@ def create_gate_run(session: Session, *, candidate_id: int, suite_id: int, alpha
                     submitted_by: str = "") -> GateRunInfo:
     """A queued gate of adapter version `candidate_id` on suite `suite_id`."""
     row = GateRun(candidate_id=candidate_id, suite_id=suite_id, status="queued", alpha=alpha, min_effect=min_effect,
-                  job_ids=[], submitted_by=submitted_by)
+                  job_ids=[], submitted_by=submitted_by, created_at=db_now(session))
     session.add(row)
     session.flush()
     return get_gate_run(session, row.id)
@@ -72,8 +73,10 @@ def gate_runs(session: Session, *, adapter_name: str | None = None, candidate_id
     return [_info(*r) for r in session.execute(stmt.order_by(GateRun.id.desc()).limit(limit))]
 
 
-def queued_gate_ids_created_before(session: Session, cutoff: datetime) -> list[int]:
-    """Ids of the gates still `queued` that were stored before `cutoff` (the candidates for a lost message)."""
+def queued_gate_ids_older_than(session: Session, age_s: float) -> list[int]:
+    """Ids of the gates still `queued` that were stored more than `age_s` seconds ago, by the database's clock
+    (the candidates for a lost message)."""
+    cutoff = db_now(session) - timedelta(seconds=age_s)
     return list(session.scalars(select(GateRun.id).where(GateRun.status == "queued", GateRun.created_at < cutoff)
                                 .order_by(GateRun.id)))
 
@@ -81,7 +84,7 @@ def queued_gate_ids_created_before(session: Session, cutoff: datetime) -> list[i
 def move_gate_run(session: Session, gate_id: int, from_status: str, to_status: str, **values: object) -> bool:
     """Set a gate's status (and other columns) only if it is still `from_status`; True when this call did it."""
     if to_status in GATE_FINISHED:
-        values.setdefault("finished_at", utcnow())
+        values.setdefault("finished_at", db_now(session))
     res = session.execute(update(GateRun).where(GateRun.id == gate_id, GateRun.status == from_status)
                           .values(status=to_status, **values))
     return res.rowcount == 1

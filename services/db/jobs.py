@@ -3,15 +3,16 @@ Functions of a Session returning plain types (services.db.entities); they never 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from services.db.dialect import db_now
 from services.db.dialect import locked as _locked
 from services.db.entities import TERMINAL_JOB, JobInfo, NotFound, RunInfo, RunSpec, ShardClaim, ShardInfo
-from services.db.models import Job, Run, Shard, utcnow
+from services.db.models import Job, Run, Shard
 
 
 def _run_info(r: Run) -> RunInfo:
@@ -49,7 +50,8 @@ def create_job(
         raise ValueError("duplicate strategy specs in one job")
     job = Job(spec=spec, submitted_by=submitted_by, base_model_id=base_model_id, adapter_id=adapter_id,
               dataset_id=dataset_id, status="queued", n_samples=n_samples, n_shards=len(shard_ranges),
-              shards_done=0, shards_failed=0, samples_done=0, cancel_requested=False, owner_id=owner_id)
+              shards_done=0, shards_failed=0, samples_done=0, cancel_requested=False, owner_id=owner_id,
+              created_at=db_now(session))
     session.add(job)
     session.flush()
     session.add_all(Run(job_id=job.id, strategy=r.strategy, params=r.params, key=r.key, run_hash=r.run_hash, info={})
@@ -57,7 +59,7 @@ def create_job(
     session.add_all(Shard(job_id=job.id, start=a, stop=b, status="queued", attempts=0, samples_done=0)
                     for a, b in shard_ranges)
     if not shard_ranges:
-        job.status, job.finished_at = "done", utcnow()
+        job.status, job.finished_at = "done", db_now(session)
     session.flush()
     return _job_info(job)
 
@@ -81,8 +83,10 @@ def open_job_ids(session: Session) -> list[int]:
     return list(session.scalars(select(Job.id).where(Job.status.not_in(TERMINAL_JOB)).order_by(Job.id)))
 
 
-def queued_shards_created_before(session: Session, cutoff: datetime) -> list[ShardInfo]:
-    """Queued shards of unfinished jobs stored before `cutoff` (the candidates for a lost message)."""
+def queued_shards_older_than(session: Session, age_s: float) -> list[ShardInfo]:
+    """Queued shards of unfinished jobs stored more than `age_s` seconds ago, by the database's clock (the
+    candidates for a lost message)."""
+    cutoff = db_now(session) - timedelta(seconds=age_s)
     stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
             .where(Shard.status == "queued", Job.status.not_in(TERMINAL_JOB), Job.created_at < cutoff)
             .order_by(Shard.id))
@@ -137,13 +141,13 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
     if shard.status in ("done", "failed", "cancelled"):
         return ShardClaim(shard.status, shard_info(shard))
     if job.cancel_requested or job.status == "cancelled":
-        shard.status, shard.finished_at = "cancelled", utcnow()
+        shard.status, shard.finished_at = "cancelled", db_now(session)
         _finalize_locked(session, job)
         return ShardClaim("cancelled", shard_info(shard))
     if shard.status == "running" and shard.worker == worker and not job.cancel_requested:
         # this very process ran it and could not record the end (the database failed in the shard's last step):
         # not a new attempt, nothing to blame the shard for
-        shard.started_at = utcnow()
+        shard.started_at = db_now(session)
         session.flush()
         return ShardClaim("run", shard_info(shard))
     error = shard.error
@@ -153,14 +157,14 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         error = f"attempt {shard.attempts}: worker process {shard.worker} was lost while running it"
     if shard.attempts >= max_attempts:
         last = f"; last error: {error}" if error else " (worker lost each time)"
-        shard.status, shard.finished_at = "failed", utcnow()
+        shard.status, shard.finished_at = "failed", db_now(session)
         shard.error = f"gave up after {shard.attempts} attempts{last}"
         _finalize_locked(session, job)
         return ShardClaim("failed", shard_info(shard))
     taken = session.execute(
         update(Shard).where(Shard.id == shard.id, Shard.status == shard.status, Shard.attempts == shard.attempts,
                             Shard.worker.is_(None) if shard.worker is None else Shard.worker == shard.worker)
-        .values(attempts=shard.attempts + 1, status="running", worker=worker, started_at=utcnow(), finished_at=None,
+        .values(attempts=shard.attempts + 1, status="running", worker=worker, started_at=db_now(session), finished_at=None,
                 samples_done=0, error=error)
         .execution_options(synchronize_session=False))
     session.refresh(shard)
@@ -168,7 +172,7 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
         return ShardClaim("busy", shard_info(shard))
     if job.status == "queued":
         job.status = "running"
-        job.started_at = job.started_at or utcnow()
+        job.started_at = job.started_at or db_now(session)
     session.flush()
     return ShardClaim("run", shard_info(shard))
 
@@ -206,7 +210,7 @@ def finish_shard(session: Session, shard_id: int, status: str, error: str | None
     shard = session.scalar(_locked(session, select(Shard).where(Shard.id == shard_id)))
     assert job is not None and shard is not None
     if shard.status != "done":
-        shard.status, shard.finished_at = status, utcnow()
+        shard.status, shard.finished_at = status, db_now(session)
         if status == "done":
             shard.samples_done, shard.error = shard.stop - shard.start, None
         elif error is not None:
@@ -239,7 +243,7 @@ def _finalize_locked(session: Session, job: Job) -> None:
         errors = session.scalars(select(Shard.error).where(Shard.job_id == job.id, Shard.status == "failed")
                                  .order_by(Shard.start).limit(3)).all()
         job.error = f"{failed} of {job.n_shards} shards failed: " + " | ".join(e or "" for e in errors)
-    job.finished_at = utcnow()
+    job.finished_at = db_now(session)
     session.flush()
 
 
@@ -252,7 +256,7 @@ def request_cancel(session: Session, job_id: int) -> JobInfo:
         return _job_info(job)
     job.cancel_requested = True
     session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == "queued")
-                    .values(status="cancelled", finished_at=utcnow()))
+                    .values(status="cancelled", finished_at=db_now(session)))
     _finalize_locked(session, job)
     return _job_info(job)
 
@@ -265,7 +269,7 @@ def mark_job_failed(session: Session, job_id: int, error: str) -> None:
     """A job that cannot run at all (e.g. its model no longer loads): fail it and its open shards."""
     job = session.scalar(_locked(session, select(Job).where(Job.id == job_id)))
     session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status.in_(("queued", "running")))
-                    .values(status="failed", error=error, finished_at=utcnow()))
+                    .values(status="failed", error=error, finished_at=db_now(session)))
     if job is not None and job.status not in TERMINAL_JOB:
         _finalize_locked(session, job)
         job.error = error

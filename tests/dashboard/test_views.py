@@ -135,3 +135,38 @@ def test_every_page_renders_on_postgres(app_on, page: str) -> None:  # noqa: ANN
 
         dispose_engines()
         drop_pg_database(url)
+
+
+def test_live_page_judges_workers_on_the_database_clock(app_on) -> None:  # noqa: ANN001
+    """A dashboard whose host clock runs ten minutes ahead of the database still shows a worker that beats now as
+    alive, seen seconds ago (heartbeats carry the database's time; data.now reads the page's ages on it). Read on
+    the host's clock, the worker showed as silent, last seen 10 min ago."""
+    from datetime import datetime, timedelta, timezone
+
+    import time_machine
+
+    from services.db import store
+    from services.db.schema import upgrade
+    from services.db.session import make_engine, session_scope
+    from tests.services.conftest import _pg_available, create_pg_database, drop_pg_database
+
+    if not _pg_available():
+        pytest.skip("no Postgres")
+    url = create_pg_database()
+    try:
+        upgrade(url)
+        seed = seed_database(url)
+        engine = make_engine(url)
+        with session_scope(engine) as s:
+            store.heartbeat(s, "gpu-9:99", 99, seed.jobs["running"], None)
+        engine.dispose()
+        with time_machine.travel(datetime.now(timezone.utc) + timedelta(minutes=10), tick=True):
+            at = app_on(url, "jobs")
+        workers = at.dataframe[1].value.set_index("worker")
+        assert workers.loc["gpu-9:99", "state"] == "alive"
+        assert workers.loc["gpu-9:99", "last seen"].endswith(" s ago")
+    finally:
+        from services.db.session import dispose_engines
+
+        dispose_engines()
+        drop_pg_database(url)
