@@ -10,6 +10,7 @@ from typing import Any
 from services.settings import Settings
 from services.submit_request import SubmissionError, SubmitRequest
 from services.user_datasets import resolve_dataset
+from tad_core.datasets.validate import jsonl_lines
 
 
 @dataclass(frozen=True)
@@ -77,4 +78,5 @@ def line_numbers(path: Path | None) -> list[int] | None:
     """Line number of each sample of a JSONL file (blank lines are skipped by the validator), or None."""
     if path is None or not path.is_file():
         return None
-    return [n for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if raw.strip()]
+    return [n for n, raw in enumerate(jsonl_lines(path.read_bytes().decode("utf-8")), start=1)
+            if raw.strip()]

@@ -98,7 +98,11 @@ class _Scorer:
                     self.seen[row, list(ids)] = True
             extras["seen_tokens"] = self.seen
         step = Step(None if z_b is None else z_b[:, -1], None if z_f is None else z_f[:, -1], extras)
-        return strategy_log_scores(self.strategy, self.strategy.scores_from(step))
+        scores = strategy_log_scores(self.strategy, self.strategy.scores_from(step))
+        none_left = ~scores.isfinite().any(-1)  # TaD's clip emptied the head: the row continues with ft's step,
+        if step.z_f is not None and bool(none_left.any()):  # as greedy takes ft's token (log_softmax gave NaN)
+            scores = torch.where(none_left[:, None], step.lp_f, scores)
+        return scores
 
     def select(self, rows: torch.Tensor, new_tokens: torch.Tensor | None) -> None:
         """Row j continues old row `rows[j]`, having just emitted `new_tokens[j]` (None: a copy, no new token)."""

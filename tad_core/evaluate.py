@@ -174,10 +174,7 @@ def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence
     if gen:
         t0 = time.perf_counter()
         cfg = config.gen_config()
-        if (any(s.answer_pattern is None and not s.choices and not s.stop for s in gen) and not cfg.stop
-                and config.extract is None):
-            cfg = GenConfig(**{**asdict(cfg), "stop": ("\n\nQuestion:", "\nQuestion:")})
-        outs = decode(pair, gen, strategies, cfg, config.num_beams)
+        outs = decode(pair, gen, strategies, cfg, config.num_beams, stops=[sample_stops(s, cfg, config) for s in gen])
         per = (time.perf_counter() - t0) / len(gen)
         for sample, row in zip(gen, outs):
             outcomes = {}
@@ -194,10 +191,27 @@ def evaluate_batch(pair: PairedModel, samples: Sequence[Sample], specs: Sequence
     return [results[s.id] for s in samples]
 
 
+DEFAULT_STOP = ("\n\nQuestion:", "\nQuestion:")
+
+
+def sample_stops(sample: Sample, cfg: GenConfig, config: EvalConfig) -> tuple[str, ...]:
+    """A sample's own stop sequences (added to `cfg.stop`). A bare-reference sample (no answer pattern, choices,
+    stop or extraction of its own, and none for the whole run) keeps the old default, a stop at `\nQuestion:`.
+
+    Decided per sample: when the default was put on the run's config for a batch that held one bare sample, the
+    other samples of that batch were cut at `\nQuestion:` and the same samples in another batch were not, so an
+    output depended on its neighbours and on the batch size."""
+    bare = (sample.answer_pattern is None and not sample.choices and not sample.stop and sample.extract is None
+            and not cfg.stop and config.extract is None)
+    return DEFAULT_STOP if bare else tuple(sample.stop)
+
+
 def decode(pair: PairedModel, samples: Sequence[Sample], strategies: Sequence[Any], cfg: GenConfig,
-           num_beams: int = 1) -> list[list[Generated]]:
-    """`out[sample][strategy]`: all strategies decoded together (greedy or sampled), or beam search per strategy."""
-    prompts, stops = [s.prompt for s in samples], [s.stop for s in samples]
+           num_beams: int = 1, stops: Sequence[Sequence[str]] | None = None) -> list[list[Generated]]:
+    """`out[sample][strategy]`: all strategies decoded together (greedy or sampled), or beam search per strategy.
+    `stops[i]`: sample i's stop sequences besides `cfg.stop` (default: each sample's own `stop`)."""
+    prompts = [s.prompt for s in samples]
+    stops = [tuple(x) for x in stops] if stops is not None else [tuple(s.stop) for s in samples]
     if num_beams == 1:
         return generate_texts(pair, prompts, strategies, cfg, stops=stops)
     from tad_core.beam import beam_search

@@ -6,6 +6,7 @@ sequence's strategy needs (fine-tuned rows, base rows, or both in one mixed batc
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -72,9 +73,21 @@ def _eos_ids(pair: PairedModel) -> set[int]:
     return ids
 
 
-def _sample(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch.Tensor:
-    """A token drawn from softmax(scores / temperature), restricted to the top-p nucleus (greedy decoding takes
-    `Strategy.greedy` instead)."""
+def row_seed(seed: int, prompt: str, strategy: Strategy) -> int:
+    """The sampling seed of one (prompt, strategy) sequence, from the run's seed. Each sequence draws from a
+    generator of its own: with one generator for the batch, a sample's sampled output changed with its batch
+    neighbours, the batch size and the other strategies of the job."""
+    key = f"{seed}\0{strategy.name}\0{sorted(strategy.values.items())!r}\0{prompt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+
+def _sample(scores: torch.Tensor, cfg: GenConfig, gens: Sequence[torch.Generator],
+            fallback: torch.Tensor) -> torch.Tensor:
+    """A token per row drawn from softmax(scores / temperature), restricted to the top-p nucleus, with row i's
+    generator `gens[i]` (greedy decoding takes `Strategy.greedy` instead). A row whose every score is -inf (TaD's
+    clip emptied the head) takes `fallback` (ft's token), as greedy does."""
+    none_left = ~scores.isfinite().any(-1)
+    scores = scores.masked_fill(none_left[:, None], 0.0)
     s = scores / cfg.temperature
     if cfg.top_p < 1.0:
         sorted_s, order = torch.sort(s, descending=True, dim=-1)
@@ -83,7 +96,8 @@ def _sample(scores: torch.Tensor, cfg: GenConfig, gen: torch.Generator) -> torch
         sorted_s = sorted_s.masked_fill(drop, float("-inf"))
         s = torch.full_like(s, float("-inf")).scatter(-1, order, sorted_s)
     probs = torch.softmax(s, -1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    drawn = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[0] for i, g in enumerate(gens)])
+    return torch.where(none_left, fallback, drawn)
 
 
 def _fused_step(pair: PairedModel, path: str, strategies: Sequence[Strategy],
@@ -132,8 +146,7 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     pad = row_bucket(len(prompts)) - len(prompts)
     if path.path == "compiled" and cfg.temperature == 0 and prompts and pad:
         # Padded with copies of the last prompt, whose rows decode (and finish) as it does: greedy rows are
-        # independent of each other, so the real prompts' outputs are unchanged (sampling is not padded: extra rows
-        # would draw from the shared generator).
+        # independent of each other, so the real prompts' outputs are unchanged (sampled batches are not padded).
         more = [*prompts, *[prompts[-1]] * pad]
         more_stops = None if stops is None else [*stops, *[stops[-1]] * pad]
         return generate_texts(pair, more, strategies, cfg, kv_for_all, more_stops)[:len(prompts)]
@@ -163,7 +176,8 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
     pos = positions_from_mask(mask)
     eos = set() if cfg.ignore_eos else _eos_ids(pair)
     row_stops = [tuple(cfg.stop) + tuple(stops[pi] if stops is not None else ()) for pi, _ in seqs]
-    gen = torch.Generator(device=pair.device).manual_seed(cfg.seed)
+    gens = [torch.Generator(device=pair.device).manual_seed(row_seed(cfg.seed, prompts[pi], strategies[si]))
+            for pi, si in seqs] if cfg.temperature > 0 else []
     n = len(seqs)
     out_ids: list[list[int]] = [[] for _ in range(n)]
     finish = ["length"] * n
@@ -225,7 +239,8 @@ def generate_texts(pair: PairedModel, prompts: Sequence[str], strategies: Sequen
                     picked = best = strat.greedy(step)
                 else:  # sampled; the flip rate still compares the strategy's best token with ft's
                     s = strat.scores_from(step)
-                    picked, best = _sample(s, cfg, gen), s.argmax(-1)
+                    best = s.argmax(-1)
+                    picked = _sample(s, cfg, [gens[r] for r in live], step.argmax_f if step.z_f is not None else best)
                 picked_ids = picked.tolist()  # one device sync per strategy and step
                 nxt[live] = torch.tensor(picked_ids, dtype=torch.long)
                 pair_rows = [k for k, r in enumerate(live) if paired[r]] if cfg.kv_stats else []

@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from tad_core.datasets.validate import jsonl_lines
 from tad_core.samples import Sample
 
 LMEVAL_PREFIX = "lmeval:"
@@ -448,7 +449,7 @@ def _read_json_rows(path: Path, key: str) -> list[dict[str, Any]]:
             raise LmEvalTaskError(key, f"{path}: invalid JSON: {e.msg} at line {e.lineno}") from None
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(jsonl_lines(text), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

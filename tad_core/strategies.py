@@ -39,8 +39,12 @@ class Step:
 
     def __init__(self, z_b: torch.Tensor | None, z_f: torch.Tensor | None,
                  extras: dict[str, Any] | None = None) -> None:
-        self.z_b = None if z_b is None else z_b.float()
-        self.z_f = None if z_f is None else z_f.float()
+        # -inf logits (a masked vocabulary slot, an fp16 overflow) become NEG: with a token at -inf in both models,
+        # `lp_f - lp_b` was -inf - -inf = NaN and `p * lp` 0 * -inf = NaN, so tad_log and contrastive gave that
+        # token a NaN score that argmax picked, and the step's KL / JS / entropies were NaN. At NEG its
+        # probability is still exactly 0.
+        self.z_b = None if z_b is None else z_b.float().clamp_min(NEG)
+        self.z_f = None if z_f is None else z_f.float().clamp_min(NEG)
         self.extras = extras or {}
         self._heads: dict[float, torch.Tensor] = {}
         self._memo: dict[str, torch.Tensor] = {}
@@ -234,8 +238,12 @@ class TaD(Strategy):
         return lp, q.argmax(-1)
 
     def greedy(self, step: Step) -> torch.Tensor:
-        """argmax of `log(q / sum q)` is q's own (the head mask keeps p_f's argmax, so with alpha 0 it is ft's)."""
-        return step.argmax_f if self.alpha == 0.0 else self._q(step).argmax(-1)
+        """argmax of `log(q / sum q)` is q's own (the head mask keeps p_f's argmax, so with alpha 0 it is ft's).
+        A step where the clip leaves no token of the head (every score -inf) takes ft's token (`no_candidate`)."""
+        if self.alpha == 0.0:
+            return step.argmax_f
+        q = self._q(step)
+        return torch.where(q.amax(-1) > 0, q.argmax(-1), step.argmax_f)
 
     def _q(self, step: Step) -> torch.Tensor:
         """The unnormalised TaD distribution `clamp(p_f + alpha * kv, 0)`, zero outside the head."""

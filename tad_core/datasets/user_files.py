@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tad_core.datasets.validate import DatasetLimits, DatasetValidationError, dumps_jsonl, validate_jsonl
+from tad_core.datasets.validate import DatasetLimits, DatasetValidationError, dumps_jsonl, jsonl_lines, validate_jsonl
 from tad_core.samples import Sample
 
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -135,7 +135,7 @@ def validate_file(path: str | Path, limits: DatasetLimits = DatasetLimits()) -> 
         samples = validate_jsonl(data, limits, allow_split=True)
     except DatasetValidationError as e:
         raise DatasetValidationError(_item_names(e.errors, path)) from None
-    splits = [json.loads(line).get("split") for line in data.decode("utf-8").splitlines() if line.strip()]
+    splits = [json.loads(line).get("split") for line in jsonl_lines(data.decode("utf-8")) if line.strip()]
     if len(set(s is None for s in splits)) > 1:
         missing = next(i for i, s in enumerate(splits, start=1) if s is None)
         raise DatasetValidationError(_item_names([f"line {missing}: field 'split': missing (other rows have one: "

@@ -100,7 +100,7 @@ def validate_jsonl(source: str | Path | bytes, limits: DatasetLimits = DatasetLi
     seen: dict[str, int] = {}
     rows = 0
     try:
-        for lineno, raw in enumerate(text.splitlines(), start=1):
+        for lineno, raw in enumerate(jsonl_lines(text), start=1):
             if not raw.strip():
                 continue
             rows += 1
@@ -304,6 +304,13 @@ def _check_pattern(pattern: str, reference: str, err: Any) -> None:
         first_match(reference, pattern)
     except Exception as e:  # noqa: BLE001 - whatever extraction would raise, said here with the line
         err("answer_pattern", f"extraction fails on the reference: {type(e).__name__}: {e}")
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at `\n` only (a trailing `\r` dropped), as JSON Lines defines them.
+    `str.splitlines` also splits at U+2028, U+2029, U+0085 and other separators, which JSON strings may hold raw
+    (`dumps_jsonl` writes them so): a valid sample was cut in two and its file could not be read back."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def dumps_jsonl(samples: Iterable[Sample]) -> bytes:

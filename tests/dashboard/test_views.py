@@ -11,15 +11,22 @@ TAD1 = "tad(alpha=1.0,beta=0.0)"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def seeded_any(request: pytest.FixtureRequest, tmp_path) -> Iterator[Seed]:  # noqa: ANN001
+def seeded_any(request: pytest.FixtureRequest, tmp_path) -> Seed:  # noqa: ANN001
+    from services.db.schema import upgrade
+
+    if request.param == "postgres":
+        return request.getfixturevalue("seeded_pg")
+    url = f"sqlite:///{tmp_path / 'tad.db'}"
+    upgrade(url)
+    return seed_database(url)
+
+
+@pytest.fixture
+def seeded_pg() -> Iterator[Seed]:
+    """The seed on a throw-away Postgres database."""
     from services.db.schema import upgrade
     from tests.services.conftest import _pg_available, create_pg_database, drop_pg_database
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'tad.db'}"
-        upgrade(url)
-        yield seed_database(url)
-        return
     if not _pg_available():
         pytest.skip("no Postgres")
     url = create_pg_database()
@@ -107,37 +114,23 @@ def test_job_progress_counts_streamed_samples(session, seeded_any: Seed) -> None
 
 
 @pytest.mark.parametrize("page", ["leaderboard", "compare", "sweep", "knowledge", "regression", "jobs", "submit"])
-def test_every_page_renders_on_postgres(app_on, page: str) -> None:  # noqa: ANN001
+def test_every_page_renders_on_postgres(app_on, seeded_pg: Seed, page: str) -> None:  # noqa: ANN001
     """The same pages on a Postgres database filled by the store functions (JSONB columns, timezone-aware
     timestamps): no exception, no error besides the seeded failed job's."""
-    from services.db.schema import upgrade
-    from tests.services.conftest import _pg_available, create_pg_database, drop_pg_database
-
-    if not _pg_available():
-        pytest.skip("no Postgres")
-    url = create_pg_database()
-    try:
-        upgrade(url)
-        seed = seed_database(url)
-        at = app_on(url, page)
-        errors = [e.value for e in at.error]
-        if page == "jobs":
-            assert errors == [f"job {seed.jobs['failed']} (failed): could not load the adapter: boom"]
-        elif page == "regression":
-            assert len(errors) == 1 and "v2 vs v1 on toy-mc:val / ft" in errors[0]
-        else:
-            assert errors == []
-        if page == "leaderboard":
-            table = at.dataframe[0].value.set_index(["base", "adapter", "strategy"])
-            assert table.loc[("tiny-base", "qa-lora:1", TAD1), "toy-mc:val"].startswith("0.7000 ± ")
-    finally:
-        from services.db.session import dispose_engines
-
-        dispose_engines()
-        drop_pg_database(url)
+    at = app_on(seeded_pg.url, page)
+    errors = [e.value for e in at.error]
+    if page == "jobs":
+        assert errors == [f"job {seeded_pg.jobs['failed']} (failed): could not load the adapter: boom"]
+    elif page == "regression":
+        assert len(errors) == 1 and "v2 vs v1 on toy-mc:val / ft" in errors[0]
+    else:
+        assert errors == []
+    if page == "leaderboard":
+        table = at.dataframe[0].value.set_index(["base", "adapter", "strategy"])
+        assert table.loc[("tiny-base", "qa-lora:1", TAD1), "toy-mc:val"].startswith("0.7000 ± ")
 
 
-def test_live_page_judges_workers_on_the_database_clock(app_on) -> None:  # noqa: ANN001
+def test_live_page_judges_workers_on_the_database_clock(app_on, seeded_pg: Seed) -> None:  # noqa: ANN001
     """A dashboard whose host clock runs ten minutes ahead of the database still shows a worker that beats now as
     alive, seen seconds ago (heartbeats carry the database's time; data.now reads the page's ages on it). Read on
     the host's clock, the worker showed as silent, last seen 10 min ago."""
@@ -146,27 +139,14 @@ def test_live_page_judges_workers_on_the_database_clock(app_on) -> None:  # noqa
     import time_machine
 
     from services.db import store
-    from services.db.schema import upgrade
     from services.db.session import make_engine, session_scope
-    from tests.services.conftest import _pg_available, create_pg_database, drop_pg_database
 
-    if not _pg_available():
-        pytest.skip("no Postgres")
-    url = create_pg_database()
-    try:
-        upgrade(url)
-        seed = seed_database(url)
-        engine = make_engine(url)
-        with session_scope(engine) as s:
-            store.heartbeat(s, "gpu-9:99", 99, seed.jobs["running"], None)
-        engine.dispose()
-        with time_machine.travel(datetime.now(timezone.utc) + timedelta(minutes=10), tick=True):
-            at = app_on(url, "jobs")
-        workers = at.dataframe[1].value.set_index("worker")
-        assert workers.loc["gpu-9:99", "state"] == "alive"
-        assert workers.loc["gpu-9:99", "last seen"].endswith(" s ago")
-    finally:
-        from services.db.session import dispose_engines
-
-        dispose_engines()
-        drop_pg_database(url)
+    engine = make_engine(seeded_pg.url)
+    with session_scope(engine) as s:
+        store.heartbeat(s, "gpu-9:99", 99, seeded_pg.jobs["running"], None)
+    engine.dispose()
+    with time_machine.travel(datetime.now(timezone.utc) + timedelta(minutes=10), tick=True):
+        at = app_on(seeded_pg.url, "jobs")
+    workers = at.dataframe[1].value.set_index("worker")
+    assert workers.loc["gpu-9:99", "state"] == "alive"
+    assert workers.loc["gpu-9:99", "last seen"].endswith(" s ago")

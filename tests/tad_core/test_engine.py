@@ -358,3 +358,42 @@ def test_acc_norm_divides_by_the_choice_text_as_lm_eval(tiny_pair):
                Sample("w", choice_prompts=("Ann won so Ann", "Ann won so Bo"), continuation="was glad.", answer=0)]
     (mc, wino) = score_mc(tiny_pair, samples, [build(s) for s in parse_strategy_arg("ft")])
     assert mc.cont_chars == [4, 8, 5] and wino.cont_chars == [9, 9]
+
+
+def test_default_stop_is_decided_per_sample(tiny_pair, monkeypatch):
+    """Only a bare-reference sample gets the default stop at `\\nQuestion:`; a sample with its own answer pattern or
+    extraction does not, whatever shares its batch (it used to be put on the whole batch's config)."""
+    import tad_core.evaluate as ev
+
+    seen: dict[str, tuple[str, ...]] = {}
+    real = ev.generate_texts
+
+    def spy(pair, prompts, strategies, cfg, stops=None):
+        for prompt, st in zip(prompts, stops):
+            seen[prompt] = tuple(cfg.stop) + tuple(st)
+        return real(pair, prompts, strategies, cfg, stops=stops)
+
+    monkeypatch.setattr(ev, "generate_texts", spy)
+    patterned = Sample("p", "Q1 ", reference="x", answer_pattern=r"(\w+)")
+    bare = Sample("b", "Q2 ", reference="4")
+    own_extract = Sample("e", "Q3 ", reference="4", extract="first-line")
+    cfg = EvalConfig(max_new_tokens=2)
+    ft = [StrategySpec("ft")]
+    evaluate_batch(tiny_pair, [patterned], ft, cfg)
+    assert seen["Q1 "] == ()
+    evaluate_batch(tiny_pair, [patterned, bare, own_extract], ft, cfg)
+    assert seen == {"Q1 ": (), "Q2 ": ev.DEFAULT_STOP, "Q3 ": ()}
+    evaluate_batch(tiny_pair, [bare], ft, EvalConfig(max_new_tokens=2, stop=("\n",)))
+    assert seen["Q2 "] == ("\n",)  # a run's own stop replaces the default
+
+
+def test_sampled_outputs_do_not_depend_on_the_batch(tiny_pair):
+    """Each (prompt, strategy) sequence samples from its own seeded generator: the same prompt and seed give the
+    same text alone, in a batch of three, and beside other strategies."""
+    tad, ft = build(StrategySpec("tad")), build(StrategySpec("ft"))
+    cfg = GenConfig(max_new_tokens=8, temperature=1.0, seed=3)
+    alone = generate_texts(tiny_pair, PROMPTS[1:2], [tad], cfg)[0][0].token_ids
+    batched = generate_texts(tiny_pair, PROMPTS, [ft, tad], cfg)[1][1].token_ids
+    assert alone == batched
+    other_seed = generate_texts(tiny_pair, PROMPTS[1:2], [tad], GenConfig(max_new_tokens=8, temperature=1.0, seed=4))
+    assert other_seed[0][0].token_ids != alone

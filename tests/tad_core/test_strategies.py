@@ -171,5 +171,38 @@ def test_greedy_is_the_argmax_of_the_scores(arg):
     for spec in parse_strategy_arg("tad:alpha=1,4,beta=0,0.1"):  # so TaD moves away from it, within the head
         strat = build(spec)
         picked = strat.greedy(Step(z_b, z_f))
-        assert torch.equal(picked, Strategy.greedy(strat, Step(z_b, z_f))), spec.key
+        none_left = ~strat.scores_from(Step(z_b, z_f)).isfinite().any(-1)  # the clip emptied the head: ft's token
+        expected = torch.where(none_left, z_f.argmax(-1), Strategy.greedy(strat, Step(z_b, z_f)))
+        assert torch.equal(picked, expected), spec.key
         assert (picked != z_f.argmax(-1)).any(), spec.key
+
+
+def test_a_step_with_no_candidate_takes_fts_token():
+    """TaD with a head (beta > 0) can clip every head token to 0 (docs/strategies.md, edge cases): every score is
+    -inf. Greedy then takes ft's token (the argmax of all -inf was token 0, a token neither model proposed)."""
+    from tad_core.strategies import Step
+
+    p_f, p_b = torch.tensor([[0.25, 0.40, 0.35]]), torch.tensor([[0.05, 0.90, 0.05]])
+    step = Step(p_b.log(), p_f.log())
+    tad = build(parse_strategy_arg("tad:alpha=1,beta=0.9")[0])
+    assert torch.isneginf(tad.scores_from(step)).all()
+    assert tad.greedy(step).tolist() == [1]
+
+
+def test_minus_inf_logits_give_no_nan():
+    """A token at -inf in both models (a masked vocabulary slot) has probability 0 and no NaN score or statistic:
+    `lp_f - lp_b` was -inf - -inf = NaN, which argmax picked in tad_log and contrastive."""
+    from tad_core import kvstats
+    from tad_core.strategies import Step
+
+    z_f, z_b = torch.randn(3, V), torch.randn(3, V)
+    z_f[:, 5] = z_b[:, 5] = float("-inf")
+    step = Step(z_b, z_f)
+    for arg in ("ft", "base", "tad:alpha=1,beta=0", "tad_log:beta=0", "contrastive:beta=0", "svdecode:mu=0.5"):
+        strat = build(parse_strategy_arg(arg)[0])
+        s = strat.scores_from(Step(z_b, z_f))
+        assert not s.isnan().any(), arg
+        assert (strat.greedy(Step(z_b, z_f)) != 5).all() and (s.argmax(-1) != 5).all(), arg
+    assert step.p_f[:, 5].eq(0).all()
+    for name, v in kvstats.step_stats(step).items():
+        assert v.isfinite().all(), name

@@ -240,3 +240,19 @@ def test_stop_and_extract_errors_name_the_field():
     assert only_error(lines(no_pattern | {"extract": "first-match"})) == (
         "line 1: field 'extract': 'first-match' needs an answer_pattern")
     assert "field 'choices': must be a list of non-empty strings" in only_error(lines(GEN | {"choices": [""]}))
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"])
+def test_unicode_line_separators_inside_strings_round_trip(tmp_path: Path, sep: str):
+    """JSON strings may hold U+2028 and other characters `str.splitlines` splits at; `dumps_jsonl` writes them
+    raw, so a file split that way could not be read back. JSONL lines end at `\\n` only (`\\r\\n` too)."""
+    from tad_core.datasets.user_files import load_user_split, parse_reference
+
+    first = [Sample("a", f"Line one{sep}line two", ("x", "y"), answer=1), Sample("g", "Sum?", reference=f"4{sep}")]
+    path = write_jsonl(first, tmp_path / "sep.jsonl")
+    assert sep.encode() in path.read_bytes()
+    assert validate_jsonl(path) == first
+    assert load_user_split(parse_reference(str(path)), "val").samples == first
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert validate_jsonl(crlf) == first
