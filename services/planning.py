@@ -20,7 +20,10 @@ from services.settings import Settings, get_settings
 from services.submission import ValidatedRequest, validate_request
 from services.submit_request import SubmissionError, SubmitRequest
 
-CODE_VERSION = "2"  # 2: acc_norm divides by the choice without its delimiter (lm-eval). Bump when a change alters results, so reuse by run hash never mixes code versions
+# Bump when a change alters results, so reuse by run hash never mixes code versions. 2: acc_norm divides by the
+# choice without its delimiter (lm-eval). 3: generation's default stop per sample, a seeded generator per sampled
+# sequence, ft's token where TaD's clip empties the head, -inf logits read as -1e30.
+CODE_VERSION = "3"
 
 
 @dataclass(frozen=True)
