@@ -10,7 +10,7 @@ from typing import Any
 from services.settings import Settings
 from services.submit_request import SubmissionError, SubmitRequest
 from services.user_datasets import resolve_dataset
-from tad_core.datasets.validate import jsonl_lines
+from tad_core.datasets.validate import SPLIT_NAME, jsonl_lines
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ def check_dataset(req: SubmitRequest, settings: Settings, errors: list[str]) -> 
 
     if req.limit is not None and req.limit < 1:
         errors.append(f"--limit must be a positive integer, got {req.limit}")
+        return None
+    if not SPLIT_NAME.match(req.split):  # a file without split fields takes the name as given: keep it a name
+        errors.append(f"--split {req.split!r}: a split name is 1-50 letters, digits, '_' or '-'")
         return None
     try:  # a .json array, a file holding several splits: the selected split as one canonical file
         req = replace(req, dataset=resolve_dataset(req.dataset, req.split))

@@ -18,6 +18,8 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,21 @@ def _client(tracking_uri: str) -> Any:
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise MlflowExportError("--mlflow needs the MLflow client: pip install 'tad-eval[mlflow]'") from None
-    return MlflowClient(tracking_uri=tracking_uri)
+    with _named(tracking_uri):  # an unknown scheme fails here
+        return MlflowClient(tracking_uri=tracking_uri)
+
+
+@contextmanager
+def _named(tracking_uri: str) -> Iterator[None]:
+    """MLflow's errors about the tracking URI (unknown scheme, unreachable server) as an MlflowExportError naming
+    `--mlflow URI`, not a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MlflowExportError(f"--mlflow {tracking_uri}: {first}") from None
 
 
 def _param_value(value: Any) -> str:
@@ -116,8 +132,9 @@ def export_job_mlflow(settings: Settings, job_id: int, tracking_uri: str,
     if not board:
         raise MlflowExportError(f"job {job_id} has no runs to log yet")
     client = _client(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    with _named(tracking_uri):  # the first call that reaches the store
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     logged = []
     for row in board:
         existing = _existing(client, experiment_id, row)

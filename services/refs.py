@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+MAX_ID = 2**31 - 1  # ids and versions are 32-bit integers in the database: larger ones are refused, not looked up
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")  # no ':' (the version separator) and no '/'
 
 
@@ -19,6 +20,6 @@ def parse_ref(text: str, what: str) -> tuple[str, int | None]:
         raise RefError(f"{what} {text!r}: expected NAME:VERSION")
     if not sep or ver == "latest":
         return name, None
-    if not ver.isdigit() or int(ver) < 1:
-        raise RefError(f"{what} {text!r}: the version must be a positive integer or 'latest'")
+    if not (ver.isascii() and ver.isdigit()) or not 1 <= int(ver) <= MAX_ID:
+        raise RefError(f"{what} {text!r}: the version must be an integer from 1 to {MAX_ID} or 'latest'")
     return name, int(ver)

@@ -4,6 +4,7 @@ problem (or SecurityError); services.planning stores what passed."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,29 @@ def _check_config(values: dict[str, Any], errors: list[str]) -> Any:
     except (TypeError, ValueError) as e:
         errors.append(f"generation config: {e}")
         return None
+
+
+def _check_dola_layers(specs: list[Any], side: ModelSide, errors: list[str]) -> None:
+    """DoLa's premature layers against the base model's depth (read from its config.json when it is on this
+    machine): a layer list past the last layer used to be accepted, and every sample of the job then failed."""
+    dola = [sp for sp in specs if sp.name == "dola"]
+    local = local_base_dir(side.base_name, side.base_path) if dola else None
+    if local is None:
+        return  # no config here (a model the worker fetches): the worker refuses it, naming the layers
+    from tad_core.strategies import build, dola_candidate_layers
+
+    cfg = json.loads((local / "config.json").read_text())
+    text_cfg = cfg.get("text_config") or cfg
+    n = text_cfg.get("num_hidden_layers")
+    tied = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
+    if not isinstance(n, int):
+        return
+    for sp in dola:
+        try:
+            if not dola_candidate_layers(build(sp).layers, n, bool(tied)):
+                errors.append(f"strategy {sp.key!r}: no candidate premature layer in a {n}-layer model")
+        except ValueError as e:
+            errors.append(f"strategy {sp.key!r}: " + str(e).removeprefix("strategy 'dola': "))
 
 
 @functools.lru_cache(maxsize=4)
@@ -145,6 +169,8 @@ def validate_request(req: SubmitRequest, settings: Settings | None = None) -> Va
         if req.dataset not in REGISTRY or "train" not in REGISTRY[req.dataset].splits:
             errors.append("svdecode with mu=auto calibrates on the train split of a registered dataset; "
                           f"{req.dataset!r} has none: give mu a number (e.g. --strategy svdecode:mu=1.0)")
+    if side is not None and specs:
+        _check_dola_layers(specs, side, errors)
     if data is not None and side is not None and config is not None:
         _check_budgets(data, config, side, settings, errors, limit=req.limit)
     if data is not None and config is not None:

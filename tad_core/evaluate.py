@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tad_core.dtypes import canonical_dtype
 from tad_core.extraction import answers_match, check_mode, extract_answer
 from tad_core.formats import DEFAULT_FORMAT, FormatContext, canonical_format, parse_format
-from tad_core.generation import GenConfig, Generated, generate_texts
+from tad_core.generation import GenConfig, Generated, check_int, check_stops, generate_texts
 from tad_core.metrics import Estimate, McNemarResult, accuracy, fixed_or_broken, mc_predictions, mcnemar
 from tad_core.models import PairedModel
 from tad_core.samples import Sample
@@ -57,9 +57,11 @@ class EvalConfig:
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("num_beams > 1 is beam search: it needs temperature 0 (greedy), "
                              f"got temperature {self.temperature!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        check_int("batch_size", self.batch_size, 1)
+        check_stops("stop", self.stop)
         object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.delimiter, str):
+            raise ValueError(f"delimiter must be a string, got {self.delimiter!r}")
         if self.mc_floor is not None and (isinstance(self.mc_floor, bool) or not isinstance(self.mc_floor, (int, float))
                                           or not math.isfinite(self.mc_floor) or self.mc_floor >= 0):
             raise ValueError(f"mc_floor must be a finite negative number or None, got {self.mc_floor!r}")
@@ -82,8 +84,6 @@ class EvalConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config field(s) {sorted(unknown)}; known: {sorted(known)}")
-        if "stop" in data:
-            data["stop"] = tuple(data["stop"])
         return cls(**data)
 
 

@@ -24,6 +24,28 @@ from tad_core.scoring import hidden_layers_for
 from tad_core.strategies import Step, Strategy
 
 
+MAX_INT = 2**63 - 1  # what a database BIGINT and torch's seeds hold
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:
+    """Refuse `value` unless it is an integer (not a bool) in [minimum, maximum], naming the field: configs arrive
+    as JSON from the API, where a string, a bool or a float can stand in any field."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
+
+
+def check_stops(name: str, value: Any) -> None:
+    """A list of non-empty strings: a bare string would be read as its characters, and an empty stop string is in
+    every text, so it cut every output to nothing."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+            or not all(isinstance(s, str) and s for s in value):
+        raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+
+
 @dataclass(frozen=True)
 class GenConfig:
     max_new_tokens: int = 64
@@ -43,11 +65,13 @@ class GenConfig:
     share_prefill: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("seed", self.seed, 0)
+        check_int("kv_topk", self.kv_topk, 0, 1000)
+        check_stops("stop", self.stop)
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.decode is not None and self.decode not in PATHS:
             raise ValueError(f"decode must be one of {', '.join(PATHS)}, got {self.decode!r}")

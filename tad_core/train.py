@@ -7,6 +7,7 @@ seed on a given machine: the sample subset, batch order and initialisation all d
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -79,8 +80,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.max_length < 8:
             raise ValueError(f"max_length: must be at least 8 tokens, got {self.max_length}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr: must be positive, got {self.lr!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be a positive finite number, got {self.lr!r}")  # inf trained NaN weights
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: must be an integer in [0, {2**63 - 1}], got {self.seed!r}")
         object.__setattr__(self, "out", Path(self.out).expanduser())
 
     @property

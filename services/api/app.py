@@ -37,6 +37,7 @@ from services.export import (DEFAULT_PAGE, SAMPLE_CSV_COLUMNS, iter_sample_rows,
 from services.gates import newest_per_suite
 from services.planning import plan_validated
 from services.queueing import QueueUnavailable, enqueue_or_fail, requeue_job
+from services.refs import MAX_ID
 from services.registration import register_adapter_dir
 from services.regress import GateError
 from services.security import SecurityError
@@ -44,7 +45,6 @@ from services.settings import Settings, get_settings
 from services.submission import validate_request
 from services.submit_request import SubmissionError
 
-MAX_ID = 2**31 - 1  # ids are 32-bit integers in the database: larger ones are refused, not looked up
 JobId = PathParam(ge=1, le=MAX_ID, description="job id")
 UPLOAD_CHUNK = 1 << 20
 PLAN_ATTEMPTS = 3  # concurrent first submissions of one dataset race on its unique hash: the loser plans again

@@ -13,6 +13,8 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
+from services.refs import MAX_ID
+
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3  # the database or the broker cannot be reached
 
@@ -47,7 +49,8 @@ TokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="generat
 TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy")]
 FloorOpt = Annotated[Optional[float], typer.Option("--mc-floor", help="MC scoring: log-prob charged for a token a "
                                                    "strategy excludes (e.g. -1000) instead of -inf for the choice")]
-SeedOpt = Annotated[int, typer.Option("--seed")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1)]
+JobArg = Annotated[int, typer.Argument(min=1, max=MAX_ID, help="job id")]
 FormatOpt = Annotated[str, typer.Option("--format", help="prompt format: mc-loglik (default), llm-adapters, chat, "
                                         "k-shot[:k=5,seed=0] (tad formats lists them)")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="generation: stop sequence, repeatable "

@@ -17,8 +17,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from services.refs import MAX_ID
+
 from services.cli.common import (AdapterNameOpt, AdapterOpt, ApiTokenOpt, BaseOpt, BatchOpt, BeamsOpt, DatasetNameOpt,
-                                 DtypeOpt, DatasetOpt, EXIT_UNAVAILABLE, ExtractOpt, FinetunedOpt, FloorOpt, FormatOpt,
+                                 DtypeOpt, DatasetOpt, EXIT_UNAVAILABLE, JobArg, ExtractOpt, FinetunedOpt, FloorOpt, FormatOpt,
                                  LimitOpt, SeedOpt, ShuffleOpt, ServerOpt, ShardOpt, SplitOpt, StopOpt, StrategyOpt,
                                  TempOpt, TokenOpt, TokensOpt, UserOpt, first_line, api_client, build_request, cell,
                                  check_schema, cli_settings, fail, follow_job, job_payload, json_default,
@@ -92,7 +94,7 @@ def register(app: typer.Typer) -> None:
         _run_here(settings, plan.job.id, plan.job.n_samples, 0, as_json)
 
     @app.command()
-    def resume(job_id: int,
+    def resume(job_id: JobArg,
                as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False) -> None:
         """Finish an interrupted job in this process (a `tad run` that was killed or stopped with Ctrl-C, or a
         queued job without workers): its queued shards and those left running by a process that is gone. The
@@ -141,12 +143,17 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @app.command()
-    def jobs(limit: Annotated[int, typer.Option(min=1)] = 20, status: Annotated[Optional[str], typer.Option()] = None,
+    def jobs(limit: Annotated[int, typer.Option(min=1, max=MAX_ID)] = 20, status: Annotated[Optional[str], typer.Option()] = None,
              as_json: Annotated[bool, typer.Option("--json")] = False, server: ServerOpt = None,
              api_token: ApiTokenOpt = None) -> None:
         """List recent jobs (with --server: "by" is the owner of the token that submitted it)."""
         from rich.console import Console
         from rich.table import Table
+
+        from services.db.models import JOB_STATUSES
+
+        if status is not None and status not in JOB_STATUSES:
+            fail(f"--status {status!r}: expected one of {', '.join(JOB_STATUSES)}")
 
         if server:
             from services.cli import remote
@@ -177,7 +184,7 @@ def register(app: typer.Typer) -> None:
         Console(width=160).print(table)
 
     @app.command()
-    def status(job_id: int, watch: Annotated[bool, typer.Option("--watch", help="progress bar until it ends")] = False,
+    def status(job_id: JobArg, watch: Annotated[bool, typer.Option("--watch", help="progress bar until it ends")] = False,
                interval: Annotated[float, typer.Option(min=0.1)] = 1.0, server: ServerOpt = None,
                api_token: ApiTokenOpt = None) -> None:
         """Show a job's status (with --watch: a live progress bar until the job ends)."""
@@ -205,7 +212,7 @@ def register(app: typer.Typer) -> None:
         _print_status(job)
 
     @app.command()
-    def cancel(job_id: int, token: TokenOpt = None, server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
+    def cancel(job_id: JobArg, token: TokenOpt = None, server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
         """Cancel a job: queued shards stop now, running ones within seconds (needs the submit token when the
         deployment sets TAD_SUBMIT_TOKEN, like the dashboard's Cancel button: cancelling is as privileged as
         submitting; with --server: the job's owner or an admin token)."""
@@ -228,7 +235,7 @@ def register(app: typer.Typer) -> None:
                                                      if job.status == "running" else ""))
 
     @app.command()
-    def requeue(job_id: int, server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
+    def requeue(job_id: JobArg, server: ServerOpt = None, api_token: ApiTokenOpt = None) -> None:
         """Send a job's unfinished shards to the broker again (after the broker lost its messages): queued shards
         and running ones whose worker stopped beating; shards of live workers are left to them."""
         if server:
@@ -252,7 +259,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"job {job_id}: {sent} shard(s) sent to the queue {settings.queue!r}")
 
     @app.command()
-    def results(job_id: int, as_csv: Annotated[bool, typer.Option("--csv", help="per-sample rows as CSV")] = False,
+    def results(job_id: JobArg, as_csv: Annotated[bool, typer.Option("--csv", help="per-sample rows as CSV")] = False,
                 as_json: Annotated[bool, typer.Option("--json", help="leaderboard + per-sample rows as JSON")] = False,
                 output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write to a file")] = None,
                 lmeval: Annotated[Optional[Path], typer.Option("--lmeval", help="write lm-evaluation-harness output "
@@ -288,7 +295,10 @@ def register(app: typer.Typer) -> None:
                 _print_results(settings, job_id)
                 return
             payload = job_payload(settings, job_id, with_samples=True)
-        out = open(output, "w", newline="") if output else sys.stdout
+        try:
+            out = open(output, "w", newline="") if output else sys.stdout
+        except OSError as e:
+            fail(f"--output {output}: {e.strerror or e}")
         try:
             if as_json:
                 out.write(json.dumps(payload, default=json_default) + "\n")
@@ -378,6 +388,8 @@ def _export_lmeval(settings: Any, job_id: int, out_dir: Path) -> None:
         runs = export_job(settings, job_id, out_dir)
     except ExportError as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"--lmeval {out_dir}: {e.strerror or e}")
     for run in runs:
         typer.echo(f"{run.key}: {run.results} {run.samples}")
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from services.refs import MAX_ID
+
 from services.cli.common import (ApiTokenOpt, ServerOpt, TokenOpt, UserOpt, api_client, cell, check_schema,
                                  cli_settings, fail, fail_listing, json_default, progress_bar, user_errors)
 
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
     def adapters_register(
         name: Annotated[str, typer.Argument(help="adapter family name (letters, digits, _ . -)")],
         directory: Annotated[Path, typer.Argument(metavar="DIR", help="PEFT adapter directory")],
-        version: Annotated[Optional[int], typer.Option("--version", min=1, help="version number (default: "
+        version: Annotated[Optional[int], typer.Option("--version", min=1, max=MAX_ID, help="version number (default: "
                                                        "next free one)")] = None,
         base: Annotated[Optional[str], typer.Option("--base", help="base model it belongs to (default: the one "
                                                     "in tad_manifest.json, else smollm2-135m-instruct)")] = None,

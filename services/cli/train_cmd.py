@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(200, help="optimizer steps"),
         train_size: int = typer.Option(500, "--train-size", help="samples drawn (seeded) from the split of EACH "
                                        "dataset"),
-        seed: int = typer.Option(0, help="seed for the subset, batch order and initialisation"),
+        seed: int = typer.Option(0, min=0, max=2**63 - 1, help="seed for the subset, batch order and initialisation"),
         base: str = typer.Option("smollm2-135m-instruct", help="registered base model, model dir or .gguf file"),
         lr: float | None = typer.Option(None, help="learning rate (default depends on the method)"),
         batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from services.refs import MAX_ID
+
 from services.cli.common import cell, check_schema, cli_settings, fail, json_default, user_errors
 
 
@@ -108,7 +110,7 @@ def register(app: typer.Typer) -> None:
         Console(width=120).print(table)
 
     @tokens_app.command("revoke")
-    def tokens_revoke(token_id: int) -> None:
+    def tokens_revoke(token_id: Annotated[int, typer.Argument(min=1, max=MAX_ID)]) -> None:
         """Revoke a token: the API refuses it (401) from the next request on."""
         from services.db import users
 

@@ -139,6 +139,12 @@ def _bad_char(value: Any) -> tuple[str, int] | None:
     return None
 
 
+def _refuse_constant(name: str) -> None:
+    """Python's json reads NaN, Infinity and -Infinity, which JSON does not have: Postgres refused the stored row
+    (an unnamed DataError at submission) and SQLite stored JSON nothing else can read."""
+    raise ValueError(f"{name} is not a JSON value (write a number or null)")
+
+
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -147,9 +153,12 @@ def _check_line(raw: str, n: int, limits: DatasetLimits, col: _Collector, seen: 
                 allow_split: bool = False) -> Sample | None:
     before = len(col.errors)
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         col.add(f"line {n}: invalid JSON: {e.msg} at column {e.colno}")
+        return None
+    except ValueError as e:
+        col.add(f"line {n}: invalid JSON: {e}")
         return None
     if not isinstance(obj, dict):
         col.add(f"line {n}: expected a JSON object, got {type(obj).__name__}")

@@ -248,6 +248,11 @@ def test_oversized_or_invalid_uploads_store_nothing(api: dict) -> None:
         assert resp.status_code == 422 and "not a registered dataset" in resp.text  # no server paths
         resp = alice.post("/jobs", json={"dataset": "boolq", "limit": 0})
         assert resp.status_code == 422 and "limit" in resp.text
+        for config, message in (({"delimiter": 5}, "delimiter must be a string"),  # was a 500 (TypeError)
+                                ({"kv_topk": -5}, "kv_topk must be an integer"), ({"stop": "abc"}, "stop must be"),
+                                ({"seed": "abc"}, "seed must be")):
+            resp = _upload(alice, small, _options(api, config=config))
+            assert resp.status_code == 422 and message in resp.text, (config, resp.text)
     assert _counts(api["settings"]) == (0, 0)
 
 

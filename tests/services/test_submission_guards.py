@@ -175,3 +175,55 @@ def test_values_over_the_database_column_sizes_are_refused_by_name(pg: dict) -> 
             plan_job(req, pg["settings"])
         assert message in str(e.value), str(e.value)
     assert _count(pg["url"], "jobs") == 0 and _count(pg["url"], "datasets") == 0
+
+
+def test_bad_config_split_and_dola_layers_are_refused_by_name(pg: dict) -> None:
+    """Config values of the wrong type or range (the API passes JSON through), split names that are not names, and
+    DoLa layers past the base model's depth were stored and queued: `stop: "abc"` became three one-letter stops,
+    `stop: [""]` cut every output to nothing, `kv_topk: -5` and `dola:layers=[999]` failed every sample of a job
+    that then ended `done`."""
+    data = write_mc_dataset(pg["tmp"] / "ok.jsonl", 3)
+    cases = [
+        ({"config": {"kv_topk": -5}}, "kv_topk must be an integer in [0, 1000], got -5"),
+        ({"config": {"stop": "abc"}}, "stop must be a list of non-empty strings, got 'abc'"),
+        ({"config": {"stop": [""]}}, "stop must be a list of non-empty strings, got ['']"),
+        ({"config": {"max_new_tokens": True}}, "max_new_tokens must be an integer"),
+        ({"config": {"seed": "abc"}}, "seed must be an integer"),
+        ({"config": {"seed": 2**70}}, "seed must be an integer"),
+        ({"config": {"delimiter": 5}}, "delimiter must be a string, got 5"),
+        ({"split": "no such/split!"}, "--split 'no such/split!': a split name is"),
+        ({"split": ""}, "--split '': a split name is"),
+        ({"strategies": ["dola:layers=[999]"]}, "layers [999] are not premature layers of a 2-layer model"),
+    ]
+    for extra, message in cases:
+        req = SubmitRequest(**{"dataset": str(data), "base": str(pg["model"]), "strategies": ["ft"], **extra})
+        with pytest.raises(SubmissionError) as e:
+            plan_job(req, pg["settings"])
+        assert message in str(e.value), (extra, str(e.value))
+    assert _count(pg["url"], "jobs") == 0 and _count(pg["url"], "datasets") == 0
+    ok = SubmitRequest(dataset=str(data), base=str(pg["model"]), strategies=["dola:layers=[0]"], split="test-1")
+    assert plan_job(ok, pg["settings"]).job.id
+
+
+def test_cli_number_and_export_errors_name_the_option(pg: dict) -> None:
+    """Ids past the database's integers, a bad --status, unwritable export targets and a URI MLflow refuses exit 2
+    with the option named (they were tracebacks, exit 1)."""
+    env = pg["env"]
+    for args, message in (
+            (["status", "99999999999999999999"], "2147483647"),
+            (["results", "3000000000"], "2147483647"),
+            (["jobs", "--status", "bogus"], "--status 'bogus': expected one of queued"),
+            (["adapters", "promote", "x:99999999999999999999"], "the version must be an integer from 1 to"),
+            (["adapters", "promote", "x:\u00b2"], "the version must be an integer from 1 to"),
+            (["tokens", "revoke", "99999999999999999999"], "2147483647")):
+        out = tad_cli(env, *args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    data = write_mc_dataset(pg["tmp"] / "ok.jsonl", 2)
+    run = tad_cli(env, "run", "--dataset", str(data), "--base", str(pg["model"]), "--json")
+    assert run.returncode == 0, run.stderr
+    job = str(json.loads(run.stdout)["job"]["id"])
+    for args, message in ((["--csv", "-o", str(pg["tmp"] / "missing" / "x.csv")], "--output "),
+                          (["--lmeval", str(data)], f"--lmeval {data}: Not a directory"),
+                          (["--mlflow", "bogus://x"], "--mlflow bogus://x: ")):
+        out = tad_cli(env, "results", job, *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

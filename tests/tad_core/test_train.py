@@ -72,8 +72,11 @@ def test_config_validation(tmp_path: Path):
         TrainConfig(out=tmp_path, method="qlora")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps: must be a positive integer"):
         TrainConfig(out=tmp_path, steps=0)
-    with pytest.raises(ValueError, match="lr: must be positive"):
-        TrainConfig(out=tmp_path, lr=-1.0)
+    for lr in (-1.0, float("inf"), float("nan")):  # inf trained an adapter of NaN weights
+        with pytest.raises(ValueError, match="lr: must be a positive finite number"):
+            TrainConfig(out=tmp_path, lr=lr)
+    with pytest.raises(ValueError, match="seed: must be an integer in"):
+        TrainConfig(out=tmp_path, seed=2**70)
     assert TrainConfig(out=tmp_path, method="ia3").learning_rate == 3e-3
     assert TrainConfig(out=tmp_path, method="ia3", lr=0.1).learning_rate == 0.1
 

@@ -256,3 +256,13 @@ def test_unicode_line_separators_inside_strings_round_trip(tmp_path: Path, sep: 
     crlf = tmp_path / "crlf.jsonl"
     crlf.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
     assert validate_jsonl(crlf) == first
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: str):
+    """Python's json reads them; Postgres refused the stored row (an unnamed error) and SQLite stored JSON that
+    nothing else reads. Refused with the line."""
+    row = '{"id": "q", "prompt": "p", "choices": ["a", "b"], "answer": 0, "metadata": {"x": %s}}' % constant
+    with pytest.raises(DatasetValidationError) as e:
+        validate_jsonl(lines(row))
+    assert e.value.errors == [f"line 1: invalid JSON: {constant} is not a JSON value (write a number or null)"]
