@@ -102,7 +102,7 @@ def row_seed(seed: int, prompt: str, strategy: Strategy) -> int:
     generator of its own: with one generator for the batch, a sample's sampled output changed with its batch
     neighbours, the batch size and the other strategies of the job."""
     key = f"{seed}\0{strategy.name}\0{sorted(strategy.values.items())!r}\0{prompt}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & MAX_INT
 
 
 def _sample(scores: torch.Tensor, cfg: GenConfig, gens: Sequence[torch.Generator],
