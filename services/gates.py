@@ -164,9 +164,11 @@ def advance_gate(gate_id: int, settings: Settings | None = None) -> store.GateRu
                 _queue(gate, plan, settings)  # away): stored with the gate `running` on them again; compute first
             else:
                 result = finish_gate(plan, settings)
-                with session_scope(settings) as s:
-                    store.move_gate_run(s, gate_id, "finishing", "regressed" if result.regressed else "passed",
-                                        check_id=result.check_id)
+                if result.verdict == "no verdict":
+                    _fail(gate_id, "finishing", f"no verdict: {result.why_undecided}", settings)
+                else:
+                    with session_scope(settings) as s:
+                        store.move_gate_run(s, gate_id, "finishing", result.verdict, check_id=result.check_id)
         except _GateMoved:
             pass  # not ours any more
         except Exception as e:  # noqa: BLE001 - recorded on the gate: a gate never stays `finishing`

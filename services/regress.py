@@ -5,17 +5,22 @@
 same base model, adapter weights, dataset content, split, limit, strategy spec, generation config and code
 version) or plans a new job. The planned jobs run in this process (`run_embedded`) or on the Celery workers
 (`run_on_workers`); `finish_gate` then pairs the two adapters' runs sample by sample for every dataset and
-strategy, computes the difference with a paired-bootstrap CI and the exact McNemar p-value
-(`tad_core.metrics.mcnemar`), gives each row a verdict and stores the check (the dashboard shows it).
+strategy, computes the difference with its exact interval and the exact McNemar p-value
+(`tad_core.metrics.mcnemar`, `mcnemar_exact_ci`), gives each row a verdict and stores the check (the dashboard shows it).
 
-Verdicts: regressed when diff < -min_effect and p < alpha; improved when diff > min_effect and p < alpha;
-unchanged otherwise.
+Verdicts: regressed when diff < -min_effect and p_holm < alpha; improved when diff > min_effect and p_holm < alpha;
+unchanged otherwise. `p_holm` is the row's McNemar p adjusted (Holm) over every row of the check: one
+uncorrected row out of a suite's datasets x strategies failed the gate by chance alone (at 12 independent rows of
+an unchanged adapter, about one gate in five). A row without paired samples (`no data`), or with too few for any
+outcome to reach `alpha` (`too few`: n <= 5 at 0.05), has no verdict, and neither has the gate unless another row
+regressed: a gate that could not fail does not pass. The row's interval is the exact one that agrees with its raw
+McNemar p (tad_core.metrics.mcnemar_exact_ci, level 1 - alpha).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,9 @@ class EvaluationFailed(RuntimeError):
     """A job the gate needed did not finish (failed, partial, cancelled or timed out): no verdict."""
 
 
+NO_VERDICT = ("no data", "too few")
+
+
 def verdict(diff: float, p_value: float, alpha: float, min_effect: float) -> str:
     """improved / unchanged / regressed for a paired accuracy difference (candidate - baseline)."""
     if p_value < alpha and diff < -min_effect:
@@ -47,6 +55,12 @@ def verdict(diff: float, p_value: float, alpha: float, min_effect: float) -> str
     if p_value < alpha and diff > min_effect:
         return "improved"
     return "unchanged"
+
+
+def can_reach(n: int, alpha: float) -> bool:
+    """Whether some outcome of `n` paired samples reaches exact McNemar p < alpha: the most extreme one, every
+    sample discordant the same way, has p = 2 * 0.5**n."""
+    return n > 0 and 2 * 0.5 ** n < alpha
 
 
 @dataclass
@@ -94,7 +108,8 @@ class GateRow:
     diff: float | None
     ci_low: float | None
     ci_high: float | None
-    p_value: float | None
+    p_value: float | None  # exact McNemar, this row alone
+    p_holm: float | None  # p_value adjusted over the check's rows: the verdict reads this
     fixed: int  # baseline wrong, candidate right
     broken: int  # baseline right, candidate wrong
     verdict: str
@@ -106,7 +121,7 @@ class GateRow:
 
 @dataclass(frozen=True)
 class GateResult:
-    check_id: int
+    check_id: int | None  # None: no verdict, nothing stored
     candidate: str
     baseline: str
     suite: str
@@ -120,13 +135,28 @@ class GateResult:
         return any(r.verdict == "regressed" for r in self.rows)
 
     @property
+    def undecided(self) -> list[GateRow]:
+        """The rows without a verdict (no paired samples, or too few to ever reach alpha)."""
+        return [r for r in self.rows if r.verdict in NO_VERDICT]
+
+    @property
+    def verdict(self) -> str:
+        return "regressed" if self.regressed else "no verdict" if self.undecided else "passed"
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.regressed else 0
+        return {"regressed": 1, "no verdict": 2, "passed": 0}[self.verdict]
+
+    @property
+    def why_undecided(self) -> str:
+        return "; ".join(f"{r.dataset}:{r.split} / {r.strategy}: " + (
+            "no paired samples" if r.verdict == "no data" else
+            f"{r.n} paired samples, too few for any outcome to reach alpha {self.alpha:g}") for r in self.undecided)
 
     def to_json(self) -> dict[str, Any]:
         return {"check_id": self.check_id, "candidate": self.candidate, "baseline": self.baseline,
                 "suite": self.suite, "alpha": self.alpha, "min_effect": self.min_effect,
-                "verdict": "regressed" if self.regressed else "passed", "exit_code": self.exit_code,
+                "verdict": self.verdict, "exit_code": self.exit_code,
                 "jobs_run": self.jobs_run, "rows": [asdict(r) for r in self.rows]}
 
 
@@ -281,12 +311,13 @@ def run_on_workers(plan: GatePlan, settings: Settings | None = None, *,
 
 
 def finish_gate(plan: GatePlan, settings: Settings | None = None) -> GateResult:
-    """Compare the candidate's runs with the baseline's per dataset and strategy, give verdicts, store the check."""
-    from tad_core.metrics import mcnemar
+    """Compare the candidate's runs with the baseline's per dataset and strategy, give verdicts, store the check
+    (not when the gate has no verdict: `check_id` is then None)."""
+    from tad_core.metrics import holm, mcnemar, mcnemar_exact_ci
 
     settings = settings or get_settings()
     by_key = {(side.adapter.id, side.dataset): side for side in plan.sides}
-    rows: list[GateRow] = []
+    rows: list[dict[str, Any]] = []
     with session_scope(settings) as s:
         for d in SuiteSpec.from_json(plan.suite.spec).datasets:
             b_side, c_side = by_key[(plan.baseline.id, d)], by_key[(plan.candidate.id, d)]
@@ -295,26 +326,28 @@ def finish_gate(plan: GatePlan, settings: Settings | None = None) -> GateResult:
             for key in c_side.hashes:
                 b_run, c_run = b_runs[key], c_runs[key]
                 pairs = views.paired_outcomes(s, b_run.id, c_run.id)
-                common = dict(dataset=b_side.request.data.name, split=d.split, limit=d.limit, strategy=key,
-                              baseline_run_id=b_run.id, candidate_run_id=c_run.id,
-                              baseline_reused=b_side.reused, candidate_reused=c_side.reused)
-                if not pairs:
-                    rows.append(GateRow(**common, n=0, baseline_acc=None, candidate_acc=None, diff=None,
-                                        ci_low=None, ci_high=None, p_value=None, fixed=0, broken=0,
-                                        verdict="no data"))
-                    continue
-                a = [p.a_correct for p in pairs]
-                b = [p.b_correct for p in pairs]
-                res = mcnemar(a, b)
-                rows.append(GateRow(**common, n=len(pairs), baseline_acc=sum(a) / len(a),
-                                    candidate_acc=sum(b) / len(b), diff=res.diff, ci_low=res.diff_ci_low,
-                                    ci_high=res.diff_ci_high, p_value=res.p_value, fixed=res.fixed,
-                                    broken=res.broken,
-                                    verdict=verdict(res.diff, res.p_value, plan.alpha, plan.min_effect)))
-        overall = "regressed" if any(r.verdict == "regressed" for r in rows) else "passed"
+                row: dict[str, Any] = dict(
+                    dataset=b_side.request.data.name, split=d.split, limit=d.limit, strategy=key, n=len(pairs),
+                    baseline_acc=None, candidate_acc=None, diff=None, ci_low=None, ci_high=None, p_value=None,
+                    fixed=0, broken=0, baseline_run_id=b_run.id, candidate_run_id=c_run.id,
+                    baseline_reused=b_side.reused, candidate_reused=c_side.reused)
+                if pairs:
+                    a = [p.a_correct for p in pairs]
+                    b = [p.b_correct for p in pairs]
+                    res = mcnemar(a, b)
+                    lo, hi = mcnemar_exact_ci(res.fixed, res.broken, len(pairs), 1 - plan.alpha)
+                    row.update(baseline_acc=sum(a) / len(a), candidate_acc=sum(b) / len(b), diff=res.diff,
+                               ci_low=lo, ci_high=hi, p_value=res.p_value, fixed=res.fixed, broken=res.broken)
+                rows.append(row)
+        adjusted = holm([r["p_value"] if can_reach(r["n"], plan.alpha) else None for r in rows])
+        gate_rows = [GateRow(**r, p_holm=adj, verdict=(
+            "no data" if r["n"] == 0 else "too few" if adj is None
+            else verdict(r["diff"], adj, plan.alpha, plan.min_effect))) for r, adj in zip(rows, adjusted)]
+        result = GateResult(None, plan.candidate.label, plan.baseline.label, plan.suite.label, plan.alpha,
+                            plan.min_effect, gate_rows, list(plan.jobs))
+        if result.verdict == "no verdict":
+            return result
         check_id = store.record_regression_check(
             s, suite_id=plan.suite.id, candidate_id=plan.candidate.id, baseline_id=plan.baseline.id,
-            alpha=plan.alpha, min_effect=plan.min_effect, verdict=overall, rows=[asdict(r) for r in rows])
-    return GateResult(check_id, plan.candidate.label, plan.baseline.label, plan.suite.label, plan.alpha,
-                      plan.min_effect, rows, list(plan.jobs))
-
+            alpha=plan.alpha, min_effect=plan.min_effect, verdict=result.verdict, rows=[asdict(r) for r in gate_rows])
+    return replace(result, check_id=check_id)

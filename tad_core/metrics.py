@@ -102,6 +102,21 @@ def mcnemar_p(fixed: int, broken: int) -> float:
     return 1.0 if fixed + broken == 0 else float(stats.binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 
+def mcnemar_exact_ci(fixed: int, broken: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the paired difference `(fixed - broken) / n` that agrees with the exact McNemar test:
+    given the `fixed + broken` discordant pairs, the Clopper-Pearson interval of their share that is `fixed`,
+    mapped onto the difference. At level `1 - alpha` it excludes 0 exactly when `mcnemar_p < alpha` (both are
+    the central exact binomial test at 0.5), so a shown interval cannot contradict the verdict, as the
+    paired-bootstrap interval could (it excluded 0 at p = 0.06)."""
+    m = fixed + broken
+    if n == 0:
+        return float("nan"), float("nan")
+    if m == 0:
+        return 0.0, 0.0
+    ci = stats.binomtest(fixed, m, 0.5).proportion_ci(confidence_level=level, method="exact")
+    return m / n * (2 * ci.low - 1), m / n * (2 * ci.high - 1)
+
+
 def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], level: float = 0.95) -> McNemarResult:
     """Exact McNemar test of b against a on the same samples, with a paired-bootstrap CI of acc(b) - acc(a)."""
     if len(a_correct) != len(b_correct):

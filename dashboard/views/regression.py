@@ -42,23 +42,27 @@ class Verdict:
     baseline_run_id: int | None
 
 
-def latest_per_version(rows: Sequence[RunRow]) -> dict[tuple[int, str], dict[int, RunRow]]:
-    """(dataset id, strategy key) -> {version: newest finished run of that version}."""
-    out: dict[tuple[int, str], dict[int, RunRow]] = {}
+def latest_per_version(rows: Sequence[RunRow]) -> dict[tuple[int, str, int], dict[int, RunRow]]:
+    """(dataset id, strategy key, samples) -> {version: newest run of that version whose job finished `done`}.
+
+    Only finished jobs (a running job's partial run was preferred to the finished one), and grouped by the number
+    of samples too, so the versions of one group were evaluated on the same slice and their plotted accuracies
+    are comparable with the paired difference (`--limit 20` and `--limit 200` runs are separate groups)."""
+    out: dict[tuple[int, str, int], dict[int, RunRow]] = {}
     for r in rows:  # newest job first
-        if r.adapter_version is None or r.n == 0 or r.acc is None:
+        if r.adapter_version is None or r.n == 0 or r.acc is None or r.job_status != "done":
             continue
-        out.setdefault((r.dataset_id, r.label), {}).setdefault(r.adapter_version, r)
+        out.setdefault((r.dataset_id, r.label, r.n), {}).setdefault(r.adapter_version, r)
     return out
 
 
 def verdicts(rows: Sequence[RunRow], paired: Callable[[int, int], Sequence[PairedOutcome]], *,
              against: str = "promoted", promoted: int | None = None, alpha: float = 0.05,
-             min_effect: float = 0.0) -> list[Verdict]:
+             min_effect: float = 0.01) -> list[Verdict]:
     """Every version of every (dataset, strategy) against its baseline: `promoted` (the promoted version, for all
     others) or `previous` (the next lower version that has a run)."""
     out = []
-    for (_, key), by_version in latest_per_version(rows).items():
+    for (_, key, _), by_version in latest_per_version(rows).items():
         versions = sorted(by_version)
         for v in versions:
             run = by_version[v]
@@ -107,8 +111,8 @@ def render() -> None:
                        format_func={"promoted": f"promoted version (v{promoted})",
                                     "previous": "previous version"}.__getitem__)
     alpha = c3.number_input("significance", 0.001, 0.5, 0.05, step=0.01, format="%.3f", key="rg_alpha")
-    min_effect = c4.number_input("min effect", 0.0, 1.0, 0.0, step=0.01, key="rg_min_effect",
-                                 help="smallest |acc difference| that counts as a change")
+    min_effect = c4.number_input("min effect", 0.0, 1.0, 0.01, step=0.01, key="rg_min_effect",
+                                 help="smallest |acc difference| that counts as a change (tad regress' default)")
     gates = data.gate_runs(url, family)
     newest = newest_per_suite(gates)
     st.dataframe(pd.DataFrame.from_records([{
@@ -132,7 +136,8 @@ def render() -> None:
     df["baseline"] = df["baseline"].astype("Int64")
     regressed = df[df["verdict"] == "regressed"]
     if regressed.empty:
-        st.success(f"No regression at significance {alpha:g} (min effect {min_effect:g}).",
+        st.success(f"No regression at significance {alpha:g} (min effect {min_effect:g}; each row tested on its "
+                   "own, where a `tad regress` gate adjusts its rows' p-values together, Holm).",
                    icon=":material/check_circle:")
     else:
         st.error(f"{len(regressed)} regression(s): " + "; ".join(

@@ -315,11 +315,11 @@ def _print_gate(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    colours = {"regressed": "red", "improved": "green", "unchanged": "", "no data": "yellow"}
+    colours = {"regressed": "red", "improved": "green", "unchanged": "", "no data": "yellow", "too few": "yellow"}
     table = Table(title=f"tad regress {cell(result.candidate)} vs {cell(result.baseline)} on suite {cell(result.suite)} "
                         f"(alpha {result.alpha:g}, min effect {result.min_effect:g})")
-    for col in ("dataset", "strategy", "n", "baseline acc", "candidate acc", "diff [95% CI]", "fixed/broken",
-                "McNemar p", "verdict", "runs (baseline/candidate)"):
+    for col in ("dataset", "strategy", "n", "baseline acc", "candidate acc", f"diff [{1 - result.alpha:.0%} CI]",
+                "fixed/broken", "McNemar p", "p Holm", "verdict", "runs (baseline/candidate)"):
         table.add_column(col, justify="left" if col in ("dataset", "strategy", "verdict") else "right")
     for r in result.rows:
         diff = "-" if r.diff is None else f"{r.diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
@@ -329,7 +329,8 @@ def _print_gate(result: Any) -> None:
         table.add_row(cell(f"{r.dataset}:{r.split}" + (f"[:{r.limit}]" if r.limit else "")), cell(r.strategy), str(r.n),
                       "-" if r.baseline_acc is None else f"{r.baseline_acc:.4f}",
                       "-" if r.candidate_acc is None else f"{r.candidate_acc:.4f}", diff,
-                      f"{r.fixed}/{r.broken}", "-" if r.p_value is None else f"{r.p_value:.4g}", verdict, runs)
+                      f"{r.fixed}/{r.broken}", "-" if r.p_value is None else f"{r.p_value:.4g}",
+                      "-" if r.p_holm is None else f"{r.p_holm:.4g}", verdict, runs)
     console = Console(width=200)
     console.print(table)
     n_reg = sum(r.verdict == "regressed" for r in result.rows)
@@ -337,6 +338,8 @@ def _print_gate(result: Any) -> None:
     if n_reg:
         console.print(f"[red]REGRESSED[/]: {n_reg} of {len(result.rows)} (dataset, strategy) rows; exit 1 "
                       f"(check {result.check_id})")
+    elif result.undecided:
+        console.print(f"[yellow]NO VERDICT[/]: {cell(result.why_undecided)}; exit 2 (nothing stored)")
     else:
         console.print(f"[green]PASSED[/]: nothing regressed ({n_imp} improved, "
                       f"{len(result.rows) - n_imp} unchanged); exit 0 (check {result.check_id})")

@@ -379,6 +379,27 @@ def test_regression_verdicts_previous_version_and_min_effect(seeded: Seed) -> No
     assert next(v for v in at_boundary if v.run_id == ft2.run_id).verdict == "unchanged"  # strict, as the CLI
 
 
+def test_regression_trend_reads_finished_runs_on_the_same_slice(seeded: Seed) -> None:
+    """A running job's partial run (listed first, newest) no longer stands for its version, and runs of another
+    sample count (`--limit`) form their own group instead of being compared with the full runs."""
+    from dataclasses import replace
+
+    from dashboard.views.regression import latest_per_version
+    from services.db import views
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(seeded.url)
+    with session_scope(engine) as s:
+        rows = views.list_runs(s, adapter_name="qa-lora")
+    engine.dispose()
+    done = next(r for r in rows if r.label == "ft" and r.adapter_version == 2 and r.dataset == "toy-mc")
+    partial = replace(done, run_id=10_001, job_status="running", n=done.n, acc=0.0)
+    limited = replace(done, run_id=10_002, n=5, acc=1.0)
+    groups = latest_per_version([partial, limited, *rows])
+    assert groups[(done.dataset_id, "ft", done.n)][2].run_id == done.run_id
+    assert groups[(done.dataset_id, "ft", 5)] == {2: limited}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Submission
 

@@ -125,6 +125,28 @@ def test_gate_lifecycle_reaches_the_regress_verdict_once(
     assert f"smoke:1 {done.status}" in _ok(["adapters", "list"])
 
 
+def test_a_worker_gate_without_a_verdict_ends_in_error_naming_the_rows(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path,
+        tiny_lora_dir: Path, third_lora: Path) -> None:
+    """On the workers too, a gate whose suite cannot reach alpha (4 samples) has no verdict: status `error` with
+    the reason, no check stored, exit code 2 for `--wait`; it used to pass."""
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
+    (tmp_path / "tiny.yaml").write_text("name: tiny\nversion: 1\ndatasets:\n  - {dataset: mc.jsonl, split: val, "
+                                        "limit: 4}\nstrategies: [ft]\n")
+    _ok(["suites", "add", str(tmp_path / "tiny.yaml")])
+    _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "tiny"])
+    with session_scope(settings) as s:
+        (gate,) = store.gate_runs(s, adapter_name="fam")
+    gate = start_gate(gate.id, settings)
+    for job_id in gate.job_ids:
+        run_job_embedded(job_id, settings)
+    done = advance_gate(gate.id, settings)
+    assert done.status == "error" and done.check_id is None and gate_exit_code([done]) == 2
+    assert "no verdict: mc:val / ft: 4 paired samples, too few for any outcome to reach alpha 0.05" in done.error
+    with session_scope(settings) as s:
+        assert store.regression_checks(s, "fam") == []
+
+
 def test_a_gate_interrupted_while_planning_is_planned_once_by_the_sweep(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path,
         tiny_lora_dir: Path, third_lora: Path) -> None:

@@ -84,9 +84,22 @@ def _setup_family(env: dict) -> None:
     _ok(["suites", "add", env["suite"]])
 
 
+def _holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment, written out here independently of tad_core.metrics.holm."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 def _check_rows_independently(settings: Settings, payload: dict) -> None:
-    """Every row's statistics, recomputed from the stored per-sample rows of the two runs it names."""
+    """Every row's statistics, recomputed from the stored per-sample rows of the two runs it names: the exact
+    McNemar p, its Holm adjustment over the check's rows, the exact interval that agrees with p, the verdict."""
     assert payload["rows"]
+    alpha, eff = payload["alpha"], payload["min_effect"]
+    raw = []
     with session_scope(settings) as s:
         for row in payload["rows"]:
             base = {r["sample_index"]: r["correct"] for r in store.sample_rows(s, row["baseline_run_id"])}
@@ -103,12 +116,19 @@ def _check_rows_independently(settings: Settings, payload: dict) -> None:
             assert row["baseline_acc"] == pytest.approx(sum(a) / len(a))
             assert row["candidate_acc"] == pytest.approx(sum(b) / len(b))
             assert row["diff"] == pytest.approx((sum(b) - sum(a)) / len(a))
-            assert (row["ci_low"], row["ci_high"]) == pytest.approx((res.diff_ci_low, res.diff_ci_high))
+            m = fixed + broken
+            if m:
+                ci = binomtest(fixed, m, 0.5).proportion_ci(confidence_level=1 - alpha, method="exact")
+                assert (row["ci_low"], row["ci_high"]) == pytest.approx((m / len(a) * (2 * ci.low - 1),
+                                                                         m / len(a) * (2 * ci.high - 1)))
             assert row["ci_low"] <= row["diff"] <= row["ci_high"]
-            alpha, eff = payload["alpha"], payload["min_effect"]
-            want = ("regressed" if p < alpha and row["diff"] < -eff else
-                    "improved" if p < alpha and row["diff"] > eff else "unchanged")
-            assert row["verdict"] == want
+            assert (row["ci_low"] > 0 or row["ci_high"] < 0) == (p < alpha)  # the interval agrees with the test
+            raw.append(p)
+    for row, adj in zip(payload["rows"], _holm(raw)):
+        assert row["p_holm"] == pytest.approx(adj)
+        want = ("regressed" if adj < alpha and row["diff"] < -eff else
+                "improved" if adj < alpha and row["diff"] > eff else "unchanged")
+        assert row["verdict"] == want
     assert payload["exit_code"] == (1 if any(r["verdict"] == "regressed" for r in payload["rows"]) else 0)
 
 
@@ -288,7 +308,7 @@ def test_usage_errors_exit_2(env: dict) -> None:
         (["regress", "fam:1", "--suite", "smoke"], "has no promoted version"),
         (["regress", "fam:1", "--suite", "nosuch", "--against", "fam:1"], "suite nosuch:latest is not registered"),
         (["regress", "nope:1", "--suite", "smoke"], "candidate nope:1 is not registered"),
-        (["regress", "fam:x", "--suite", "smoke"], "version must be a positive integer"),
+        (["regress", "fam:x", "--suite", "smoke"], "version must be an integer from 1 to"),
         (["regress", "fam:1", "--suite", "smoke", "--against", "fam:1"], "is the baseline itself"),
         (["regress", "fam:1", "--suite", "smoke", "--alpha", "2"], "--alpha"),
         (["regress", "fam:1"], "--suite"),
@@ -362,3 +382,23 @@ def test_gate_through_celery_workers(service: dict, monkeypatch: pytest.MonkeyPa
     assert ran_by and all(w and not w.endswith(f":{os.getpid()}") for w in ran_by), ran_by
     code, again = _gate(["fam:2", "--suite", "smoke"])
     assert again["jobs_run"] == [] and code == r.exit_code
+
+
+def test_a_gate_that_could_not_fail_has_no_verdict(env: dict) -> None:
+    """Four samples can never reach p < 0.05 (the most extreme outcome has p = 2 * 0.5**4 = 0.125): such a gate
+    passed with exit 0. Now its rows are `too few`, the gate has no verdict (exit 2, the reason named) and no
+    check is stored."""
+    tiny = env["tmp"] / "tiny.yaml"
+    tiny.write_text("name: tiny\nversion: 1\ndatasets:\n  - {dataset: mc.jsonl, split: val, limit: 4}\n"
+                    "strategies: [ft]\nconfig: {batch_size: 4}\n")
+    _setup_family(env)
+    _ok(["suites", "add", str(tiny)])
+    r = runner.invoke(app, ["regress", "fam:2", "--suite", "tiny", "--json"])
+    assert r.exit_code == 2, r.output
+    payload = json.loads(r.stdout.strip().splitlines()[-1])
+    assert payload["verdict"] == "no verdict" and payload["check_id"] is None
+    assert [(row["n"], row["verdict"], row["p_holm"]) for row in payload["rows"]] == [(4, "too few", None)]
+    out = _ok(["regress", "fam:2", "--suite", "tiny"], 2)
+    assert "NO VERDICT" in out and "4 paired samples, too few for any outcome to reach alpha 0.05" in out
+    with session_scope(env["settings"]) as s:
+        assert store.regression_checks(s, "fam") == []
