@@ -71,8 +71,10 @@ def queue_gates(candidate: store.AdapterInfo, suites: Sequence[store.SuiteInfo],
     if not 0 < alpha <= 1 or not 0 <= min_effect < 1:
         raise GateError(f"alpha must be in (0, 1] and min_effect in [0, 1), got {alpha} and {min_effect}")
     with session_scope(settings) as s:
+        baseline = store.promoted_adapter(s, candidate.name)  # pinned: a later promotion does not move it
         gates = [store.create_gate_run(s, candidate_id=candidate.id, suite_id=suite.id, alpha=alpha,
-                                       min_effect=min_effect, submitted_by=submitted_by) for suite in suites]
+                                       min_effect=min_effect, submitted_by=submitted_by,
+                                       baseline_id=None if baseline is None else baseline.id) for suite in suites]
     for gate in gates:
         _send_gate(gate.id, settings)
     return gates
@@ -105,7 +107,7 @@ def _plan(gate: store.GateRunInfo, settings: Settings, status: str) -> GatePlan:
         if not store.move_gate_run(s, gate.id, status, "running", job_ids=list(jobs)):
             raise _GateMoved(gate.id)  # rolls the jobs back: another worker plans (or planned) this gate
 
-    return plan_gate(gate.candidate, gate.suite, None, alpha=gate.alpha, min_effect=gate.min_effect,
+    return plan_gate(gate.candidate, gate.suite, gate.baseline, alpha=gate.alpha, min_effect=gate.min_effect,
                      submitted_by=gate.submitted_by or f"gate {gate.id}", token=_server_token(settings),
                      settings=settings, record=record)
 

@@ -180,7 +180,8 @@ def _gate_runs(gates: Sequence[store.GateRunInfo]) -> None:
         return
     st.subheader("Gates queued at registration")
     st.dataframe(pd.DataFrame.from_records([{
-        "gate": g.id, "candidate": g.candidate, "suite": g.suite, "status": g.status, "check": g.check_id,
+        "gate": g.id, "candidate": g.candidate, "baseline": g.baseline or "promoted", "suite": g.suite,
+        "status": g.status, "check": g.check_id,
         "queued": as_utc(g.created_at), "finished": as_utc(g.finished_at),
         "error": g.error or ""} for g in gates]), hide_index=True, width="stretch")
 

@@ -249,6 +249,7 @@ class GateRunInfo:
     submitted_by: str
     created_at: datetime
     finished_at: datetime | None
+    baseline: str | None = None  # name:version compared with (pinned when queued; None for old gates)
 
     @property
     def finished(self) -> bool:

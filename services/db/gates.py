@@ -31,25 +31,27 @@ def set_family_gate_suites(session: Session, family: str, suites: Sequence[str])
 
 
 def create_gate_run(session: Session, *, candidate_id: int, suite_id: int, alpha: float, min_effect: float,
-                    submitted_by: str = "") -> GateRunInfo:
-    """A queued gate of adapter version `candidate_id` on suite `suite_id`."""
-    row = GateRun(candidate_id=candidate_id, suite_id=suite_id, status="queued", alpha=alpha, min_effect=min_effect,
-                  job_ids=[], submitted_by=submitted_by, created_at=db_now(session))
+                    submitted_by: str = "", baseline_id: int | None = None) -> GateRunInfo:
+    """A queued gate of adapter version `candidate_id` on suite `suite_id`, against version `baseline_id`."""
+    row = GateRun(candidate_id=candidate_id, suite_id=suite_id, baseline_id=baseline_id, status="queued",
+                  alpha=alpha, min_effect=min_effect, job_ids=[], submitted_by=submitted_by,
+                  created_at=db_now(session))
     session.add(row)
     session.flush()
     return get_gate_run(session, row.id)
 
 
-def _query():  # noqa: ANN202 - a select of (GateRun, adapter name, version, suite name, version)
-    cand = aliased(Adapter)
-    return (select(GateRun, cand.name, cand.version, Suite.name, Suite.version)
-            .join(cand, cand.id == GateRun.candidate_id).join(Suite, Suite.id == GateRun.suite_id)), cand
+def _query():  # noqa: ANN202 - a select of (GateRun, candidate name, version, suite name, version, baseline version)
+    cand, base = aliased(Adapter), aliased(Adapter)
+    return (select(GateRun, cand.name, cand.version, Suite.name, Suite.version, base.version)
+            .join(cand, cand.id == GateRun.candidate_id).join(Suite, Suite.id == GateRun.suite_id)
+            .outerjoin(base, base.id == GateRun.baseline_id)), cand
 
 
-def _info(g: GateRun, cn: str, cv: int, sn: str, sv: int) -> GateRunInfo:
+def _info(g: GateRun, cn: str, cv: int, sn: str, sv: int, bv: int | None) -> GateRunInfo:
     return GateRunInfo(g.id, g.candidate_id, f"{cn}:{cv}", g.suite_id, f"{sn}:{sv}", g.status, g.alpha, g.min_effect,
                        [int(j) for j in (g.job_ids or [])], g.check_id, g.error, g.submitted_by, g.created_at,
-                       g.finished_at)
+                       g.finished_at, None if bv is None else f"{cn}:{bv}")
 
 
 def get_gate_run(session: Session, gate_id: int) -> GateRunInfo:

@@ -356,6 +356,8 @@ class GateRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     candidate_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
     suite_id: Mapped[int] = mapped_column(ForeignKey("suites.id"))
+    # the version promoted when the gate was queued (None: gates queued before 0010, compared with the promoted one)
+    baseline_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"), nullable=True)
     status: Mapped[str] = mapped_column(String(16))
     alpha: Mapped[float] = mapped_column(Float)
     min_effect: Mapped[float] = mapped_column(Float)

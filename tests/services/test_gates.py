@@ -147,6 +147,29 @@ def test_a_worker_gate_without_a_verdict_ends_in_error_naming_the_rows(
         assert store.regression_checks(s, "fam") == []
 
 
+def test_a_gate_keeps_the_baseline_promoted_when_it_was_queued(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path,
+        tiny_lora_dir: Path, third_lora: Path) -> None:
+    """fam:2 is gated against fam:1, promoted when the gate was queued; promoting fam:2 itself before a worker
+    takes the gate used to make the gate compare fam:2 with itself (an error), or with whatever was promoted by
+    then. The gate now records its baseline and plans, compares and stores the check against it."""
+    settings = _sqlite_family(monkeypatch, tmp_path, redis_server, tiny_model_dir, tiny_lora_dir, third_lora)
+    _ok(["adapters", "register", "fam", str(third_lora), "--base", str(tiny_model_dir), "--gate", "smoke"])
+    with session_scope(settings) as s:
+        (gate,) = store.gate_runs(s, adapter_name="fam")
+    assert gate.baseline == "fam:1"
+    _ok(["adapters", "promote", "fam:2"])
+    gate = start_gate(gate.id, settings)
+    assert gate.status == "running", gate.error
+    for job_id in gate.job_ids:
+        run_job_embedded(job_id, settings)
+    done = advance_gate(gate.id, settings)
+    assert done.status in ("passed", "regressed"), done.error
+    with session_scope(settings) as s:
+        (check,) = store.regression_checks(s, "fam")
+    assert (check.candidate, check.baseline) == ("fam:2", "fam:1")
+
+
 def test_a_gate_interrupted_while_planning_is_planned_once_by_the_sweep(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_server, tiny_model_dir: Path,
         tiny_lora_dir: Path, third_lora: Path) -> None:
