@@ -397,3 +397,18 @@ def test_sampled_outputs_do_not_depend_on_the_batch(tiny_pair):
     assert alone == batched
     other_seed = generate_texts(tiny_pair, PROMPTS[1:2], [tad], GenConfig(max_new_tokens=8, temperature=1.0, seed=4))
     assert other_seed[0][0].token_ids != alone
+
+
+def test_inverse_transform_draw_follows_the_distribution():
+    """`draw` samples each row from its own generator: the frequencies over many seeds match the probabilities, a
+    token of probability 0 is never drawn, and a row's draw depends only on its generator."""
+    from tad_core.generation import draw
+
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    counts = torch.bincount(torch.cat([draw(p, [torch.Generator().manual_seed(i)]) for i in range(4000)]),
+                            minlength=4)
+    assert counts[1] == 0 and torch.allclose(counts / 4000, p[0], atol=0.03), counts
+    two = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.2, 0.8]])
+    alone = draw(two[1:], [torch.Generator().manual_seed(5)])
+    together = draw(two, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(5)])
+    assert together[1] == alone[0]
