@@ -6,6 +6,7 @@
     python bench/bench_engine.py mem   # peak memory: paired LoRA generation vs the fine-tuned model alone
     python bench/bench_engine.py prefill  # 10 strategies per sample: one shared prefill vs one per strategy
     python bench/bench_engine.py paths    # the decoding paths on this CPU: dynamic (default) vs static vs compiled
+    python bench/bench_engine.py draw     # sampling one token per row: per-row inverse transform vs torch.multinomial
 
 Uses the embedded SmolLM2-135M-Instruct with a random-weight LoRA (same compute as a trained one) unless
 `--adapter DIR` is given.
@@ -76,6 +77,23 @@ def bench_gen(args) -> list[str]:
                      f"tad without kv stats / ft = {t['tad_no_kv'] / t['ft']:.2f} | "
                      f"naive two-pass tad/ft = {t['tad_naive'] / t['ft']:.2f} |")
     return lines
+
+
+def bench_draw(args) -> list[str]:
+    """The sampling step alone (no model): one token for each of 80 rows (8 samples x 10 strategies) of a
+    49,152-token distribution, per-row generators by inverse transform (tad_core.generation.draw) vs one batched
+    torch.multinomial (what sampling did before each sequence had its own generator)."""
+    from tad_core.generation import draw
+
+    probs = torch.softmax(torch.randn(80, 49152, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    gens = [torch.Generator().manual_seed(i) for i in range(80)]
+    one = torch.Generator().manual_seed(0)
+    t = interleaved({"multinomial": lambda: [torch.multinomial(probs, 1, generator=one) for _ in range(10)],
+                     "draw": lambda: [draw(probs, gens) for _ in range(10)]}, args.repeats)
+    return ["| sampling, 80 rows x 49,152 | batched multinomial ms/step | per-row draw ms/step | multinomial / draw |",
+            "|---|---|---|---|",
+            f"| median of {args.repeats} x 10 steps | {t['multinomial'] * 100:.1f} | {t['draw'] * 100:.1f} | "
+            f"{t['multinomial'] / t['draw']:.2f} |"]
 
 
 def bench_paths(args) -> list[str]:
@@ -231,7 +249,7 @@ def bench_mem(args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "prefill", "paths", "all", "_mem"])
+    ap.add_argument("what", choices=["gen", "hf", "mc", "mem", "prefill", "paths", "draw", "all", "_mem"])
     ap.add_argument("kind", nargs="?")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--adapter")
@@ -246,7 +264,7 @@ def main() -> None:
     todo = ["gen", "hf", "mc", "mem"] if args.what == "all" else [args.what]
     for what in todo:
         for line in {"gen": bench_gen, "hf": bench_hf, "mc": bench_mc, "mem": bench_mem,
-                     "prefill": bench_prefill, "paths": bench_paths}[what](args):
+                     "prefill": bench_prefill, "paths": bench_paths, "draw": bench_draw}[what](args):
             print(line, flush=True)
 
 
