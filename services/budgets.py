@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.settings import Settings
+from tad_core.samples import join_continuation
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
 
@@ -71,7 +72,7 @@ def over_budget(sample: Any, budgets: Budgets, count: TokenCounter | None, delim
     if sample.kind == "mc":
         conts = [sample.continuation] if sample.choice_prompts else list(sample.choices)
         field = "continuation" if sample.choice_prompts else "choices"
-        worst = max(count([c if c.startswith((" ", "\n")) else delimiter + c for c in conts]), default=0)
+        worst = max(count([join_continuation(c, delimiter) for c in conts]), default=0)
         if worst > budgets.max_continuation_tokens:
             return (f"field '{field}': {worst} tokens, over TAD_MAX_CONTINUATION_TOKENS="
                     f"{budgets.max_continuation_tokens}")

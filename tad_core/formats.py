@@ -174,6 +174,12 @@ def instruction_label(sample: Sample, dataset: str) -> tuple[str, list[str]]:
     return instruction, labels
 
 
+def label_pattern(labels: Sequence[str]) -> str:
+    """A regex matching any one label whole: `answer1` must not match the start of `answer10` (the alternation
+    took the first label that matched a prefix, so an output naming answer10 was read as answer1)."""
+    return "(" + "|".join(map(re.escape, labels)) + r")(?!\d)"
+
+
 def _eos_text(ctx: FormatContext) -> str:
     tok = ctx.tokenizer
     return str(tok.eos_token) if tok is not None and tok.eos_token else ""
@@ -192,7 +198,7 @@ class LlmAdapters(PromptFormat):
         instruction, labels = instruction_label(sample, ctx.dataset)
         assert sample.answer is not None
         return Sample(id=sample.id, prompt=self.instruction_prompt(instruction, ctx), reference=labels[sample.answer],
-                      choices=tuple(labels), answer_pattern="(" + "|".join(map(re.escape, labels)) + ")",
+                      choices=tuple(labels), answer_pattern=label_pattern(labels),
                       extract="first-match", metadata=sample.metadata)
 
     def training_pair(self, sample: Sample, ctx: FormatContext) -> tuple[str, str]:

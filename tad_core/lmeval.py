@@ -11,8 +11,8 @@ sequences or answer filters:
 - few-shot: `num_fewshot` demonstrations `doc_to_text + target_delimiter + target + fewshot_delimiter` before the
   document, drawn from `fewshot_split` (else `training_split`, else `validation_split`) by `fewshot_config.sampler`
   `first_n` or `default` (Python's `random.Random(seed).sample`, one generator over the documents in order, and
-  one extra draw dropped when it is the document itself if `fewshot_split == test_split`, as lm-eval's
-  ContextSampler does; seed = lm-eval's `--fewshot_random_seed`, default 1234).
+  one extra draw and the document itself dropped if `fewshot_split == test_split`, also when neither is set, as
+  lm-eval 0.4 passes the document to its ContextSampler; seed = lm-eval's `--fewshot_random_seed`, default 1234).
 - `generate_until`: `generation_kwargs.until` (default `[fewshot_delimiter]`) becomes the sample's `stop`; one
   `filter_list` pipeline of `regex` (+ `take_first`) becomes `answer_pattern` with `extract: first-match`;
   without a filter the whole (stripped) output is the answer.
@@ -605,13 +605,24 @@ class _Sampler:
         self.rnd = random.Random(seed)
 
     def draw(self, doc: dict[str, Any], n: int) -> list[int]:
-        """Pool indices of the demonstrations; a draw equal to the document itself is dropped (lm-eval)."""
-        k = n + 1 if self.drop_self else n
-        if k > len(self.pool):
+        """Pool indices of the demonstrations, as lm-eval 0.4's samplers pick them: without `drop_self`, n draws
+        kept as they are; with it, `default` draws n + 1 and drops the document (drawing n again from the pool
+        without it when that leaves too few) and `first_n` takes the first n of the pool without the document."""
+        idx = list(range(len(self.pool)))
+        if self.drop_self and self.kind == "first_n":
+            idx = [j for j in idx if self.pool[j] != doc]
+        need = n + 1 if self.drop_self and self.kind != "first_n" else n
+        if need > len(idx):
             raise LmEvalTaskError("num_fewshot", f"{n} demonstrations asked, the few-shot split has {len(self.pool)} "
                                   "documents")
-        chosen = list(range(k)) if self.kind == "first_n" else self.rnd.sample(range(len(self.pool)), k)
-        return [j for j in chosen if self.pool[j] != doc][:n]
+        if self.kind == "first_n":
+            return idx[:n]
+        if not self.drop_self:
+            return self.rnd.sample(idx, n)
+        chosen = [j for j in self.rnd.sample(idx, n + 1) if self.pool[j] != doc][:n]
+        if len(chosen) < n:  # the pool holds copies of the document
+            chosen = self.rnd.sample([j for j in idx if self.pool[j] != doc], n)
+        return chosen
 
 
 def _eval_split(task: _Task, split: str | None) -> str:
@@ -635,8 +646,8 @@ def _mc_sample(sid: str, prompt: str, choices: list[str], answer: int, task: _Ta
                metadata: dict[str, Any]) -> Sample:
     """An MC sample whose (context, continuation) pairs are exactly lm-eval's `(ctx, target_delimiter + choice)`.
 
-    The canonical format joins a choice with one space unless it starts with a space or newline, and acc_norm
-    divides by the choice's own length; a delimiter that cannot be written that way is refused."""
+    The canonical format joins the run's delimiter (one space) and a choice, and acc_norm divides by the choice's
+    own length; another `target_delimiter` is refused."""
     sample = Sample(id=sid, prompt=prompt, choices=tuple(choices), answer=answer, metadata=metadata)
     for (_, cont), choice in zip(sample.contexts_and_continuations(), choices):
         if cont != task.target_delimiter + choice:
@@ -665,8 +676,10 @@ def convert_task(path: str | Path, split: str | None = None, include_paths: Sequ
         sources.extend(shot_sources)
     features = {k for d in docs + pool for k in d}
     render = _Renderer(task, features)
-    sampler = _Sampler(task.sampler, pool, fewshot_seed,
-                       drop_self=task.fewshot_split is not None and task.fewshot_split == task.test_split)
+    # lm-eval 0.4 (api/task.py) passes the document to its sampler, which then draws n + 1 and drops the document,
+    # exactly when `fewshot_split == test_split`: also when neither is set (train + validation tasks); otherwise
+    # it draws n and keeps them all
+    sampler = _Sampler(task.sampler, pool, fewshot_seed, drop_self=task.fewshot_split == task.test_split)
     samples: list[Sample] = []
     for doc_id, doc in enumerate(docs):
         where = f"{eval_split} document {doc_id}"

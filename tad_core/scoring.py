@@ -15,7 +15,7 @@ import torch
 from tad_core import kvstats
 from tad_core.engine import PairedRunner, left_pad, positions_from_mask
 from tad_core.models import PairedModel
-from tad_core.samples import Sample, _join
+from tad_core.samples import Sample, join_continuation
 from tad_core.strategies import Step, Strategy
 
 
@@ -56,7 +56,7 @@ def build_units(tok: Any, samples: Sequence[Sample], delimiter: str = " ",
         pairs = list(enumerate(sample.contexts_and_continuations(delimiter))) if sample.kind == "mc" else []
         if gold_only:
             if sample.kind == "gen":
-                pairs = [(0, (sample.prompt, _join(sample.reference or "", delimiter)))] if sample.reference else []
+                pairs = [(0, (sample.prompt, join_continuation(sample.reference or "", delimiter)))] if sample.reference else []
             else:
                 pairs = [p for p in pairs if p[0] == sample.answer]
         by_ctx: dict[str, list[tuple[int, str]]] = {}

@@ -30,8 +30,12 @@ def shuffle_choices(samples: Sequence[Sample], seed: int) -> list[Sample]:
             out.append(s)
             continue
         order = choice_order(s.id, s.n_choices, seed)
+        meta = {**s.metadata, "choice_order": order, "shuffle_seed": seed}
+        options = [f"option{i}" for i in range(1, s.n_choices + 1)]
+        if s.choice_prompts and all(k in meta for k in options):  # WinoGrande's options, listed by instruction
+            meta.update({k: s.metadata[options[i]] for k, i in zip(options, order)})  # formats: move them too
         out.append(replace(
             s, choices=tuple(s.choices[i] for i in order) if s.choices else (),
             choice_prompts=tuple(s.choice_prompts[i] for i in order) if s.choice_prompts else (),
-            answer=order.index(s.answer), metadata={**s.metadata, "choice_order": order, "shuffle_seed": seed}))
+            answer=order.index(s.answer), metadata=meta))
     return out

