@@ -34,14 +34,18 @@ def default_mode(sample: Sample) -> str:
 
 
 def first_match(text: str, pattern: str) -> str | None:
-    """The first non-empty match of `pattern` (its first group when it has groups, else the whole match).
+    """The first non-empty match of `pattern`: its first non-empty group when it has groups (lm-eval's regex
+    filter reads a match's groups so), else the whole match.
 
-    Matches whose group is empty or did not take part (e.g. `(zzz)?` matches the empty string everywhere) are
-    skipped rather than returned as an answer or crashing the shard."""
+    `(-?[$0-9.,]{2,})|(-?[0-9]+)` (lm-eval's GSM8K flexible-extract) on "7 apples and 12 pears" is "7", from the
+    second group of the first match; reading group 1 only skipped that match and answered "12". Matches with no
+    non-empty group (e.g. `(zzz)?` matches the empty string everywhere) are skipped rather than returned as an
+    answer or crashing the shard (there lm-eval keeps the empty first match: unparsed)."""
     for m in re.finditer(pattern, text):
-        value = m.group(1) if m.re.groups else m.group(0)
-        if value and value.strip():
-            return value.strip()
+        groups = m.groups() if m.re.groups else (m.group(0),)
+        value = next((g.strip() for g in groups if g and g.strip()), None)
+        if value:
+            return value
     return None
 
 

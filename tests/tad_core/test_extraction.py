@@ -24,6 +24,19 @@ def test_pattern_matching_the_empty_string_is_no_answer() -> None:
     assert extract_answer("a zzz b", s) == "zzz"
 
 
+def test_a_match_is_read_from_its_first_non_empty_group_as_lmeval_does() -> None:
+    """lm-eval's GSM8K flexible-extract pattern: the first match's answer may sit in its second group. Reading
+    group 1 only skipped that match and answered with a later number. Checked against lm-eval's RegexFilter."""
+    from lm_eval.filters.extraction import RegexFilter
+
+    pattern = "(-?[$0-9.,]{2,})|(-?[0-9]+)"
+    s = Sample("g", "q", reference="7", answer_pattern=pattern, extract="first-match")
+    for text in ("I have 7 apples and 12 pears", "It costs $1,250 then 3", "no digits", "x 4"):
+        (ours_theirs,) = RegexFilter(regex_pattern=pattern, group_select=0).apply([[text]], [{}])
+        assert (extract_answer(text, s) or "[invalid]") == ours_theirs[0].strip(), text
+    assert extract_answer("I have 7 apples and 12 pears", s) == "7"
+
+
 def test_first_line_judges_what_the_model_said_first() -> None:
     s = Sample("a", "20 - 9 =", reference="10")
     rambling = " 10\nexplain: 20 - 9 = 11"
