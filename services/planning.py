@@ -23,7 +23,8 @@ from services.submit_request import SubmissionError, SubmitRequest
 # Bump when a change alters results, so reuse by run hash never mixes code versions. 2: acc_norm divides by the
 # choice without its delimiter (lm-eval). 3: generation's default stop per sample, a seeded generator per sampled
 # sequence, ft's token where TaD's clip empties the head, -inf logits read as -1e30; the delimiter always joins an
-# MC choice (HellaSwag endings that start with a space scored one space short of lm-eval).
+# MC choice (HellaSwag endings that start with a space scored one space short of lm-eval); first-match reads a
+# match's first non-empty group; llm-adapters labels match whole; shuffled sets keep their wording and options.
 CODE_VERSION = "3"
 
 

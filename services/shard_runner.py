@@ -261,7 +261,9 @@ def _format_context(job: store.JobInfo, fmt: str, settings: Settings) -> Any:
     if parse_format(fmt).needs_pool:
         from tad_core.datasets import REGISTRY
 
-        if name not in REGISTRY:
+        from tad_core.datasets.shuffle import unshuffled_name
+
+        if unshuffled_name(name) not in REGISTRY:
             with session_scope(settings) as s:
                 pool = [Sample.from_dict(d) for d in store.load_samples(s, job.dataset_id, 0, 1 << 30)]
     return format_context(fmt, name, pool)

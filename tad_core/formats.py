@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Sequence
 
+from tad_core.datasets.shuffle import unshuffled_name
 from tad_core.samples import Sample
 
 ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -149,14 +150,19 @@ def _question(sample: Sample, dataset: str) -> str:
 def instruction_label(sample: Sample, dataset: str) -> tuple[str, list[str]]:
     """(instruction text, the label of each choice) in LLM-Adapters' wording for `dataset`.
 
-    Unregistered datasets get the generic question layout (`Answer1: ... AnswerN`)."""
+    Unregistered datasets get the generic question layout (`Answer1: ... AnswerN`); a shuffled registered dataset
+    (`boolq+shuffle1`) keeps its own wording."""
+    dataset = unshuffled_name(dataset)
     if sample.kind != "mc":
         raise FormatError(f"sample {sample.id!r}: the llm-adapters format renders multiple-choice samples only "
                           "(a generation sample has no choices to label)")
     if dataset == "boolq":
         if len(sample.choices) != 2:
             raise FormatError(f"sample {sample.id!r}: BoolQ needs 2 choices (yes, no)")
-        return f"{BOOLQ_OPENING}{_question(sample, dataset)}\n\nAnswer format: true/false", ["true", "false"]
+        labels = ["true" if c.strip().lower() == "yes" else "false" for c in sample.choices]  # shuffled: by text
+        if sorted(labels) != ["false", "true"]:
+            raise FormatError(f"sample {sample.id!r}: BoolQ needs the choices yes and no, got {list(sample.choices)}")
+        return f"{BOOLQ_OPENING}{_question(sample, dataset)}\n\nAnswer format: true/false", labels
     layout = LAYOUTS.get(dataset, _MC_LAYOUT)
     if sample.choice_prompts:  # WinoGrande: the options fill the blank of a sentence
         meta = sample.metadata
@@ -315,8 +321,9 @@ def format_context(fmt: PromptFormat | str, dataset: str, samples: Sequence[Samp
     if fmt.needs_pool:
         from tad_core.datasets import REGISTRY, load_dataset
 
-        spec = REGISTRY.get(dataset)
-        pool = load_dataset(dataset, "train").samples if spec and "train" in spec.splits else list(samples)
+        registered = unshuffled_name(dataset)
+        spec = REGISTRY.get(registered)
+        pool = load_dataset(registered, "train").samples if spec and "train" in spec.splits else list(samples)
     return FormatContext(dataset=dataset, pool=pool)
 
 

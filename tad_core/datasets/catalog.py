@@ -232,11 +232,11 @@ def load_dataset(name_or_path: str | Path, split: str = "val", limit: int | None
         raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
     label = name
     if shuffle_choices is not None:
-        from tad_core.datasets.shuffle import shuffle_choices as shuffle
+        from tad_core.datasets.shuffle import shuffle_choices as shuffle, shuffled_name
 
         loaded = load_dataset(name_or_path, split, None, None, name, limits)
         samples = shuffle(loaded.samples, shuffle_choices)
-        return LoadedDataset(name=f"{loaded.name}+shuffle{shuffle_choices}", split=split,
+        return LoadedDataset(name=shuffled_name(loaded.name, shuffle_choices), split=split,
                              samples=samples[:limit] if limit is not None else samples,
                              content_hash=_sha256_bytes(dumps_jsonl(samples)), task_type=loaded.task_type,
                              source=f"{loaded.source} shuffle_choices={shuffle_choices}")

@@ -14,6 +14,20 @@ from typing import Sequence
 from tad_core.samples import Sample
 
 
+SUFFIX = "+shuffle"  # a shuffled dataset's label: NAME+shuffleSEED
+
+
+def shuffled_name(name: str, seed: int) -> str:
+    return f"{name}{SUFFIX}{seed}"
+
+
+def unshuffled_name(name: str) -> str:
+    """The dataset a label names without its shuffle suffix (`boolq+shuffle1` -> `boolq`): per-dataset wording
+    and the k-shot train pool are the registered dataset's, whatever order its choices are shown in."""
+    base, sep, seed = name.rpartition(SUFFIX)
+    return base if sep and seed.isdigit() else name
+
+
 def choice_order(sample_id: str, n: int, seed: int) -> list[int]:
     """The permutation shown for one sample: `order[k]` is the original index of the k-th shown choice."""
     order = list(range(n))

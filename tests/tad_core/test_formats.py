@@ -159,3 +159,22 @@ def test_a_label_is_matched_whole() -> None:
     assert rendered.reference == "answer10"
     assert extract_answer("the correct answer is answer10", rendered) == "answer10"
     assert extract_answer("the correct answer is answer1.", rendered) == "answer1"
+
+
+def test_a_shuffled_registered_dataset_keeps_its_wording_and_train_pool() -> None:
+    """`--shuffle-choices` labels a dataset NAME+shuffleSEED; the per-dataset lookups took that label for an
+    unknown dataset: BoolQ and PIQA got the generic layout, and k-shot drew demonstrations from the evaluated split
+    itself instead of the train split. BoolQ's labels now follow the choice text, so a shuffled yes/no keeps its
+    true/false."""
+    from tad_core.datasets.shuffle import shuffle_choices
+
+    fmt = parse_format("llm-adapters")
+    for sample in load_dataset("boolq", "val", limit=12).samples:
+        (shown,) = shuffle_choices([sample], 3)
+        plain = fmt.render(sample, FormatContext(dataset="boolq"))
+        shuffled = fmt.render(shown, FormatContext(dataset="boolq+shuffle3"))
+        assert shuffled.prompt == plain.prompt and shuffled.reference == plain.reference, sample.id
+    piqa = load_dataset("piqa", "val", limit=1).samples[0]
+    assert "Solution1:" in fmt.render(piqa, FormatContext(dataset="piqa+shuffle1")).prompt
+    ctx = format_context("k-shot:k=2", "arc_easy+shuffle1")
+    assert ctx.pool and all(s.id.startswith("arc_easy-train-") for s in ctx.pool)
