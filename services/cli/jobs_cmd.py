@@ -143,7 +143,8 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @app.command()
-    def jobs(limit: Annotated[int, typer.Option(min=1, max=MAX_ID)] = 20, status: Annotated[Optional[str], typer.Option()] = None,
+    def jobs(limit: Annotated[int, typer.Option(min=1, max=MAX_ID)] = 20,
+             status: Annotated[Optional[str], typer.Option()] = None,
              as_json: Annotated[bool, typer.Option("--json")] = False, server: ServerOpt = None,
              api_token: ApiTokenOpt = None) -> None:
         """List recent jobs (with --server: "by" is the owner of the token that submitted it)."""

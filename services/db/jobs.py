@@ -164,7 +164,8 @@ def claim_shard(session: Session, job_id: int, start: int, worker: str, max_atte
     taken = session.execute(
         update(Shard).where(Shard.id == shard.id, Shard.status == shard.status, Shard.attempts == shard.attempts,
                             Shard.worker.is_(None) if shard.worker is None else Shard.worker == shard.worker)
-        .values(attempts=shard.attempts + 1, status="running", worker=worker, started_at=db_now(session), finished_at=None,
+        .values(attempts=shard.attempts + 1, status="running", worker=worker, started_at=db_now(session),
+                finished_at=None,
                 samples_done=0, error=error)
         .execution_options(synchronize_session=False))
     session.refresh(shard)
