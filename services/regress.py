@@ -12,8 +12,9 @@ Verdicts: regressed when diff < -min_effect and p_holm < alpha; improved when di
 unchanged otherwise. `p_holm` is the row's McNemar p adjusted (Holm) over every row of the check: one
 uncorrected row out of a suite's datasets x strategies failed the gate by chance alone (at 12 independent rows of
 an unchanged adapter, about one gate in five). A row without paired samples (`no data`), or with too few for any
-outcome to reach `alpha` (`too few`: n <= 5 at 0.05), has no verdict, and neither has the gate unless another row
-regressed: a gate that could not fail does not pass. The row's interval is the exact one that agrees with its raw
+outcome to reach `alpha` (`too few`: n <= 5 at 0.05), or with samples whose evaluation failed on one side only
+(`errors`: left out of the pairs, they would hide a candidate that fails on hard samples), has no verdict, and
+neither has the gate unless another row regressed: a gate that could not fail does not pass. The row's interval is the exact one that agrees with its raw
 McNemar p (tad_core.metrics.mcnemar_exact_ci, level 1 - alpha).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ class EvaluationFailed(RuntimeError):
     """A job the gate needed did not finish (failed, partial, cancelled or timed out): no verdict."""
 
 
-NO_VERDICT = ("no data", "too few")
+NO_VERDICT = ("no data", "too few", "errors")
 
 
 def verdict(diff: float, p_value: float, alpha: float, min_effect: float) -> str:
@@ -112,6 +113,7 @@ class GateRow:
     p_holm: float | None  # p_value adjusted over the check's rows: the verdict reads this
     fixed: int  # baseline wrong, candidate right
     broken: int  # baseline right, candidate wrong
+    one_sided_errors: int  # samples whose evaluation failed on one side only (left out of n): no verdict
     verdict: str
     baseline_run_id: int
     candidate_run_id: int
@@ -151,6 +153,8 @@ class GateResult:
     def why_undecided(self) -> str:
         return "; ".join(f"{r.dataset}:{r.split} / {r.strategy}: " + (
             "no paired samples" if r.verdict == "no data" else
+            f"{r.one_sided_errors} samples failed on one side only (tad results JOB --csv shows the errors)"
+            if r.verdict == "errors" else
             f"{r.n} paired samples, too few for any outcome to reach alpha {self.alpha:g}") for r in self.undecided)
 
     def to_json(self) -> dict[str, Any]:
@@ -326,10 +330,14 @@ def finish_gate(plan: GatePlan, settings: Settings | None = None) -> GateResult:
             for key in c_side.hashes:
                 b_run, c_run = b_runs[key], c_runs[key]
                 pairs = views.paired_outcomes(s, b_run.id, c_run.id)
+                # a sample that failed on one side only is not in `pairs`: a candidate that fails on its hard samples
+                # would otherwise be compared on the easy ones
+                one_sided = views.error_indices(s, b_run.id) ^ views.error_indices(s, c_run.id)
                 row: dict[str, Any] = dict(
                     dataset=b_side.request.data.name, split=d.split, limit=d.limit, strategy=key, n=len(pairs),
                     baseline_acc=None, candidate_acc=None, diff=None, ci_low=None, ci_high=None, p_value=None,
-                    fixed=0, broken=0, baseline_run_id=b_run.id, candidate_run_id=c_run.id,
+                    fixed=0, broken=0, one_sided_errors=len(one_sided), baseline_run_id=b_run.id,
+                    candidate_run_id=c_run.id,
                     baseline_reused=b_side.reused, candidate_reused=c_side.reused)
                 if pairs:
                     a = [p.a_correct for p in pairs]
@@ -341,7 +349,7 @@ def finish_gate(plan: GatePlan, settings: Settings | None = None) -> GateResult:
                 rows.append(row)
         adjusted = holm([r["p_value"] if can_reach(r["n"], plan.alpha) else None for r in rows])
         gate_rows = [GateRow(**r, p_holm=adj, verdict=(
-            "no data" if r["n"] == 0 else "too few" if adj is None
+            "no data" if r["n"] == 0 else "errors" if r["one_sided_errors"] else "too few" if adj is None
             else verdict(r["diff"], adj, plan.alpha, plan.min_effect))) for r, adj in zip(rows, adjusted)]
         result = GateResult(None, plan.candidate.label, plan.baseline.label, plan.suite.label, plan.alpha,
                             plan.min_effect, gate_rows, list(plan.jobs))

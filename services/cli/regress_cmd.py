@@ -315,7 +315,8 @@ def _print_gate(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    colours = {"regressed": "red", "improved": "green", "unchanged": "", "no data": "yellow", "too few": "yellow"}
+    colours = {"regressed": "red", "improved": "green", "unchanged": "", "no data": "yellow", "too few": "yellow",
+               "errors": "yellow"}
     table = Table(title=f"tad regress {cell(result.candidate)} vs {cell(result.baseline)} on suite {cell(result.suite)} "
                         f"(alpha {result.alpha:g}, min effect {result.min_effect:g})")
     for col in ("dataset", "strategy", "n", "baseline acc", "candidate acc", f"diff [{1 - result.alpha:.0%} CI]",

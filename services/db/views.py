@@ -193,6 +193,13 @@ def paired_outcomes(session: Session, run_a: int, run_b: int, *, norm: bool = Fa
     return [PairedOutcome(int(i), bool(x), bool(y)) for i, x, y in session.execute(stmt)]
 
 
+def error_indices(session: Session, run_id: int) -> set[int]:
+    """The sample indices of a run whose evaluation failed (a stored `error`, no result): `paired_outcomes`
+    leaves them out, so a comparison must look at them itself."""
+    stmt = select(SampleResult.sample_index).where(SampleResult.run_id == run_id, SampleResult.error.is_not(None))
+    return {int(i) for i in session.scalars(stmt)}
+
+
 def samples_at(session: Session, dataset_id: int, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
     """The stored dataset samples at `indices` (index -> sample dict); missing indices are left out."""
     out: dict[int, dict[str, Any]] = {}

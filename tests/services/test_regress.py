@@ -402,3 +402,25 @@ def test_a_gate_that_could_not_fail_has_no_verdict(env: dict) -> None:
     assert "NO VERDICT" in out and "4 paired samples, too few for any outcome to reach alpha 0.05" in out
     with session_scope(env["settings"]) as s:
         assert store.regression_checks(s, "fam") == []
+
+
+def test_a_sample_that_failed_on_one_side_only_leaves_its_row_without_a_verdict(env: dict) -> None:
+    """Failed samples (a stored error, no result) are left out of the pairs: a candidate that fails on its hard
+    samples was compared on the easy ones only. A row with errors on one side only now has no verdict."""
+    from services.result_rows import error_rows
+
+    _setup_family(env)
+    code, first = _gate(["fam:2", "--suite", "smoke"])
+    row = next(r for r in first["rows"] if r["limit"] == 20 and r["strategy"] == "ft")
+    assert row["one_sided_errors"] == 0 and row["verdict"] != "errors"
+    with session_scope(env["settings"]) as s:  # the candidate's evaluation of sample 3 failed
+        store.upsert_sample_results(s, error_rows(3, "s3", {"ft": row["candidate_run_id"]}, "RuntimeError: boom"))
+    r = runner.invoke(app, ["regress", "fam:2", "--suite", "smoke", "--json"])
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    (hit,) = [x for x in again["rows"] if x["candidate_run_id"] == row["candidate_run_id"] and x["strategy"] == "ft"]
+    assert (hit["verdict"], hit["one_sided_errors"], hit["n"]) == ("errors", 1, row["n"] - 1)
+    regressed = any(x["verdict"] == "regressed" for x in again["rows"])
+    assert r.exit_code == again["exit_code"] == (1 if regressed else 2)
+    if not regressed:
+        out = _ok(["regress", "fam:2", "--suite", "smoke"], 2)
+        assert "NO VERDICT" in out and "1 samples failed on one side only" in out
