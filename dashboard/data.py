@@ -175,6 +175,12 @@ def paired(url: str, run_a: int, run_b: int, norm: bool = False) -> list[views.P
 
 
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
+def error_indices(url: str, run_id: int) -> set[int]:
+    with _session(url) as s:
+        return views.error_indices(s, run_id)
+
+
+@st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
 def run_diff(url: str, run_a: int, run_b: int, limit: int = 500) -> store.RunDiff:
     with _session(url) as s:
         return store.run_diff(s, run_a, run_b, only_changed=True, limit=limit)

@@ -1,5 +1,5 @@
-"""Run comparison: two runs on the same dataset, paired by sample. Accuracy difference with a paired-bootstrap
-confidence interval and the exact McNemar p-value (tad_core.metrics.mcnemar), the contingency table, and the
+"""Run comparison: two runs on the same dataset, paired by sample. Accuracy difference with its exact interval
+(which agrees with the test) and the exact McNemar p-value (tad_core.metrics.mcnemar), the contingency table, and the
 samples one run fixed or broke relative to the other."""
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def render() -> None:
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("acc A", f"{acc_a:.4f}", help=f"{a.label} on the {n} paired samples")
     m2.metric("acc B", f"{acc_b:.4f}", help=f"{b.label} on the {n} paired samples")
-    m3.metric("acc B − A", f"{res.diff:+.4f}", help=f"paired bootstrap {level:.0%} CI")
+    m3.metric("acc B − A", f"{res.diff:+.4f}", help=f"{level:.0%} exact interval (agrees with McNemar's p)")
     m4.metric("McNemar p", f"{res.p_value:.4g}", help="exact two-sided McNemar test on the discordant pairs")
     st.markdown(f"**Difference** {res.diff:+.4f}, {level:.0%} CI [{res.diff_ci_low:+.4f}, {res.diff_ci_high:+.4f}]"
                 f" · **McNemar p** = {res.p_value:.4g} · **n** = {n} paired samples · "

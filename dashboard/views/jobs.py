@@ -55,7 +55,7 @@ def _jobs_body(url: str) -> None:
         col.metric(status, int(counts.get(status, 0)))
     for j in active:
         rate = throughput(j, now)
-        st.progress(j.fraction, text=f"job {j.id} · {j.status} · {j.dataset}:{j.split} · {j.model} · "
+        st.progress(j.fraction, text=f"job {j.id} · {j.status} · {md(j.dataset)}:{md(j.split)} · {md(j.model)} · "
                                      f"{j.samples_done}/{j.n_samples} samples"
                                      + (f" · {rate:.2f} samples/s" if rate else ""))
     st.dataframe(jobs_frame(jobs, now), hide_index=True, width="stretch", column_config={

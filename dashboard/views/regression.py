@@ -1,6 +1,6 @@
 """Regressions: per adapter family, accuracy of each version over time for each dataset and strategy, each version
 compared on the same samples with a baseline version (the promoted one, or the previous version): difference with
-a paired-bootstrap CI and the exact McNemar p-value (tad_core.metrics.mcnemar); significant drops are flagged.
+its exact interval and the exact McNemar p-value (tad_core.metrics.mcnemar); significant drops are flagged.
 
 Built from the stored runs (runs of different versions of one family on the same dataset and strategy), so it
 reads the same data a `tad regress` gate would; the verdicts `tad regress` stored (regression_checks) are shown
@@ -37,7 +37,7 @@ class Verdict:
     ci_low: float | None
     ci_high: float | None
     p_value: float | None
-    verdict: str  # baseline | improved | unchanged | regressed | no baseline | no overlap
+    verdict: str  # baseline | improved | unchanged | regressed | no baseline | no overlap | errors
     run_id: int
     baseline_run_id: int | None
 
@@ -58,9 +58,11 @@ def latest_per_version(rows: Sequence[RunRow]) -> dict[tuple[int, str, int], dic
 
 def verdicts(rows: Sequence[RunRow], paired: Callable[[int, int], Sequence[PairedOutcome]], *,
              against: str = "promoted", promoted: int | None = None, alpha: float = 0.05,
-             min_effect: float = 0.01) -> list[Verdict]:
+             min_effect: float = 0.01, errors: Callable[[int], set[int]] = lambda run_id: set()) -> list[Verdict]:
     """Every version of every (dataset, strategy) against its baseline: `promoted` (the promoted version, for all
-    others) or `previous` (the next lower version that has a run)."""
+    others) or `previous` (the next lower version that has a run). As in `tad regress`: the interval is the exact
+    one at level 1 - alpha, and a pair of runs with samples that failed on one side only (`errors(run_id)`: the
+    failed sample indices) gets no verdict (`errors`)."""
     out = []
     for (_, key, _), by_version in latest_per_version(rows).items():
         versions = sorted(by_version)
@@ -85,8 +87,9 @@ def verdicts(rows: Sequence[RunRow], paired: Callable[[int, int], Sequence[Paire
                 out.append(Verdict(**common, baseline=base_v, diff=None, ci_low=None, ci_high=None, p_value=None,
                                    verdict="no overlap", baseline_run_id=base_run.run_id))
                 continue
-            res = mcnemar([p.a_correct for p in pairs], [p.b_correct for p in pairs])
-            label = verdict(res.diff, res.p_value, alpha, min_effect)  # the rule `tad regress` applies
+            res = mcnemar([p.a_correct for p in pairs], [p.b_correct for p in pairs], level=1 - alpha)
+            one_sided = errors(base_run.run_id) ^ errors(run.run_id)
+            label = "errors" if one_sided else verdict(res.diff, res.p_value, alpha, min_effect)  # tad regress' rule
             out.append(Verdict(**common, baseline=base_v, diff=res.diff, ci_low=res.diff_ci_low,
                                ci_high=res.diff_ci_high, p_value=res.p_value, verdict=label,
                                baseline_run_id=base_run.run_id))
@@ -130,7 +133,10 @@ def render() -> None:
                 f"`tad run --adapter {family}:latest --dataset ... --strategy ft`.")
         return
     found = verdicts(rows, lambda a, b: data.paired(url, a, b), against=against, promoted=promoted,
-                     alpha=float(alpha), min_effect=float(min_effect))
+                     alpha=float(alpha), min_effect=float(min_effect), errors=lambda r: data.error_indices(url, r))
+    if not found:
+        st.info(f"No finished runs of {family} yet: versions are compared once their jobs are done.")
+        return
     created = {a.version: as_utc(a.created_at) for a in versions}
     df = pd.DataFrame.from_records([{**v.__dict__, "registered": created.get(v.version)} for v in found])
     df["baseline"] = df["baseline"].astype("Int64")

@@ -308,6 +308,29 @@ def _job_state(url: str, job_id: int) -> tuple[str, bool, list[str]]:
     return state
 
 
+def test_live_progress_text_shows_names_literally(app_on, tmp_path: Path) -> None:
+    """A dataset's name (a file stem as given) went into the progress bar's Markdown unescaped: links, images and
+    colour directives rendered."""
+    from services.db import store
+    from services.db.schema import upgrade
+    from services.db.session import make_engine, session_scope
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        base = store.get_or_create_base_model(s, "tiny-base", "/models/tiny-base")
+        ds, _ = store.register_dataset(s, name="[click](https://evil.example)", split="val", content_hash="h",
+                                       task_type="mc", source="x", samples=[
+                                           {"id": "a", "prompt": "q", "choices": ["x", "y"], "answer": 0}])
+        store.create_job(s, spec={"base": "tiny-base"}, submitted_by="x", base_model_id=base.id, adapter_id=None,
+                         dataset_id=ds.id, n_samples=1, runs=[store.RunSpec("ft", {}, "ft", "h")],
+                         shard_ranges=[(0, 1)])
+    engine.dispose()
+    text = app_on(url, "jobs").get("progress")[0].proto.text
+    assert r"\[click\](https://evil.example)" in text, text
+
+
 def test_cancel_button_needs_the_token_then_stops_the_job(app_on, tmp_path: Path) -> None:
     from services.db.schema import upgrade
     from tests.dashboard.conftest import seed_database
@@ -351,6 +374,38 @@ def test_regression_view_flags_the_worse_version(app_on, seeded: Seed) -> None:
     at.radio(key="rg_against").set_value("previous").run()
     at.number_input(key="rg_alpha").set_value(0.05).run()
     assert "v2 vs v1 on toy-mc:val / ft" in at.error[0].value
+
+
+def test_regression_page_with_unfinished_runs_and_one_sided_failures(app_on, tmp_path: Path) -> None:
+    """A family whose only job has not finished showed a KeyError on the Regressions page; and samples that failed
+    on one side only (left out of the pairs) gave a verdict the gate refuses to give."""
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+    from services.db.schema import upgrade
+    from services.result_rows import error_rows
+    from tests.dashboard.conftest import seed_database
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url)
+    seed = seed_database(url)
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        base = store.get_or_create_base_model(s, "tiny-base", "/models/tiny-base")
+        solo, _ = store.register_adapter(s, name="solo", path="/adapters/solo", method="lora", sha256="5" * 64,
+                                         base_model_id=base.id)
+        store.create_job(s, spec={"base": "tiny-base", "adapter_label": "solo:1"}, submitted_by="x",
+                         base_model_id=base.id, adapter_id=solo.id, dataset_id=seed.datasets["toy-mc"],
+                         n_samples=N_MC, runs=[store.RunSpec("ft", {}, "ft", "h-solo")], shard_ranges=[(0, N_MC)])
+        v2_ft = next(r for r in store.leaderboard(s) if r.adapter == "qa-lora:2" and r.label == "ft"
+                     and r.dataset == "toy-mc")
+        store.upsert_sample_results(s, error_rows(0, "q0", {"ft": v2_ft.run_id}, "RuntimeError: boom"))
+    engine.dispose()
+    at = app_on(url, "regression")
+    at.selectbox(key="rg_family").set_value("solo").run()
+    assert not at.exception and "No finished runs of solo yet" in at.info[0].value
+    at.selectbox(key="rg_family").set_value("qa-lora").run()
+    mc = next(d.value for d in at.dataframe if "verdict" in d.value.columns and len(d.value) == 10)
+    assert mc[(mc.version == 2) & (mc.strategy == "ft")]["verdict"].tolist() == ["errors"]
 
 
 def test_regression_verdicts_previous_version_and_min_effect(seeded: Seed) -> None:
