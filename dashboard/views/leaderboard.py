@@ -118,9 +118,11 @@ def render() -> None:
     pick_strat = c4.multiselect("Strategies", sorted(df["strategy_name"].unique()), key="lb_strat",
                                 placeholder="all")
     statuses = sorted(df["job_status"].unique())
-    pick_status = st.multiselect("Job status", statuses, default=[s for s in statuses if s in
-                                                                  ("done", "partial", "running")] or statuses,
-                                 key="lb_status")
+    # finished jobs by default: a running job's partial run (its first shards) replaced the finished run of its
+    # cell and could take the column's star
+    pick_status = st.multiselect("Job status", statuses, default=[s for s in statuses if s in ("done", "partial")]
+                                 or statuses, key="lb_status",
+                                 help="add `running` to see jobs still being evaluated (their first shards only)")
     for col, picked in (("dataset", pick_ds), ("base", pick_base), ("family", pick_family),
                         ("strategy_name", pick_strat), ("job_status", pick_status)):
         if picked:
