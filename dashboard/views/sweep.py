@@ -17,7 +17,12 @@ SWEPT = ("tad", "tad_log")
 
 
 def sweep_frame(rows: Sequence[RunRow], metric: str = "acc") -> tuple[pd.DataFrame, RunRow | None]:
-    """Points of the sweep (newest run per strategy/beta/alpha) and the newest `ft` run of the same rows."""
+    """Points of the sweep (newest run per strategy/beta/alpha) and the newest `ft` run, all from finished (`done`)
+    jobs on the sample count of the newest swept run: a later 5-sample job's points and ft (or a running job's
+    first shards) were mixed into a 20-sample sweep, and its dashed ft line drawn from another slice."""
+    done = [r for r in rows if r.job_status == "done"]
+    anchor = next((r for r in done if r.strategy in SWEPT and "alpha" in r.params), None)
+    rows = [r for r in done if anchor is not None and r.n == anchor.n]
     records, seen = [], set()
     for r in rows:  # newest job first
         value, se = (r.acc, r.acc_stderr) if metric == "acc" else (r.acc_norm, r.acc_norm_stderr)

@@ -246,6 +246,31 @@ def test_alpha_sweep_points_and_ft_line(app_on, seeded: Seed) -> None:
     assert at.get("vega_lite_chart")
 
 
+def test_alpha_sweep_keeps_to_one_slice_of_finished_runs(seeded: Seed) -> None:
+    """A later job on 5 samples (newest first in the list) no longer mixes its points and its ft line into the
+    20-sample sweep, and a running job's runs are left out."""
+    from dataclasses import replace
+
+    from dashboard.views.sweep import sweep_frame
+    from services.db import views
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(seeded.url)
+    with session_scope(engine) as s:
+        rows = [r for r in views.list_runs(s, adapter_name="qa-lora") if r.dataset == "toy-mc"
+                and r.adapter_version == 1]
+    engine.dispose()
+    ft = next(r for r in rows if r.strategy == "ft")
+    tad1 = next(r for r in rows if r.key == TAD1)
+    later = [replace(ft, run_id=20_001, job_id=9_001, n=5, acc=1.0),
+             replace(tad1, run_id=20_002, job_id=9_001, n=5, acc=0.2)]
+    running = [replace(tad1, run_id=20_003, job_id=9_002, job_status="running", acc=0.0)]
+    df, ft_row = sweep_frame([*running, *later, *rows])
+    assert ft_row is not None and ft_row.run_id == 20_001 and set(df.n) == {5}  # the newest slice, whole
+    df, ft_row = sweep_frame([*running, *rows])
+    assert ft_row.run_id == ft.run_id and set(df.n) == {N_MC} and 20_003 not in set(df.run_id)
+
+
 def test_knowledge_vector_distributions_and_token_view(app_on, seeded: Seed) -> None:
     at = app_on(seeded.url, "knowledge")
     at.selectbox(key="kv_dataset").set_value(seeded.datasets["toy-gen"]).run()
