@@ -181,9 +181,10 @@ def error_indices(url: str, run_id: int) -> set[int]:
 
 
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)
-def run_diff(url: str, run_a: int, run_b: int, limit: int = 500) -> store.RunDiff:
+def run_diff(url: str, run_a: int, run_b: int, limit: int = 500,
+             changes: tuple[str, ...] | None = None) -> store.RunDiff:
     with _session(url) as s:
-        return store.run_diff(s, run_a, run_b, only_changed=True, limit=limit)
+        return store.run_diff(s, run_a, run_b, only_changed=True, limit=limit, changes=changes)
 
 
 @st.cache_data(ttl=RESULTS_TTL, show_spinner=False)

@@ -33,14 +33,12 @@ def contingency(res: McNemarResult) -> pd.DataFrame:
 
 
 def sample_table(url: str, a: RunRow, b: RunRow, kinds: tuple[str, ...], limit: int) -> pd.DataFrame:
-    diff = data.run_diff(url, a.run_id, b.run_id, limit=limit)
-    rows = [r for r in diff.rows if r.a_correct is not None and r.b_correct is not None]
+    diff = data.run_diff(url, a.run_id, b.run_id, limit=limit, changes=tuple(kinds))
+    rows = diff.rows
     samples = data.samples_at(url, a.dataset_id, tuple(r.sample_index for r in rows))
     records = []
     for r in rows:
         change = "fixed" if r.b_correct else "broken"
-        if change not in kinds:
-            continue
         s = samples.get(r.sample_index)
         records.append({
             "sample": r.sample_index, "id": r.sample_id, "change": change, "prompt": prompt_text(s),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, false, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from tad_core.metrics import mcnemar_p, proportion_stderr
@@ -225,14 +225,20 @@ def _with_holm(rows: list[LeaderboardRow]) -> list[LeaderboardRow]:
     return out
 
 
-def run_diff(session: Session, run_a: int, run_b: int, *, only_changed: bool = True, limit: int = 200) -> RunDiff:
+def run_diff(session: Session, run_a: int, run_b: int, *, only_changed: bool = True, limit: int = 200,
+             changes: Sequence[str] | None = None) -> RunDiff:
     """Per-sample comparison of two runs over the samples both scored: counts, and the rows (changed ones only
-    by default) in sample order."""
+    by default) in sample order. `changes` keeps only `fixed` (a wrong, b right) and / or `broken` rows, selected
+    before the limit (filtered after it, a page of 10 could show none of 50 fixed samples)."""
     counts = _paired_counts(session, run_a, run_b) or (0, 0, 0, 0)
     a, b = aliased(SampleResult), aliased(SampleResult)
     stmt = (select(a.sample_index, a.sample_id, a.correct, b.correct, a.pred, b.pred, a.output, b.output)
             .join(b, and_(b.run_id == run_b, b.sample_index == a.sample_index)).where(a.run_id == run_a))
     if only_changed:
         stmt = stmt.where(a.correct.is_distinct_from(b.correct))
+    if changes is not None:
+        wanted = {"fixed": and_(a.correct.is_(False), b.correct.is_(True)),
+                  "broken": and_(a.correct.is_(True), b.correct.is_(False))}
+        stmt = stmt.where(or_(false(), *(wanted[c] for c in changes)))
     rows = [DiffRow(*r) for r in session.execute(stmt.order_by(a.sample_index).limit(limit))]
     return RunDiff(run_a, run_b, *counts, rows=rows)

@@ -76,6 +76,11 @@ def test_paired_outcomes_match_run_diff(session, seeded_any: Seed) -> None:  # n
     diff = store.run_diff(session, a, b)
     assert (diff.a_only, diff.b_only) == (sum(p.a_correct and not p.b_correct for p in pairs),
                                           sum(p.b_correct and not p.a_correct for p in pairs))
+    # the direction is chosen before the limit: the first 2 broken rows, not the broken among the first 2 rows
+    broken = [p.sample_index for p in pairs if p.a_correct and not p.b_correct]
+    assert [r.sample_index for r in store.run_diff(session, a, b, limit=2, changes=("broken",)).rows] == broken[:2]
+    assert store.run_diff(session, b, a, limit=50, changes=("fixed",)).rows[0].sample_index == broken[0]
+    assert store.run_diff(session, a, b, changes=()).rows == []
     # the running job stored only 5 samples of toy-live: pairing is over the intersection
     live = views.list_runs(session, dataset_id=seeded_any.datasets["toy-live"])
     assert views.paired_outcomes(session, live[0].run_id, live[1].run_id) == []
