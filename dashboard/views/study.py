@@ -47,12 +47,13 @@ def render() -> None:
         y=alt.Y("acc:Q", title="accuracy (macro average)", scale=alt.Scale(zero=False)),
         color=alt.Color("strategy:N"), tooltip=["strategy", "train_size", "acc", "n", "unparsed_rate", "p_holm"]),
         width="stretch")
-    for size in sorted(df.train_size.unique()):
-        part = df[df.train_size == size]
-        st.subheader(f"Train size {size} per set · {part.adapter.iloc[0]}")
+    # one table per (train size, adapter): two adapters trained on as many samples are two tables (a pivot over
+    # the size alone kept one adapter's accuracies beside the other's statistics)
+    for (size, adapter), part in df.groupby(["train_size", "adapter"], sort=True):
+        st.subheader(f"Train size {size} per set · {adapter}")
         wide = part.pivot_table(index="strategy", columns="dataset", values="acc", aggfunc="first")
         stats = part[part.dataset == AVERAGE].set_index("strategy")[
             ["n", "unparsed", "unparsed_rate", "fixed", "broken", "p", "p_holm"]]
-        st.dataframe(wide.join(stats), width="stretch", key=f"st_table_{size}")
+        st.dataframe(wide.join(stats), width="stretch", key=f"st_table_{size}_{adapter}")
     st.caption("p: exact McNemar against ft on the pooled samples of every set; p_holm: Holm-adjusted over the "
                "strategies of that train size. unparsed: outputs with no label, counted wrong.")

@@ -107,3 +107,35 @@ def test_study_page_without_study_runs(app_on, tmp_path: Path) -> None:
     upgrade(url)
     at = app_on(url, "study")
     assert "No study runs yet" in at.info[0].value
+
+
+def test_two_adapters_of_one_train_size_get_a_table_each(app_on, study_db: str) -> None:
+    """A second adapter trained on as many samples (4 per set) was merged into the first one's table: its
+    accuracies beside the first adapter's statistics, under the first adapter's name."""
+    from services.db import store
+    from services.db.session import make_engine, session_scope
+
+    engine = make_engine(study_db)
+    with session_scope(engine) as s:
+        base = store.get_or_create_base_model(s, "tiny-base", "/models/tiny-base")
+        other, _ = store.register_adapter(s, name="mix", path="/adapters/mix-4b", method="lora", sha256="ab" * 32,
+                                          base_model_id=base.id,
+                                          manifest={"mixture": [{"dataset": "piqa"}, {"dataset": "boolq"}],
+                                                    "train_size_per_dataset": 4, "mean_loss_last_10": 1.5})
+        for ds in store.list_datasets(s):
+            def row(key: str, i: int, name: str = ds.name) -> dict:  # the size-32 adapter's outcomes
+                ok = PATTERNS[(32, name, key)][i]
+                return {"sample_id": f"{name}{i}", "output": "x" if ok is None else "the answer is answer1",
+                        "extracted": None if ok is None else ("answer1" if ok else "answer2"), "correct": bool(ok),
+                        "tokens": 6, "latency_s": 0.1, "vs_ft": None}
+            _complete_job(s, base_id=base.id, adapter_id=other.id, dataset_id=ds.id, n=N, keys=["ft", TAD],
+                          rows_for=row, spec={"base": "tiny-base", "adapter_label": other.label,
+                                              "config": {"format": "llm-adapters@1"}})
+    engine.dispose()
+    at = app_on(study_db, "study")
+    heads = [h.value for h in at.subheader if h.value.startswith("Train size")]
+    assert heads == ["Train size 4 per set · mix:1", "Train size 4 per set · mix:3", "Train size 32 per set · mix:2"]
+    first, second = at.dataframe[0].value, at.dataframe[1].value
+    for name in ("piqa", "boolq"):
+        assert first.loc["ft", name] == pytest.approx(sum(_correct(4, name, "ft")) / N)
+        assert second.loc["ft", name] == pytest.approx(sum(_correct(32, name, "ft")) / N)
