@@ -4,7 +4,6 @@ problem (or SecurityError); services.planning stores what passed."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,17 +60,18 @@ def _check_dola_layers(specs: list[Any], side: ModelSide, errors: list[str]) -> 
     local = local_base_dir(side.base_name, side.base_path) if dola else None
     if local is None:
         return  # no config here (a model the worker fetches): the worker refuses it, naming the layers
+    from transformers import AutoConfig
+
+    from tad_core.early_exit import layer_layout
     from tad_core.strategies import build, dola_candidate_layers
 
-    cfg = json.loads((local / "config.json").read_text())
-    text_cfg = cfg.get("text_config") or cfg
-    n = text_cfg.get("num_hidden_layers")
-    tied = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
-    if not isinstance(n, int):
-        return
+    try:
+        n, tied = layer_layout(AutoConfig.from_pretrained(local))
+    except (OSError, ValueError, AttributeError):
+        return  # a config transformers cannot read: loading the model refuses it, with its own message
     for sp in dola:
         try:
-            if not dola_candidate_layers(build(sp).layers, n, bool(tied)):
+            if not dola_candidate_layers(build(sp).layers, n, tied):
                 errors.append(f"strategy {sp.key!r}: no candidate premature layer in a {n}-layer model")
         except ValueError as e:
             errors.append(f"strategy {sp.key!r}: " + str(e).removeprefix("strategy 'dola': "))

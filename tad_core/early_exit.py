@@ -38,12 +38,22 @@ def output_head(model: Any) -> OutputHead:
     if lm_head is None or norm is None:
         raise ValueError(f"{type(hf).__name__}: cannot find the final norm and output embedding needed for "
                          "early-exit logits (supported: Llama-family and Gemma3 causal LMs)")
-    text_cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
-    softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    tied = getattr(hf.config, "tie_word_embeddings", None)
+    softcap = getattr(_text_config(hf.config), "final_logit_softcapping", None)
+    return OutputHead(norm, lm_head, float(softcap) if softcap else None, *layer_layout(hf.config))
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_layout(config: Any) -> tuple[int, bool]:
+    """(decoder layers, tied input and output embeddings) of a model config: what DoLa's candidate layers depend
+    on, read the same way for a loaded model and for a submission checked against a config on disk."""
+    text_cfg = _text_config(config)
+    tied = getattr(config, "tie_word_embeddings", None)
     if tied is None:
         tied = getattr(text_cfg, "tie_word_embeddings", False)
-    return OutputHead(norm, lm_head, float(softcap) if softcap else None, int(text_cfg.num_hidden_layers), bool(tied))
+    return int(text_cfg.num_hidden_layers), bool(tied)
 
 
 def premature_logits(head: OutputHead, hidden: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -1,7 +1,7 @@
 """SQL the two supported dialects (Postgres, SQLite) spell differently: upserts, row locks and the clock."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, select
@@ -35,3 +35,8 @@ def db_now(session: Session) -> datetime:
     if session.get_bind().dialect.name == "postgresql":
         return session.scalar(select(func.clock_timestamp()))
     return datetime.now(timezone.utc)
+
+
+def db_cutoff(session: Session, age_s: float) -> datetime:
+    """The database's time `age_s` seconds ago: what is older is stale, on the clock every process shares."""
+    return db_now(session) - timedelta(seconds=age_s)

@@ -4,13 +4,12 @@ commit. Status changes that several workers may race on are conditional UPDATEs:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
 from services.db.entities import GATE_FINISHED, GateRunInfo, NotFound
-from services.db.dialect import db_now
+from services.db.dialect import db_cutoff, db_now
 from services.db.models import Adapter, AdapterFamily, GateRun, Suite
 
 
@@ -78,7 +77,7 @@ def gate_runs(session: Session, *, adapter_name: str | None = None, candidate_id
 def queued_gate_ids_older_than(session: Session, age_s: float) -> list[int]:
     """Ids of the gates still `queued` that were stored more than `age_s` seconds ago, by the database's clock
     (the candidates for a lost message)."""
-    cutoff = db_now(session) - timedelta(seconds=age_s)
+    cutoff = db_cutoff(session, age_s)
     return list(session.scalars(select(GateRun.id).where(GateRun.status == "queued", GateRun.created_at < cutoff)
                                 .order_by(GateRun.id)))
 

@@ -3,13 +3,12 @@ Functions of a Session returning plain types (services.db.entities); they never 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from services.db.dialect import db_now
+from services.db.dialect import db_cutoff, db_now
 from services.db.dialect import locked as _locked
 from services.db.entities import TERMINAL_JOB, JobInfo, NotFound, RunInfo, RunSpec, ShardClaim, ShardInfo
 from services.db.models import Job, Run, Shard
@@ -86,7 +85,7 @@ def open_job_ids(session: Session) -> list[int]:
 def queued_shards_older_than(session: Session, age_s: float) -> list[ShardInfo]:
     """Queued shards of unfinished jobs stored more than `age_s` seconds ago, by the database's clock (the
     candidates for a lost message)."""
-    cutoff = db_now(session) - timedelta(seconds=age_s)
+    cutoff = db_cutoff(session, age_s)
     stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
             .where(Shard.status == "queued", Job.status.not_in(TERMINAL_JOB), Job.created_at < cutoff)
             .order_by(Shard.id))

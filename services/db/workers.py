@@ -2,13 +2,12 @@
 Functions of a Session returning plain types (services.db.entities); they never commit."""
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from services.db.dialect import db_now
+from services.db.dialect import db_cutoff, db_now
 from services.db.dialect import dialect_insert as _dialect_insert
 from services.db.entities import TERMINAL_JOB, ShardInfo, WorkerInfo
 from services.db.jobs import shard_info
@@ -32,7 +31,7 @@ def stale_running_shards(session: Session, dead_after_s: float) -> list[ShardInf
     worker process has not beaten for `dead_after_s` (dead, or never beat), or it beats but reports another shard
     or none (it gave the shard up without recording it, e.g. the database failed in the shard's last step and its
     retry message was dropped as `busy`). No broker message will bring them back before the visibility timeout."""
-    cutoff = db_now(session) - timedelta(seconds=dead_after_s)
+    cutoff = db_cutoff(session, dead_after_s)
     stmt = (select(Shard).join(Job, Job.id == Shard.job_id)
             .outerjoin(WorkerHeartbeat, WorkerHeartbeat.worker == Shard.worker)
             .where(Shard.status == "running", Job.status.not_in(TERMINAL_JOB), Shard.started_at < cutoff,
@@ -65,5 +64,5 @@ def unrequeue_stale_shard(session: Session, shard: ShardInfo) -> None:
 def list_workers(session: Session, seen_within_s: float | None = None) -> list[WorkerInfo]:
     stmt = select(WorkerHeartbeat).order_by(WorkerHeartbeat.worker)
     if seen_within_s is not None:
-        stmt = stmt.where(WorkerHeartbeat.last_seen >= db_now(session) - timedelta(seconds=seen_within_s))
+        stmt = stmt.where(WorkerHeartbeat.last_seen >= db_cutoff(session, seen_within_s))
     return [WorkerInfo(w.worker, w.pid, w.started_at, w.last_seen, w.job_id, w.shard_id) for w in session.scalars(stmt)]
